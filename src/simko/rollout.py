@@ -1,0 +1,154 @@
+"""Rollouts: sample G responses per prompt with the policy and turn them into padded training tensors.
+
+Generation is the dominant cost of an RLVR step (trl #2610): all G x prompts of a rank are decoded in ONE
+batched ``generate`` call with the KV cache, and the response block is trimmed to the longest real response.
+Sampling is seeded per (seed, step, rank) inside a forked RNG, so a resumed run samples exactly what the
+uninterrupted run would have, without storing RNG state in checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Rollouts:
+    """N = num_prompts * group_size responses, prompt-major (rows ``i*G .. i*G+G-1`` share prompt ``i``).
+
+    input_ids       [N, P + R]  left-padded prompt block (P columns), then the response block (R columns)
+    attention_mask  [N, P + R]  1 on real prompt tokens and on response tokens up to the first EOS (included)
+    response_mask   [N, R]      bool, the response part of ``attention_mask``: the tokens a loss is taken over
+    completions     decoded response texts (special tokens skipped)
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    prompt_len: int
+    group_size: int
+    completions: list[str]
+
+    @property
+    def response_tokens(self) -> Tensor:
+        return self.input_ids[:, self.prompt_len :]
+
+    @property
+    def num_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, idx: Tensor) -> dict[str, Tensor]:
+        """Tensors of a subset of rows, with all-padding prompt columns and response tail columns trimmed."""
+        attn = self.attention_mask[idx]
+        resp_mask = self.response_mask[idx]
+        first = int((attn[:, : self.prompt_len].sum(0) > 0).float().argmax()) if self.prompt_len else 0
+        resp_len = max(int(resp_mask.sum(1).max()), 1)
+        end = self.prompt_len + resp_len
+        return {
+            "input_ids": self.input_ids[idx, first:end],
+            "attention_mask": attn[:, first:end],
+            "prompt_len": self.prompt_len - first,
+            "response_tokens": self.input_ids[idx, self.prompt_len : end],
+            "response_mask": resp_mask[:, :resp_len],
+        }
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A distinct, reproducible 63-bit seed per (run seed, RL step, rank)."""
+    return (seed * 1_000_003 + step * 1_009 + rank * 7_919 + 17) % (2**63 - 1)
+
+
+def response_mask_from_tokens(response: Tensor, eos_token_ids: list[int]) -> Tensor:
+    """True up to and including the first EOS of each row (all True when a row has none: truncated)."""
+    is_eos = torch.isin(response, torch.tensor(eos_token_ids, device=response.device))
+    before_first_eos = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
+    return before_first_eos
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("the tokenizer and the model's generation_config define no EOS token")
+    return ids
+
+
+@torch.no_grad()
+def generate_rollouts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    do_sample: bool = True,
+    seed: int = 0,
+    max_prompt_tokens: int | None = None,
+    synced_gpus: bool = False,
+) -> Rollouts:
+    """Sample ``group_size`` responses for each prompt in one batched ``generate`` call.
+
+    ``synced_gpus`` must be True under sharded data parallelism (FSDP): every rank then keeps stepping until all
+    ranks are done, so the parameter all-gathers stay in lockstep.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    device = next(model.parameters()).device
+    enc = tokenizer(
+        prompts,
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+        add_special_tokens=False,
+        truncation=max_prompt_tokens is not None,
+        max_length=max_prompt_tokens,
+    )
+    input_ids = enc["input_ids"].to(device).repeat_interleave(group_size, dim=0)
+    attention_mask = enc["attention_mask"].to(device).repeat_interleave(group_size, dim=0)
+    prompt_len = input_ids.shape[1]
+    eos = eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=top_p if do_sample else None,
+            top_k=top_k if do_sample else None,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad_id,
+            use_cache=True,
+            synced_gpus=synced_gpus,
+        )
+    response = out[:, prompt_len:]
+    if response.shape[1] == 0:  # max_new_tokens reached 0 new tokens: keep one padding column, all masked
+        response = torch.full((out.shape[0], 1), pad_id, dtype=out.dtype, device=out.device)
+    response_mask = response_mask_from_tokens(response, eos)
+    if out.shape[1] == prompt_len:
+        response_mask[:] = False
+    # Trim response columns that are padding in every row (generation ran to the longest one anyway).
+    resp_len = max(int(response_mask.sum(1).max()), 1)
+    response, response_mask = response[:, :resp_len], response_mask[:, :resp_len]
+    response = torch.where(response_mask, response, torch.full_like(response, pad_id))
+    completions = tokenizer.batch_decode(response, skip_special_tokens=True)
+    return Rollouts(
+        input_ids=torch.cat([input_ids, response], dim=1),
+        attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
+        response_mask=response_mask,
+        prompt_len=prompt_len,
+        group_size=group_size,
+        completions=completions,
+    )
