@@ -1,0 +1,252 @@
+"""PromptDataModule: which prompts each RL step trains on, rendered for the policy's tokenizer.
+
+RL steps here are not passes over a dataset: step ``s`` consumes ``prompts_per_step`` prompts (global,
+across all ranks), the trainer samples G rollouts per prompt, scores them and takes one optimiser step.
+The batch of step ``s`` is a pure function of (seed, s, rank, world_size):
+
+* file sources are walked through seeded per-epoch permutations: global position ``p = s * P + j``
+  reads row ``permutation(seed, epoch=p // len)[p % len]``;
+* procedural sources (with an ``example(index)`` method) read ``example(s * P + j)``;
+* rank ``r`` of ``W`` takes the contiguous slice ``[r * P/W, (r + 1) * P/W)`` of the global batch, so a
+  prompt (and the group of rollouts made from it) never spans ranks.
+
+So resuming needs one number, the next step to train (see ``state_dict``), and changing the number of
+GPUs keeps the global sequence of prompts unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import lightning.pytorch as pl
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset
+
+
+class FileLikeSource(Protocol):
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+class ProceduralSource(Protocol):
+    def example(self, index: int) -> dict[str, Any]: ...
+
+
+Source = FileLikeSource | ProceduralSource
+
+
+def render_prompt(
+    example: dict[str, Any],
+    tokenizer: Any,
+    template: str,
+    use_chat_template: bool | None = None,
+) -> str:
+    """The text fed to the model for ``example``.
+
+    ``template`` is a ``str.format`` pattern over the example's fields, e.g.
+    ``"{question}\\nPlease reason step by step, and put your final answer within \\\\boxed{{}}."``
+    (literal braces doubled) or ``"{question}="``. The result is then wrapped as one user message with
+    the tokenizer's chat template (``add_generation_prompt=True``) when ``use_chat_template`` is True, or
+    when it is None (auto) and the tokenizer has a chat template.
+    """
+    try:
+        text = template.format(**example)
+    except (KeyError, IndexError) as error:
+        raise ValueError(
+            f"prompt_template {template!r} uses a field the example lacks ({error}); "
+            f"example fields: {sorted(example)}. Write literal braces as '{{{{' and '}}}}'."
+        ) from None
+    has_chat_template = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+    if use_chat_template is None:
+        use_chat_template = has_chat_template
+    if not use_chat_template:
+        return text
+    if not has_chat_template:
+        raise ValueError("use_chat_template=True but the tokenizer has no chat_template.")
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+class _TrainSteps(IterableDataset):
+    """Endless stream of ``{"step": s, "examples": [...]}``, starting at the datamodule's ``next_step``.
+
+    The start step is read when iteration begins (not when the dataloader is built), so a
+    ``load_state_dict`` that happens in between is honoured.
+    """
+
+    def __init__(self, datamodule: PromptDataModule) -> None:
+        self.datamodule = datamodule
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        step = self.datamodule.next_step
+        while True:
+            yield {"step": step, "examples": self.datamodule.examples_for_step(step)}
+            step += 1
+
+
+class _FixedBatches(IterableDataset):
+    """A finite list of ready-made batches.
+
+    Iterable on purpose: Lightning would wrap a map-style dataset in a DistributedSampler under DDP and
+    shard the already rank-sharded validation set a second time.
+    """
+
+    def __init__(self, batches: list[list[dict[str, Any]]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        return iter(self.batches)
+
+
+class PromptDataModule(pl.LightningDataModule):
+    """Rendered prompt batches for RL training and a fixed held-out prompt set for validation.
+
+    Args:
+        train_source: a file source (``len`` + ``[i]``) or a procedural one (``example(i)``).
+        val_source: optional held-out source; its first ``val_prompts`` examples form the val set.
+        prompts_per_step: GLOBAL number of prompts per RL step (all ranks together); must be divisible
+            by the world size.
+        val_prompts: size of the val set (None = the whole file source).
+        prompt_template: ``str.format`` pattern over example fields (see ``render_prompt``).
+        use_chat_template: wrap in the tokenizer's chat template; None = when it has one.
+        seed: seed of the per-epoch permutations of file sources.
+        tokenizer: the policy's tokenizer, passed by the trainer when it builds the module.
+        val_batch_size: prompts per validation batch on each rank (None = prompts_per_step / world).
+    """
+
+    def __init__(
+        self,
+        train_source: Source,
+        val_source: Source | None = None,
+        prompts_per_step: int = 8,
+        val_prompts: int | None = 64,
+        prompt_template: str = "{question}",
+        use_chat_template: bool | None = None,
+        seed: int = 0,
+        tokenizer: Any = None,
+        val_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step must be >= 1, got {prompts_per_step}.")
+        if val_source is not None and val_prompts is None and _is_procedural(val_source):
+            raise ValueError("val_prompts must be set for a procedural val_source (it has no length).")
+        self.train_source = train_source
+        self.val_source = val_source
+        self.prompts_per_step = prompts_per_step
+        self.val_prompts = val_prompts
+        self.prompt_template = prompt_template
+        self.use_chat_template = use_chat_template
+        self.seed = seed
+        self.tokenizer = tokenizer
+        self.val_batch_size = val_batch_size
+        self.next_step = 0
+        self._permutations: dict[int, np.ndarray] = {}
+
+    # --- distributed layout ------------------------------------------------------------------------
+
+    def rank_and_world_size(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _prompts_per_rank(self, world_size: int) -> int:
+        if self.prompts_per_step % world_size:
+            raise ValueError(
+                f"prompts_per_step={self.prompts_per_step} is the global number of prompts per step and "
+                f"must be divisible by the world size ({world_size} processes); choose a multiple of "
+                f"{world_size}."
+            )
+        return self.prompts_per_step // world_size
+
+    # --- training ----------------------------------------------------------------------------------
+
+    def examples_for_step(self, step: int, rank: int | None = None, world_size: int | None = None) -> list[dict]:
+        """Rendered examples of RL step ``step`` for one rank (default: this process's rank)."""
+        if rank is None or world_size is None:
+            rank, world_size = self.rank_and_world_size()
+        per_rank = self._prompts_per_rank(world_size)
+        first = step * self.prompts_per_step + rank * per_rank
+        return [self._render(self._train_example(position)) for position in range(first, first + per_rank)]
+
+    def _train_example(self, position: int) -> dict[str, Any]:
+        """The example at a global position of the endless training stream."""
+        source = self.train_source
+        if _is_procedural(source):
+            return dict(source.example(position))
+        epoch, offset = divmod(position, len(source))
+        return dict(source[int(self._permutation(epoch)[offset])])
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            if len(self._permutations) > 2:  # a step spans at most two epochs when P <= len
+                self._permutations.clear()
+            rng = np.random.default_rng([self.seed, epoch])
+            self._permutations[epoch] = rng.permutation(len(self.train_source))
+        return self._permutations[epoch]
+
+    def _render(self, example: dict[str, Any]) -> dict[str, Any]:
+        example["prompt"] = render_prompt(example, self.tokenizer, self.prompt_template, self.use_chat_template)
+        return example
+
+    def train_dataloader(self) -> DataLoader:
+        self._prompts_per_rank(self.rank_and_world_size()[1])  # fail at start, not at the first batch
+        # batch_size=None: the dataset already yields whole step batches; num_workers=0 keeps a single
+        # copy of the datamodule (and its next_step) in this process.
+        return DataLoader(_TrainSteps(self), batch_size=None, num_workers=0)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning fetches one batch ahead, so the dataloader has already produced step s + 1 while
+        # step s trains: counting yielded batches would make a checkpoint skip a step on resume. This
+        # hook runs on the batch that is about to be trained, so "next = this step + 1" is exact when
+        # a checkpoint is written after it. Validation batches (lists) pass through untouched.
+        # (If the LightningModule overrides this hook too, Lightning still calls this one and warns.)
+        if isinstance(batch, dict) and "step" in batch:
+            self.next_step = int(batch["step"]) + 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_step": self.next_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.next_step = int(state_dict["next_step"])
+
+    # --- validation --------------------------------------------------------------------------------
+
+    def val_examples(self, rank: int | None = None, world_size: int | None = None) -> list[dict]:
+        """This rank's contiguous share of the fixed held-out set, rendered."""
+        if self.val_source is None:
+            return []
+        if rank is None or world_size is None:
+            rank, world_size = self.rank_and_world_size()
+        source = self.val_source
+        if _is_procedural(source):
+            examples = [dict(source.example(i)) for i in range(self.val_prompts)]
+        else:
+            count = len(source) if self.val_prompts is None else min(self.val_prompts, len(source))
+            examples = [source[i] for i in range(count)]
+        if len(examples) % world_size:
+            # Equal shares keep every rank running the same number of validation steps, so collective
+            # ops (metric sync) cannot hang on one rank.
+            raise ValueError(
+                f"the val set has {len(examples)} prompts, not divisible by the world size ({world_size}); "
+                f"set val_prompts to a multiple of {world_size}."
+            )
+        share = len(examples) // world_size
+        return [self._render(example) for example in examples[rank * share : (rank + 1) * share]]
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_source is None:
+            return []
+        rank, world_size = self.rank_and_world_size()
+        examples = self.val_examples(rank, world_size)
+        batch_size = self.val_batch_size or self._prompts_per_rank(world_size)
+        batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+        return DataLoader(_FixedBatches(batches), batch_size=None, num_workers=0)
+
+
+def _is_procedural(source: Source) -> bool:
+    return callable(getattr(source, "example", None))
+

@@ -1,0 +1,336 @@
+"""Prompt data: file sources, procedural arithmetic, rendering, and the step-deterministic DataModule.
+
+Tests that read the shared offline data (../shared/data, or $SIMKO_DATA_DIR) skip when it is absent;
+everything else runs on small files written to tmp_path. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from simko.data import ArithmeticSource, LocalFileSource, PromptDataModule, render_prompt  # noqa: E402
+from simko.data.sources import get_path, gsm8k_final_answer, last_boxed_content, strip_instruction  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("SIMKO_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+SIMKO_BOXED_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+
+
+def shared_file(relative: str) -> Path:
+    path = DATA_DIR / relative
+    if not path.is_file():
+        pytest.skip(f"shared data file {path} not present (set SIMKO_DATA_DIR to the data root)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    # One datasets cache for the module, never ~/.cache.
+    return tmp_path_factory.mktemp("hf_datasets_cache")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def char_tokenizer(chat_template: str | None = None):
+    """A character-level tokenizer built in memory (no download), optionally with a chat template."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    characters = sorted(set("0123456789+-*=abcdefghijklmnopqrstuvwxyz <>|/\n"))
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{c: i + 2 for i, c in enumerate(characters)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+# --- file sources ----------------------------------------------------------------------------------
+
+
+def test_verl_parquet_files_read_as_they_are(cache_dir):
+    level1 = LocalFileSource(shared_file("simko-official/gsm8k_level1/train.parquet"), preset="verl", cache_dir=cache_dir)
+    assert len(level1) == 8388
+    first = level1[0]
+    assert first["answer"] == "180"  # ground_truth is a plain string here
+    assert first["question"].startswith("Mrs. Gable")
+    assert first["verifier"] == "math"
+    assert set(first) == {"id", "question", "answer", "verifier"}
+
+    math500 = LocalFileSource(shared_file("simko-official/gsm8k_level1/test.parquet"), preset="verl", cache_dir=cache_dir)
+    assert len(math500) == 500
+    assert math500[0]["answer"] == "17"
+    # The SimpleRL "Question: ... Answer: Let's think step by step." wrapper is stripped.
+    assert math500[0]["question"].startswith("Let $a,$ $b,$ $c$")
+    assert not any(e["question"].startswith("Question:") or "step by step" in e["question"] for e in math500.examples)
+
+    amc = LocalFileSource(shared_file("simko-official/amc23/test.parquet"), preset="verl", cache_dir=cache_dir)
+    assert (len(amc), amc[0]["answer"]) == (40, "27")  # ground_truth is a {question, target} dict
+
+
+def test_verl_math_train_uses_target_and_drops_rows_without_gold(cache_dir):
+    source = LocalFileSource(shared_file("simko-official/math/train.parquet"), preset="verl", cache_dir=cache_dir)
+    by_id = {e["id"]: e for e in source.examples}
+    assert len(source) == 7498  # 7,500 rows, 2 with an empty target and an empty \boxed{}
+    assert by_id["math/train/5"]["answer"] == "(3,-1)"  # the official target, not the raw \boxed{} text
+    assert by_id["math/train/7301"]["answer"].startswith("\\begin{pmatrix}")  # empty target: from solution
+    assert "math/train/5341" not in by_id
+
+
+def test_gsm8k_gold_after_hashes_without_commas(tmp_path, cache_dir):
+    assert gsm8k_final_answer("step <<2*3=6>>6\n#### 1,234") == "1234"
+    assert gsm8k_final_answer("no final line") == ""
+    path = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "q", "answer": "work\n#### 12,000"}])
+    assert LocalFileSource(path, answer_format="gsm8k", cache_dir=cache_dir)[0]["answer"] == "12000"
+
+
+def test_real_gsm8k_and_math500_jsonl(cache_dir):
+    gsm8k = LocalFileSource(shared_file("gsm8k/train.jsonl"), answer_format="gsm8k", limit=3, cache_dir=cache_dir)
+    assert [e["answer"] for e in gsm8k.examples] == ["72", "10", "5"]
+    math500 = LocalFileSource(shared_file("benchmarks/math500/test.jsonl"), question_field="problem", cache_dir=cache_dir)
+    assert len(math500) == 500
+    assert math500[0]["answer"] == "\\left( 3, \\frac{\\pi}{2} \\right)"
+
+
+def test_json_list_dotted_paths_and_numbers(tmp_path, cache_dir):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([
+        {"key": "a", "problem": {"text": "1+1?"}, "final": [2.0], "solution": "so \\boxed{\\frac{1}{2}}."},
+        {"key": "b", "problem": {"text": "2.5*2?"}, "final": [5.5], "solution": "\\boxed{3} then \\boxed{4}"},
+    ]))
+    source = LocalFileSource(path, question_field="problem.text", answer_field="final.0", id_field="key",
+                             cache_dir=cache_dir)
+    assert [(e["id"], e["question"], e["answer"]) for e in source.examples] == [("a", "1+1?", "2"), ("b", "2.5*2?", "5.5")]
+    boxed = LocalFileSource(path, question_field="problem.text", answer_field="solution",
+                            answer_format="boxed_solution", cache_dir=cache_dir)
+    assert [e["answer"] for e in boxed.examples] == ["\\frac{1}{2}", "4"]
+
+
+def test_value_helpers():
+    assert get_path({"a": {"b": [1, {"c": "x"}]}}, "a.b.1.c") == "x"
+    assert get_path({"a": {}}, "a.b") is None
+    assert last_boxed_content("x \\boxed{a{b}c} y") == "a{b}c"
+    assert last_boxed_content("none") is None
+    assert strip_instruction("Question:\nWhat?\nAnswer:\nLet's think step by step.\n") == "What?"
+    assert strip_instruction("What?\nPlease reason step by step, and put your final answer within \\boxed{}.") == "What?"
+
+
+def test_missing_file_names_path_and_data_root_setting(tmp_path):
+    missing = tmp_path / "nowhere" / "train.parquet"
+    with pytest.raises(FileNotFoundError) as error:
+        LocalFileSource(missing)
+    message = str(error.value)
+    assert str(missing) in message and "paths.data_dir" in message and "SIMKO_DATA_DIR" in message
+
+
+def test_missing_field_names_file_row_and_field(tmp_path, cache_dir):
+    rows = [{"question": "a", "answer": "1"}, {"question": "b", "answer": "2"}, {"question": "c"}]
+    path = write_jsonl(tmp_path / "broken.jsonl", rows)
+    with pytest.raises(ValueError) as error:
+        LocalFileSource(path, cache_dir=cache_dir)
+    message = str(error.value)
+    assert str(path) in message and "row 2" in message and "'answer'" in message
+
+    with pytest.raises(ValueError, match=r"row 0 .*'problem'"):
+        LocalFileSource(path, question_field="problem", cache_dir=cache_dir)  # column absent everywhere
+
+
+# --- procedural arithmetic -------------------------------------------------------------------------
+
+
+def test_arithmetic_is_deterministic_and_correct():
+    source = ArithmeticSource(seed=3, ops=("+", "-", "*"))
+    assert [source.example(i) for i in range(50)] == [ArithmeticSource(seed=3, ops=("+", "-", "*")).example(i) for i in range(50)]
+    assert [source.example(i) for i in range(50)] != [ArithmeticSource(seed=4, ops=("+", "-", "*")).example(i) for i in range(50)]
+    for i in range(200):
+        example = source.example(i)
+        assert example["verifier"] == "exact"
+        assert str(eval(example["question"])) == example["answer"]  # noqa: S307 (digits and one operator)
+        assert int(example["answer"]) >= 0
+
+
+def test_arithmetic_train_and_val_are_disjoint():
+    # 2-digit addition: ~10,000 problems, so these draws revisit most of each part of the space.
+    train = {ArithmeticSource(seed=0, split="train").example(i)["question"] for i in range(3000)}
+    val = {ArithmeticSource(seed=1, split="val").example(i)["question"] for i in range(3000)}
+    assert len(val) > 100 and not train & val
+
+
+# --- rendering -------------------------------------------------------------------------------------
+
+
+def test_render_prompt_plain_and_chat():
+    example = {"id": "x", "question": "12+34", "answer": "46", "verifier": "exact"}
+    assert render_prompt(example, None, "{question}=") == "12+34="
+    assert render_prompt(example, char_tokenizer(), "{question}=") == "12+34="
+    chat = char_tokenizer(CHAT_TEMPLATE)
+    assert render_prompt(example, chat, "{question}=") == "<|user|>12+34=\n<|assistant|>"
+    assert render_prompt(example, chat, "{question}=", use_chat_template=False) == "12+34="
+    boxed = render_prompt({"question": "q"}, None, SIMKO_BOXED_TEMPLATE)
+    assert boxed == "q\nPlease reason step by step, and put your final answer within \\boxed{}."
+    with pytest.raises(ValueError, match="no chat_template"):
+        render_prompt(example, char_tokenizer(), "{question}", use_chat_template=True)
+    with pytest.raises(ValueError, match="problem"):
+        render_prompt(example, None, "{problem}")
+
+
+# --- the DataModule --------------------------------------------------------------------------------
+
+
+def arithmetic_module(**overrides) -> PromptDataModule:
+    arguments = dict(
+        train_source=ArithmeticSource(seed=0),
+        val_source=ArithmeticSource(seed=0, split="val"),
+        prompts_per_step=4,
+        val_prompts=8,
+        prompt_template="{question}=",
+        tokenizer=char_tokenizer(),
+    )
+    return PromptDataModule(**(arguments | overrides))
+
+
+@pytest.fixture
+def ten_row_source(tmp_path, cache_dir) -> LocalFileSource:
+    rows = [{"question": f"q{i}", "answer": str(i)} for i in range(10)]
+    return LocalFileSource(write_jsonl(tmp_path / "ten.jsonl", rows), cache_dir=cache_dir)
+
+
+def test_batches_depend_only_on_seed_step_rank_and_world(ten_row_source):
+    module = arithmetic_module()
+    again = arithmetic_module()
+    assert module.examples_for_step(5) == again.examples_for_step(5)
+    assert module.examples_for_step(5) != module.examples_for_step(6)
+    assert all(e["prompt"] == e["question"] + "=" for e in module.examples_for_step(5))
+
+    files = PromptDataModule(ten_row_source, prompts_per_step=4, seed=1)
+    assert files.examples_for_step(7) == PromptDataModule(ten_row_source, prompts_per_step=4, seed=1).examples_for_step(7)
+    assert files.examples_for_step(0) != PromptDataModule(ten_row_source, prompts_per_step=4, seed=2).examples_for_step(0)
+    # 5 steps x 4 prompts = two epochs of 10 rows: each epoch visits every row exactly once.
+    stream = [e["answer"] for step in range(5) for e in files.examples_for_step(step)]
+    assert sorted(stream[:10]) == sorted(stream[10:]) == sorted(str(i) for i in range(10))
+
+
+@pytest.mark.parametrize("use_files", [False, True])
+def test_rank_shards_partition_the_global_batch(use_files, ten_row_source):
+    module = PromptDataModule(ten_row_source, prompts_per_step=4) if use_files else arithmetic_module()
+    for step in (0, 3):
+        whole = module.examples_for_step(step, rank=0, world_size=1)
+        shards = [module.examples_for_step(step, rank=r, world_size=2) for r in range(2)]
+        assert shards[0] + shards[1] == whole and len(shards[0]) == 2
+
+
+def test_prompts_per_step_must_divide_by_world_size():
+    module = arithmetic_module(prompts_per_step=6)
+    with pytest.raises(ValueError, match="divisible by the world size"):
+        module.examples_for_step(0, rank=0, world_size=4)
+    module.trainer = SimpleNamespace(global_rank=1, world_size=4)
+    with pytest.raises(ValueError, match="divisible by the world size"):
+        module.train_dataloader()
+
+
+def test_resume_continues_with_the_next_unconsumed_step():
+    module = arithmetic_module()
+    batches = iter(module.train_dataloader())
+    trained = module.on_after_batch_transfer(next(batches), 0)  # step 0 is trained
+    trained = module.on_after_batch_transfer(next(batches), 0)  # step 1 is trained
+    prefetched = next(batches)  # step 2 fetched ahead by Lightning, but never trained
+    assert (trained["step"], prefetched["step"]) == (1, 2)
+    state = module.state_dict()
+    assert state == {"next_step": 2}
+
+    resumed = arithmetic_module()
+    resumed.load_state_dict(state)
+    first = next(iter(resumed.train_dataloader()))
+    assert first["step"] == 2 and first["examples"] == prefetched["examples"]
+
+
+def test_val_set_is_fixed_and_rank_sharded():
+    module = arithmetic_module()
+    whole = module.val_examples(rank=0, world_size=1)
+    assert len(whole) == 8 and whole == arithmetic_module().val_examples(rank=0, world_size=1)
+    assert module.val_examples(0, 2) + module.val_examples(1, 2) == whole
+    batches = list(module.val_dataloader())
+    assert [len(b) for b in batches] == [4, 4] and [e for b in batches for e in b] == whole
+    assert arithmetic_module(val_source=None).val_dataloader() == []
+
+
+def test_lightning_fit_resume_trains_each_step_once(tmp_path):
+    """Real Lightning loop (with its one-batch prefetch and validation): resume continues exactly."""
+    import lightning.pytorch as pl
+    import torch
+
+    class RecordSteps(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.steps: list[int] = []
+            self.val_batches: list[int] = []
+
+        def training_step(self, batch, batch_idx):
+            self.steps.append(batch["step"])
+            assert len(batch["examples"]) == 4 and all(isinstance(e["prompt"], str) for e in batch["examples"])
+            return (self.weight - 1.0).pow(2).sum()
+
+        def validation_step(self, batch, batch_idx):
+            self.val_batches.append(len(batch))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def trainer(max_steps):
+        return pl.Trainer(
+            max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, val_check_interval=2,
+            check_val_every_n_epoch=None, num_sanity_val_steps=1, default_root_dir=tmp_path,
+        )
+
+    model, module = RecordSteps(), arithmetic_module()
+    first = trainer(3)
+    first.fit(model, datamodule=module)
+    assert model.steps == [0, 1, 2] and module.next_step == 3
+    assert model.val_batches and set(model.val_batches) == {4}
+    first.save_checkpoint(tmp_path / "last.ckpt")
+
+    model, module = RecordSteps(), arithmetic_module()
+    trainer(5).fit(model, datamodule=module, ckpt_path=tmp_path / "last.ckpt")
+    assert model.steps == [3, 4]
+
+
+def test_data_configs_instantiate(monkeypatch, cache_dir):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    monkeypatch.setenv("PROJECT_ROOT", str(REPO_ROOT))
+    monkeypatch.setenv("SIMKO_DATA_DIR", str(DATA_DIR))
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+        arithmetic = instantiate(compose(overrides=["+paths=default", "+data=arithmetic"]).data, tokenizer=None)
+        assert isinstance(arithmetic, PromptDataModule) and arithmetic.prompt_template == "{question}="
+        assert arithmetic.examples_for_step(0)[0]["prompt"].endswith("=")
+
+        shared_file("simko-official/gsm8k_level1/train.parquet")
+        for name in ("math_train", "simko_level1", "gsm8k_train"):
+            config = compose(overrides=[
+                "+paths=default", f"paths.cache_dir={cache_dir}", f"+data={name}",
+                "data.train_source.limit=4", "data.val_source.limit=4",
+            ])
+            module = instantiate(config.data, tokenizer=char_tokenizer(CHAT_TEMPLATE))
+            prompt = module.examples_for_step(0)[0]["prompt"]
+            assert prompt.startswith("<|user|>") and "\\boxed{}" in prompt, name
+            assert len(module.val_examples()) == 4
