@@ -25,7 +25,9 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
+from simko.diagnostics import concentration_metrics
 from simko.losses import PolicyLoss, TokenStats, aggregation_weight
+from simko.metrics import PassAtK, default_ks
 from simko.rollout import Rollouts, generate_rollouts, step_seed
 
 
@@ -49,6 +51,8 @@ class RLVRModule(LightningModule):
         val_samples, val_temperature, val_top_p: validation sampling (n completions per held-out prompt).
         seed: base of the per-step sampling seeds.
         scheduler: optional partial ``torch.optim.lr_scheduler`` constructor (stepped per optimizer step).
+        diagnostics_top_k: log mean p(rank k) for k = 1..this (0 disables the concentration diagnostics).
+        diagnostics_tau: entropy quantile (per response) above which a token counts as high-entropy there.
     """
 
     def __init__(
@@ -73,6 +77,8 @@ class RLVRModule(LightningModule):
         val_top_p: float = 0.95,
         seed: int = 0,
         scheduler: Callable[..., Any] | None = None,
+        diagnostics_top_k: int = 10,
+        diagnostics_tau: float = 0.8,
     ):
         super().__init__()
         if group_size < 2:
@@ -99,6 +105,9 @@ class RLVRModule(LightningModule):
         self.stats_chunk_size = stats_chunk_size
         self.val_sampling = dict(group_size=val_samples, temperature=val_temperature, top_p=val_top_p)
         self.seed = seed
+        vocab = policy.get_output_embeddings().weight.shape[0]
+        self.diagnostics_top_k = min(diagnostics_top_k, vocab)
+        self.diagnostics_tau = diagnostics_tau
         self._verifier = verifier
         # The frozen reference exists only when the loss needs it (a KL term) and is never registered as a
         # submodule: it is not trained, not sharded and not written into checkpoints.
@@ -107,7 +116,8 @@ class RLVRModule(LightningModule):
             ref = copy.deepcopy(policy).eval().requires_grad_(False)
             object.__setattr__(self, "_reference", ref)
         self.rl_step = 0
-        self._val_rewards: list[Tensor] = []
+        # Not persistent: metric state never enters checkpoints.
+        self.val_pass_at_k = PassAtK(ks=default_ks(val_samples))
 
     # ------------------------------------------------------------------ Lightning plumbing
     def configure_model(self) -> None:
@@ -221,6 +231,8 @@ class RLVRModule(LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         metrics: dict[str, float] = defaultdict(float)
+        diagnostics: dict[str, float] = defaultdict(float)
+        diag_k = self.diagnostics_top_k
         num_updates = 0
         gen = torch.Generator().manual_seed(step_seed(self.seed, step, 0))
         num_groups = rollouts.num_rows // G
@@ -237,12 +249,15 @@ class RLVRModule(LightningModule):
                 opt.zero_grad(set_to_none=True)
                 for i, (idx, w) in enumerate(zip(micro, weights)):
                     rows = rollouts.rows(idx)
-                    stats = self.token_stats(self.policy, rows, top_k=self.loss_fn.top_k)
+                    stats = self.token_stats(self.policy, rows, top_k=max(self.loss_fn.top_k, diag_k))
+                    if num_updates == 0 and diag_k:  # the policy that sampled the rollouts
+                        for k, v in concentration_metrics(stats.with_top_k(diag_k), self.diagnostics_tau).items():
+                            diagnostics[k] += v * w / total_weight
                     R = stats.mask.shape[1]
                     old = old_logprobs[idx, :R] if needs_old else stats.logprobs.detach()
                     ref = ref_logprobs[idx, :R] if ref_logprobs is not None else None
-                    out = self.loss_fn(stats, old_logprobs=old, advantages=advantages[idx],
-                                       rewards=rewards[idx], ref_logprobs=ref)
+                    out = self.loss_fn(stats.with_top_k(self.loss_fn.top_k), old_logprobs=old,
+                                       advantages=advantages[idx], rewards=rewards[idx], ref_logprobs=ref)
                     if not torch.isfinite(out.loss):
                         raise FloatingPointError(
                             f"non-finite loss {out.loss.item()} at RL step {step}, micro-batch {i}: "
@@ -259,6 +274,7 @@ class RLVRModule(LightningModule):
                     sched.step()
                 num_updates += 1
         metrics = {f"train/{k}": v / max(num_updates, 1) for k, v in metrics.items()}
+        metrics.update({f"diag/{k}": v for k, v in diagnostics.items()})
         timings["time/update"] = time.perf_counter() - t_update
         self.rl_step = step + 1
         self._log_step(rollouts, rewards, metrics, timings)
@@ -296,21 +312,23 @@ class RLVRModule(LightningModule):
         for key, value in log.items():
             # Counts are summed over ranks, everything else averaged.
             reduce = "sum" if key in ("solved_all", "solved_none") else "mean"
-            name = key if key.startswith(("train/", "time/")) else f"train/{key}"
+            name = key if key.startswith(("train/", "time/", "diag/")) else f"train/{key}"
             self.log(name, float(value), on_step=True, on_epoch=False, sync_dist=True, reduce_fx=reduce,
                      prog_bar=key in ("reward",), batch_size=rollouts.num_rows)
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
+        """Sample n completions per held-out prompt (same seeds at every validation) and score them."""
         n = self.val_sampling["group_size"]
         _, rewards, _ = self.rollout(batch, 10_000_000 + batch_idx, n, self.val_sampling["temperature"],
                                      self.val_sampling["top_p"], seed_offset=1)
-        self._val_rewards.append(rewards.view(-1, n))
+        self.val_pass_at_k.update(rewards.view(-1, n) >= 1.0)
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_rewards:
+        if self.val_pass_at_k.update_count == 0:
             return
-        correct = torch.cat(self._val_rewards) >= 1.0
-        self._val_rewards.clear()
-        self.log("val/mean_reward", correct.float().mean(), sync_dist=True, prog_bar=True)
-        self.log("val/solved_any", correct.any(1).float().mean(), sync_dist=True)
+        result = self.val_pass_at_k.compute()  # synced across ranks by torchmetrics
+        self.val_pass_at_k.reset()
+        for k, value in result.items():
+            name = f"val/{k}" if isinstance(k, str) else f"val/pass@{k}"
+            self.log(name, value, prog_bar=k == 1, rank_zero_only=False)

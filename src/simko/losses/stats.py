@@ -49,6 +49,12 @@ class TokenStats:
         # Equal log-prob to the top-1 counts as top-1 (robust to ties between equal logits).
         return self.logprobs.detach() >= self.topk_logprobs[..., 0].detach()
 
+    def with_top_k(self, k: int) -> "TokenStats":
+        """The same statistics restricted to the first ``k`` candidates (a loss gets exactly the K it asked for)."""
+        if k > self.top_k:
+            raise ValueError(f"asked for top-{k} candidates, the statistics hold {self.top_k}")
+        return TokenStats(self.logprobs, self.entropy, self.topk_logprobs[..., :k], self.topk_ids[..., :k], self.mask)
+
     def detach(self) -> "TokenStats":
         return TokenStats(**{f.name: getattr(self, f.name).detach() for f in fields(self)})
 
