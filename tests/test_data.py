@@ -320,14 +320,14 @@ def test_data_configs_instantiate(monkeypatch, cache_dir):
     monkeypatch.setenv("PROJECT_ROOT", str(REPO_ROOT))
     monkeypatch.setenv("SIMKO_DATA_DIR", str(DATA_DIR))
     with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
-        arithmetic = instantiate(compose(overrides=["+paths=default", "+data=arithmetic"]).data, tokenizer=None)
+        arithmetic = instantiate(compose(overrides=["+seed=0", "+paths=default", "+data=arithmetic"]).data, tokenizer=None)
         assert isinstance(arithmetic, PromptDataModule) and arithmetic.prompt_template == "{question}="
         assert arithmetic.examples_for_step(0)[0]["prompt"].endswith("=")
 
         shared_file("simko-official/gsm8k_level1/train.parquet")
         for name in ("math_train", "simko_level1", "gsm8k_train"):
             config = compose(overrides=[
-                "+paths=default", f"paths.cache_dir={cache_dir}", f"+data={name}",
+                "+seed=0", "+paths=default", f"paths.cache_dir={cache_dir}", f"+data={name}",
                 "data.train_source.limit=4", "data.val_source.limit=4",
             ])
             module = instantiate(config.data, tokenizer=char_tokenizer(CHAT_TEMPLATE))

@@ -7,6 +7,7 @@ directly, so scripts can compute them however they like.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -23,11 +24,11 @@ def register_advantage(name: str):
     return deco
 
 
-def _check(rewards: Tensor) -> Tensor:
+def _check(rewards: Tensor, min_group_size: int = 2) -> Tensor:
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [num_prompts, group_size], got shape {tuple(rewards.shape)}")
-    if rewards.shape[1] < 2:
-        raise ValueError(f"group advantages need group_size >= 2, got {rewards.shape[1]}")
+    if rewards.shape[1] < min_group_size:
+        raise ValueError(f"group advantages need group_size >= {min_group_size}, got {rewards.shape[1]}")
     return rewards.float()
 
 
@@ -43,6 +44,81 @@ def grpo_advantages(rewards: Tensor, norm_std: bool = True, eps: float = 1e-6) -
     if not norm_std:
         return centred
     return centred / (rewards.std(dim=1, keepdim=True, unbiased=True) + eps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PSR / NSR / W-REINFORCE: Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement in LLM
+# Reasoning", arXiv 2506.01347. Binary outcome rewards, no baseline and no std normalisation:
+#   PSR (positive sample reinforcement):  A_i = +1 if correct_i else 0
+#   NSR (negative sample reinforcement):  A_i = -1 if not correct_i else 0
+#   W-REINFORCE = lambda * PSR + NSR:     A_i = +lambda if correct_i else -1     (lambda = 0.1 in the paper)
+# A response is correct when its reward >= correct_threshold (reward == 1 for {0, 1} rewards).
+# They need no group (any group size, even 1).
+
+
+@register_advantage("psr")
+def psr_advantages(rewards: Tensor, correct_threshold: float = 1.0) -> Tensor:
+    """PSR (Zhu et al. 2025): A_i = 1[correct_i]; incorrect responses get 0 (no gradient)."""
+    rewards = _check(rewards, min_group_size=1)
+    return (rewards >= correct_threshold).float()
+
+
+@register_advantage("nsr")
+def nsr_advantages(rewards: Tensor, correct_threshold: float = 1.0) -> Tensor:
+    """NSR (Zhu et al. 2025): A_i = -1[not correct_i]; correct responses get 0 (no gradient)."""
+    rewards = _check(rewards, min_group_size=1)
+    return torch.where(rewards < correct_threshold, -1.0, 0.0).to(rewards.dtype)  # (not -0.0 on correct)
+
+
+@register_advantage("w_reinforce")
+def w_reinforce_advantages(rewards: Tensor, pos_weight: float = 0.1, correct_threshold: float = 1.0) -> Tensor:
+    """W-REINFORCE (Zhu et al. 2025): A_i = +pos_weight if correct_i else -1 (pos_weight = lambda = 0.1)."""
+    rewards = _check(rewards, min_group_size=1)
+    correct = rewards >= correct_threshold
+    return torch.where(correct, torch.full_like(rewards, float(pos_weight)), torch.full_like(rewards, -1.0))
+
+
+@register_advantage("passk")
+def passk_advantages(rewards: Tensor, k: int = 4, correct_threshold: float = 1.0, eps: float = 1e-6) -> Tensor:
+    """Pass@k Training with analytic advantages (Chen et al. 2025, arXiv 2508.10751, Sec. "Analytical Derivation").
+
+    The reward of a k-subset of the group is pass@k = max over its members of correct_i. Taking every k-subset of
+    the G responses as one "group member" of GRPO and giving each response the mean advantage of the subsets that
+    contain it has a closed form in the number of incorrect responses N_neg of the group:
+
+        mean   R_bar   = 1 - C(N_neg, k) / C(G, k)                       (mean pass@k over all k-subsets)
+        std    sigma   = sqrt(R_bar * (1 - R_bar))                       (std of a {0, 1} reward over the subsets)
+        correct:   A_pos = (1 - R_bar) / (sigma + eps)                    (every subset with it passes)
+        incorrect: A_neg = (1 - R_bar - C(N_neg - 1, k - 1) / C(G - 1, k - 1)) / (sigma + eps)
+
+    C(N_neg - 1, k - 1) / C(G - 1, k - 1) is the probability that a random k-subset containing a given incorrect
+    response is all incorrect (fails). Groups with R_bar in {0, 1} (all wrong, or fewer than k wrong) get A = 0.
+    k = 1 is GRPO with the population std. PKPO (Walder & Karkhanis 2025, arXiv 2505.15201) derives unbiased
+    pass@k gradient estimators for the same objective; this is Chen et al.'s GRPO-normalised form (not verl's
+    ``grpo_passk``, which is Tang et al. 2025's best-of-group variant).
+
+    Raises ValueError unless 1 <= k <= G.
+    """
+    rewards = _check(rewards)
+    group_size = rewards.shape[1]
+    if not 1 <= int(k) <= group_size:
+        raise ValueError(f"passk advantages need 1 <= k <= group_size; got k={k}, group_size={group_size}")
+    k = int(k)
+    correct = rewards >= correct_threshold
+    num_neg = (~correct).sum(dim=1)  # [P] integers in 0..G
+    # Both probabilities depend only on N_neg: tabulate them for N_neg = 0..G (exact integer binomials).
+    all_fail = [math.comb(m, k) / math.comb(group_size, k) for m in range(group_size + 1)]
+    neg_subset_fails = [
+        math.comb(m - 1, k - 1) / math.comb(group_size - 1, k - 1) if m >= 1 else 0.0
+        for m in range(group_size + 1)
+    ]
+    all_fail = torch.tensor(all_fail, dtype=torch.float64, device=rewards.device)[num_neg]
+    neg_subset_fails = torch.tensor(neg_subset_fails, dtype=torch.float64, device=rewards.device)[num_neg]
+    mean = 1.0 - all_fail
+    std = torch.sqrt(mean * (1.0 - mean))
+    adv_pos = (1.0 - mean) / (std + eps)
+    adv_neg = (1.0 - mean - neg_subset_fails) / (std + eps)
+    return torch.where(correct, adv_pos[:, None], adv_neg[:, None]).to(rewards.dtype)
 
 
 def build_advantage(name: str, **kwargs) -> Callable[[Tensor], Tensor]:

@@ -26,7 +26,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from simko.diagnostics import concentration_metrics
-from simko.losses import PolicyLoss, TokenStats, aggregation_weight
+from simko.losses import PolicyLoss, TokenStats, aggregation_weight  # noqa: F401
 from simko.metrics import PassAtK, default_ks
 from simko.rollout import Rollouts, generate_rollouts, step_seed
 
@@ -87,8 +87,10 @@ class RLVRModule(LightningModule):
                             ("micro_batch_size", micro_batch_size), ("max_new_tokens", max_new_tokens)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if not isinstance(loss, PolicyLoss):
-            raise TypeError(f"loss must be a simko.losses.PolicyLoss (built by build_loss), got {type(loss)}")
+        missing = [a for a in ("compute_advantages", "top_k", "aggregation", "needs_reference") if not hasattr(loss, a)]
+        if missing or not callable(loss):
+            raise TypeError(f"loss must be built by simko.losses.build_loss (got {type(loss).__name__}, "
+                            f"missing {missing})")
         self.automatic_optimization = False
         self.policy = policy
         self.tokenizer = tokenizer

@@ -129,7 +129,8 @@ def _head_stats(h: Tensor, lm_head: torch.nn.Module, tokens: Tensor, top_k: int,
 def _token_stats(logits: Tensor, tokens: Tensor, top_k: int, temperature: float):
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = logits.float()
+    if logits.dtype in (torch.float16, torch.bfloat16):  # statistics in fp32; float64 stays float64 (tests)
+        logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     logp = torch.log_softmax(logits, dim=-1)

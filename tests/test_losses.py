@@ -1,0 +1,615 @@
+"""Loss family tests: every gradient against an independent reference (float64 finite differences of a loss
+written here from scratch, or SimKO's analytic gradient from shared/science/simko.md), plus the identities of
+each method, the advantage estimators (pass@k against brute-force enumeration) and the YAML configs."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from simko.advantages import build_advantage
+from simko.losses import LOSSES, PolicyLoss, TokenStats, build_loss
+from simko.losses.simko import SimKOLoss, forking_mask
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "loss"
+F64 = torch.float64
+
+
+# --------------------------------------------------------------------------------------------------- fixtures
+def ref_logits_stats(logits, tokens, top_k=0):
+    """log pi(y), entropy, top-K log-probs and ids in the logits' own dtype, computed here from scratch."""
+    logp = logits - logits.logsumexp(-1, keepdim=True)
+    logprobs = logp.gather(-1, tokens[..., None]).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    ids = logits.detach().argsort(-1, descending=True)[..., :top_k]
+    return logprobs, entropy, logp.gather(-1, ids), ids
+
+
+def stats64(logits, tokens, mask, top_k=0):
+    """TokenStats in float64 (TokenStats.from_logits computes in float32, too coarse for finite differences)."""
+    return TokenStats(*ref_logits_stats(logits, tokens, top_k), mask.bool())
+
+
+class Batch:
+    """16 responses = 4 groups of 4: mixed, all correct, all wrong, mixed. T=6, V=5, float64.
+
+    Padding of various lengths (one row fully masked); half the sampled tokens are the argmax (top-1); most old
+    log-probs are close to the current ones (|log r| in [0.02, 0.08]: no clip), 25% are far (|log r| = 1.5: the
+    clip is active for about half of those, depending on the sign of A).
+    """
+
+    P, G, T, V = 4, 4, 6, 5
+
+    def __init__(self, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        B, T, V = self.P * self.G, self.T, self.V
+        self.B = B
+        row_scale = torch.rand(B, 1, 1, generator=gen, dtype=F64) * 3 + 0.3  # rows of different entropy scales
+        self.logits = torch.randn(B, T, V, generator=gen, dtype=F64) * row_scale
+        random_tokens = torch.randint(0, V, (B, T), generator=gen)
+        use_argmax = torch.rand(B, T, generator=gen) < 0.5
+        self.tokens = torch.where(use_argmax, self.logits.argmax(-1), random_tokens)
+        lengths = torch.tensor([6, 3, 6, 4, 0, 2, 6, 6, 1, 6, 5, 6, 6, 4, 6, 3])
+        self.mask = torch.arange(T)[None, :] < lengths[:, None]
+        self.rewards = torch.tensor([1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0], dtype=F64)
+        lp0 = ref_logits_stats(self.logits, self.tokens)[0]
+        sign = torch.where(torch.rand(B, T, generator=gen) < 0.5, -1.0, 1.0).to(F64)
+        offset = sign * (0.02 + 0.06 * torch.rand(B, T, generator=gen, dtype=F64))
+        far = torch.rand(B, T, generator=gen) < 0.25
+        offset = torch.where(far, sign * 1.5, offset)
+        self.old_logprobs = lp0 - offset  # log r = offset
+        self.ref_logprobs = lp0 + 0.3 * torch.randn(B, T, generator=gen, dtype=F64)
+
+    def grouped(self, per_response):
+        return per_response.view(self.P, self.G)
+
+    def advantages(self, loss_fn):
+        # float32 values: PolicyLoss takes advantages in float32, so the float64 references use the same numbers
+        return loss_fn.compute_advantages(self.grouped(self.rewards)).reshape(-1).float().to(F64)
+
+    def loss(self, loss_fn, logits=None, top_k=None, advantages=None, **kwargs):
+        logits = self.logits if logits is None else logits
+        top_k = loss_fn.top_k if top_k is None else top_k
+        adv = self.advantages(loss_fn) if advantages is None else advantages
+        stats = stats64(logits, self.tokens, self.mask, top_k)
+        kwargs.setdefault("ref_logprobs", self.ref_logprobs)
+        return loss_fn(stats, old_logprobs=self.old_logprobs, advantages=adv, rewards=self.rewards, **kwargs)
+
+    def grad(self, loss_fn, **kwargs):
+        logits = self.logits.clone().requires_grad_(True)
+        out = self.loss(loss_fn, logits=logits, **kwargs)
+        out.loss.backward()
+        return logits.grad, out
+
+
+def finite_diff_grad(fn, x, eps=1e-6):
+    """Central differences of the scalar ``fn(x)`` w.r.t. every entry of the float64 tensor ``x``."""
+    x = x.detach().clone()
+    flat = x.view(-1)
+    grad = torch.zeros_like(flat)
+    with torch.no_grad():
+        for i in range(flat.numel()):
+            orig = flat[i].item()
+            flat[i] = orig + eps
+            plus = float(fn(x))
+            flat[i] = orig - eps
+            minus = float(fn(x))
+            flat[i] = orig
+            grad[i] = (plus - minus) / (2 * eps)
+    return grad.view_as(x)
+
+
+# ------------------------------------------------------------------------------ reference losses (from scratch)
+def ref_aggregate(values, mask, mode):
+    m = mask.to(values.dtype)
+    if mode == "token_mean":
+        return (values * m).sum() / m.sum()
+    rows = values.shape[0]
+    if mode == "seq_mean_token_mean":
+        return ((values * m).sum(-1) / m.sum(-1).clamp(min=1)).sum() / rows
+    if mode == "seq_mean_token_sum_norm":
+        return ((values * m).sum(-1) / values.shape[-1]).sum() / rows
+    raise AssertionError(mode)
+
+
+def ref_ppo_objective(logprobs, old_logprobs, adv, eps_low, eps_high):
+    """Per-token PPO loss: -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) (Schulman et al. 2017)."""
+    r = torch.exp(logprobs - old_logprobs)
+    a = adv[:, None]
+    return -torch.minimum(r * a, torch.clamp(r, 1 - eps_low, 1 + eps_high) * a)
+
+
+def ref_ppo_loss(batch, logits, adv, eps_low=0.2, eps_high=0.2, mode="token_mean", kl_coef=0.0):
+    logprobs = ref_logits_stats(logits, batch.tokens)[0]
+    loss = ref_aggregate(ref_ppo_objective(logprobs, batch.old_logprobs, adv, eps_low, eps_high), batch.mask, mode)
+    if kl_coef:
+        log_ratio = logprobs - batch.ref_logprobs
+        k3 = torch.exp(-log_ratio) - 1 + log_ratio
+        loss = loss + kl_coef * ref_aggregate(k3, batch.mask, mode)
+    return loss
+
+
+def ref_token_mean_entropy(batch, logits):
+    return ref_aggregate(ref_logits_stats(logits, batch.tokens)[1], batch.mask, "token_mean")
+
+
+def ref_covariance(batch, adv):
+    """Cov_t = (log pi_t - mean) * (A_t - mean) over the valid tokens, by loops-free but separate arithmetic."""
+    logprobs = ref_logits_stats(batch.logits, batch.tokens)[0]
+    valid = batch.mask
+    a_tok = adv[:, None].expand_as(logprobs)
+    lp_mean = logprobs[valid].mean()
+    a_mean = a_tok[valid].mean()
+    return (logprobs - lp_mean) * (a_tok - a_mean)
+
+
+def simko_reference(batch, adv, k, alpha, lam, tau, eps_low=0.2, eps_high=0.2):
+    """SimKO's analytic gradient (simko.md) by hand, token by token, and its per-token coefficients.
+
+    For a token whose PPO branch is unclipped:
+        grad = -A~ r [ (1 - a) (e_y - p) + (a / K) sum_k (e_{c_k} - p) ] / N,   a = alpha * w * correct,
+    since grad_z log softmax(z)_j = e_j - p. Returns (grad [B, T, V], coef [B, T], a [B, T], topk_ids).
+    """
+    z = batch.logits
+    p = torch.softmax(z, -1)
+    logp = torch.log_softmax(z, -1)
+    logprobs = logp.gather(-1, batch.tokens[..., None]).squeeze(-1)
+    entropy = -(p * logp).sum(-1)
+    ratio = torch.exp(logprobs - batch.old_logprobs)
+    topk_ids = z.argsort(-1, descending=True)[..., :k]
+    n_valid = batch.mask.sum()
+    grad = torch.zeros_like(z)
+    coef = torch.zeros_like(ratio)
+    mix = torch.zeros_like(ratio)
+    eye = torch.eye(z.shape[-1], dtype=F64)
+    for b in range(batch.B):
+        valid = batch.mask[b]
+        if not valid.any():
+            continue
+        q = torch.quantile(entropy[b][valid], tau)  # this response's own quantile
+        for t in range(batch.T):
+            if not valid[t]:
+                continue
+            a, r = float(adv[b]), float(ratio[b, t])
+            if (a > 0 and r > 1 + eps_high) or (a < 0 and r < 1 - eps_low):
+                continue  # the clipped branch is active: no gradient
+            forking = bool(entropy[b, t] > q)
+            top1 = int(batch.tokens[b, t]) == int(z[b, t].argmax())
+            a_used = lam * a if (a < 0 and top1 and forking) else a
+            m = alpha if (forking and batch.rewards[b] >= 1) else 0.0
+            dlog = lambda j: eye[j] - p[b, t]  # noqa: E731
+            direction = (1 - m) * dlog(batch.tokens[b, t]) + (m / k) * sum(dlog(c) for c in topk_ids[b, t])
+            coef[b, t] = -a_used * r / n_valid
+            mix[b, t] = m
+            grad[b, t] = coef[b, t] * direction
+    return grad, coef, mix, topk_ids
+
+
+# ====================================================================================== advantage estimators
+def test_grpo_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    adv = build_advantage("grpo")(rewards)
+    s = math.sqrt(1 / 3)  # unbiased std of [1, 0, 0, 1]
+    torch.testing.assert_close(adv[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (s + 1e-6))
+    assert torch.equal(adv[1], torch.zeros(4)) and torch.equal(adv[2], torch.zeros(4))  # all-equal groups -> 0
+    torch.testing.assert_close(adv[3], torch.tensor([0.75, -0.25, -0.25, -0.25]) / (0.5 + 1e-6))
+    dr_grpo = build_advantage("grpo", norm_std=False)(rewards)
+    torch.testing.assert_close(dr_grpo[3], torch.tensor([0.75, -0.25, -0.25, -0.25]))
+
+
+def test_psr_nsr_w_reinforce_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    assert build_advantage("psr")(rewards).tolist() == [[1, 0, 1], [0, 0, 0]]
+    assert build_advantage("nsr")(rewards).tolist() == [[0, -1, 0], [-1, -1, -1]]
+    torch.testing.assert_close(build_advantage("w_reinforce")(rewards), torch.tensor([[0.1, -1, 0.1], [-1.0, -1, -1]]))
+    torch.testing.assert_close(build_advantage("w_reinforce", pos_weight=0.5)(rewards)[0], torch.tensor([0.5, -1, 0.5]))
+    # threshold: a reward of 0.5 is correct at threshold 0.5, not at 1.0
+    half = torch.tensor([[0.5, 0.0]])
+    assert build_advantage("psr", correct_threshold=0.5)(half).tolist() == [[1, 0]]
+    assert build_advantage("psr")(half).tolist() == [[0, 0]]
+    # the estimators of the losses
+    assert build_loss("nsr").compute_advantages(rewards).tolist() == [[0, -1, 0], [-1, -1, -1]]
+
+
+def passk_brute_force(correct: list[bool], k: int, eps: float = 1e-6) -> list[float]:
+    """Chen et al. 2025's definition: every k-subset is a group member with reward max(correct over it); GRPO
+    normalises those rewards (population std over the subsets); a response gets the mean advantage of the subsets
+    that contain it."""
+    subsets = list(itertools.combinations(range(len(correct)), k))
+    rewards = torch.tensor([float(any(correct[i] for i in s)) for s in subsets], dtype=F64)
+    mean, std = rewards.mean(), rewards.std(unbiased=False)
+    adv = (rewards - mean) / (std + eps)
+    return [float(torch.stack([adv[j] for j, s in enumerate(subsets) if i in s]).mean()) for i in range(len(correct))]
+
+
+@pytest.mark.parametrize("group_size", [2, 3, 5, 6])
+def test_passk_advantages_match_brute_force(group_size):
+    for num_correct, k in itertools.product(range(group_size + 1), range(1, group_size + 1)):
+        correct = [i < num_correct for i in range(group_size)]
+        correct = correct[1::2] + correct[0::2]  # not sorted
+        rewards = torch.tensor([correct], dtype=torch.float32)
+        got = build_advantage("passk", k=k)(rewards)[0].double()
+        torch.testing.assert_close(got, torch.tensor(passk_brute_force(correct, k), dtype=F64), atol=1e-5, rtol=1e-5)
+
+
+def test_passk_k1_is_grpo_with_population_std_and_k_checked():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0, 0.0]])
+    centred = rewards - rewards.mean(1, keepdim=True)
+    population_std = rewards.std(1, unbiased=False, keepdim=True)
+    torch.testing.assert_close(build_advantage("passk", k=1)(rewards), centred / (population_std + 1e-6))
+    with pytest.raises(ValueError, match="k <= group_size"):
+        build_advantage("passk", k=6)(rewards)
+    with pytest.raises(ValueError, match="k <= group_size"):
+        build_loss("passk", k=6).compute_advantages(rewards)
+    with pytest.raises(ValueError, match="k must be"):
+        build_loss("passk", k=0)
+    # through the generic advantage_kwargs of any loss
+    grpo_passk = build_loss("grpo", advantage="passk", advantage_kwargs={"k": 2})
+    torch.testing.assert_close(grpo_passk.compute_advantages(rewards), build_advantage("passk", k=2)(rewards))
+
+
+# ============================================================================= PPO-family gradients (FD, float64)
+PPO_CASES = [
+    ("grpo", {}, {}),
+    ("grpo", {"clip_eps_high": 0.28}, {"eps_high": 0.28}),
+    ("grpo", {"aggregation": "seq_mean_token_sum_norm", "norm_std": False}, {"mode": "seq_mean_token_sum_norm"}),
+    ("grpo", {"aggregation": "seq_mean_token_mean"}, {"mode": "seq_mean_token_mean"}),
+    ("grpo", {"kl_coef": 0.1, "kl_estimator": "k3"}, {"kl_coef": 0.1}),
+    ("psr", {}, {}),
+    ("nsr", {}, {}),
+    ("w_reinforce", {}, {}),
+    ("passk", {"k": 2}, {}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,ref_kwargs", PPO_CASES, ids=lambda v: str(v))
+def test_ppo_family_gradient_matches_finite_differences(name, kwargs, ref_kwargs):
+    batch = Batch()
+    loss_fn = build_loss(name, **kwargs)
+    adv = batch.advantages(loss_fn)
+    grad, out = batch.grad(loss_fn)
+    reference = lambda z: ref_ppo_loss(batch, z, adv, **ref_kwargs)  # noqa: E731
+    torch.testing.assert_close(out.loss.detach(), reference(batch.logits), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, finite_diff_grad(reference, batch.logits), rtol=1e-6, atol=1e-8)
+    assert out.metrics["clip_frac"] > 0  # the batch exercises clipped tokens
+    assert grad[~batch.mask].abs().max() == 0  # padding gets no gradient
+
+
+def test_fixed_sign_advantages_of_psr_nsr_w_reinforce():
+    batch = Batch()
+    correct = batch.rewards == 1
+    torch.testing.assert_close(batch.advantages(build_loss("psr")), correct.to(F64))
+    torch.testing.assert_close(batch.advantages(build_loss("nsr")), -(~correct).to(F64))
+    torch.testing.assert_close(batch.advantages(build_loss("w_reinforce")), torch.where(correct, 0.1, -1.0).to(F64))
+
+
+def test_entropy_bonus_gradient_is_differentiable_and_matches_finite_differences():
+    batch = Batch()
+    loss_fn = build_loss("entropy_bonus", base="grpo", entropy_coef=0.05)
+    adv = batch.advantages(loss_fn)
+    grad, out = batch.grad(loss_fn)
+    reference = lambda z: ref_ppo_loss(batch, z, adv) - 0.05 * ref_token_mean_entropy(batch, z)  # noqa: E731
+    torch.testing.assert_close(out.loss.detach(), reference(batch.logits), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, finite_diff_grad(reference, batch.logits), rtol=1e-6, atol=1e-8)
+    # the bonus really acts: it changes the gradient of the base loss
+    grpo_grad, _ = batch.grad(build_loss("grpo"))
+    assert (grad - grpo_grad).abs().max() > 1e-5
+
+
+def test_entropy_bonus_wraps_any_loss_and_exposes_it():
+    batch = Batch()
+    simko_kwargs = dict(k=2, alpha=0.3, lam=1.5, tau=0.5, kl_coef=0.1)
+    wrapped = build_loss("entropy_bonus", base="simko", entropy_coef=0.05, **simko_kwargs)
+    assert wrapped.top_k == 2 and wrapped.needs_reference and wrapped.aggregation == "token_mean"
+    assert isinstance(wrapped.base, SimKOLoss)
+    rewards = batch.grouped(batch.rewards).float()
+    torch.testing.assert_close(wrapped.compute_advantages(rewards), build_advantage("grpo")(rewards))
+    simko = build_loss("simko", **simko_kwargs)
+    grad_bonus, out = batch.grad(wrapped)
+    grad_simko, _ = batch.grad(simko)
+    entropy_term = lambda z: -0.05 * ref_token_mean_entropy(batch, z)  # noqa: E731
+    fd_entropy = finite_diff_grad(entropy_term, batch.logits)
+    torch.testing.assert_close(grad_bonus - grad_simko, fd_entropy, rtol=1e-6, atol=1e-8)
+    assert "entropy_bonus" in out.metrics and "simko/forking_frac" in out.metrics
+    with pytest.raises(ValueError):
+        build_loss("entropy_bonus", entropy_coef=-1.0)
+
+
+# ================================================================================================= KL-Cov / Clip-Cov
+@pytest.mark.parametrize("ppo_clip", [False, True])
+def test_kl_cov_gradient_matches_finite_differences(ppo_clip):
+    batch = Batch()
+    loss_fn = build_loss("kl_cov", kl_cov_ratio=0.1, kl_cov_coef=0.7, ppo_clip=ppo_clip)
+    adv = batch.advantages(loss_fn)
+    # the penalised tokens: the top floor(0.1 N) valid tokens by covariance, computed here independently
+    cov = ref_covariance(batch, adv)
+    n_valid = int(batch.mask.sum())
+    num = max(1, int(0.1 * n_valid))
+    valid_idx = batch.mask.flatten().nonzero().squeeze(-1)
+    top = valid_idx[cov.flatten()[valid_idx].argsort(descending=True)[:num]]
+    penalised = torch.zeros(batch.mask.numel(), dtype=torch.bool)
+    penalised[top] = True
+    penalised = penalised.view_as(batch.mask)
+
+    eps = 0.2 if ppo_clip else math.inf
+
+    def reference(z):
+        logprobs = ref_logits_stats(z, batch.tokens)[0]
+        ppo = ref_ppo_objective(logprobs, batch.old_logprobs, adv, eps, eps)
+        penalty = 0.7 * (logprobs - batch.old_logprobs).abs() * penalised
+        return ref_aggregate(ppo + penalty, batch.mask, "token_mean")
+
+    grad, out = batch.grad(loss_fn)
+    torch.testing.assert_close(out.loss.detach(), reference(batch.logits), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, finite_diff_grad(reference, batch.logits), rtol=1e-6, atol=1e-8)
+    assert out.metrics["kl_cov/penalised_frac"] == pytest.approx(num / n_valid)
+    assert (out.metrics["clip_frac"] > 0) == ppo_clip
+
+
+def clip_cov_candidates(batch, adv, lb, ub, eps=0.2):
+    """Valid tokens with lb < Cov < ub that PPO's clip has not already stopped, computed here independently."""
+    logprobs = ref_logits_stats(batch.logits, batch.tokens)[0]
+    r = torch.exp(logprobs - batch.old_logprobs)
+    a = adv[:, None]
+    clipped = ((a > 0) & (r > 1 + eps)) | ((a < 0) & (r < 1 - eps))
+    cov = ref_covariance(batch, adv)
+    return batch.mask & ~clipped & (cov > lb) & (cov < ub)
+
+
+def test_clip_cov_gradient_matches_finite_differences():
+    batch = Batch()
+    # clip_cov_ratio=1: every candidate is detached, so the reference needs no random draw
+    loss_fn = build_loss("clip_cov", clip_cov_ratio=1.0, clip_cov_lb=0.0, clip_cov_ub=1e9, seed=0)
+    adv = batch.advantages(loss_fn)
+    detached = clip_cov_candidates(batch, adv, 0.0, 1e9)
+    assert 0 < detached.sum() < batch.mask.sum()
+    lp0 = ref_logits_stats(batch.logits, batch.tokens)[0]
+
+    def reference(z):
+        logprobs = ref_logits_stats(z, batch.tokens)[0]
+        logprobs = torch.where(detached, lp0, logprobs)  # detached tokens: value at z0, no dependence on z
+        return ref_aggregate(ref_ppo_objective(logprobs, batch.old_logprobs, adv, 0.2, 0.2), batch.mask, "token_mean")
+
+    grad, out = batch.grad(loss_fn)
+    torch.testing.assert_close(out.loss.detach(), reference(batch.logits), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, finite_diff_grad(reference, batch.logits), rtol=1e-6, atol=1e-8)
+    assert out.metrics["clip_cov/detached_frac"] == pytest.approx(float(detached.sum() / batch.mask.sum()))
+
+
+def test_clip_cov_random_subset_is_seeded_and_sized():
+    batch = Batch()
+    n_valid = int(batch.mask.sum())
+    ratio = 3.5 / n_valid  # floor(ratio * N) = 3 tokens
+    def make(seed):
+        return build_loss("clip_cov", clip_cov_ratio=ratio, clip_cov_lb=-1e9, clip_cov_ub=1e9, seed=seed)
+
+    adv = batch.advantages(make(0))
+    candidates = clip_cov_candidates(batch, adv, -1e9, 1e9)
+    assert candidates.sum() > 3
+    grpo_grad, _ = batch.grad(build_loss("grpo"))
+    selections = []
+    for seed in (0, 0, 1, 2, 3):
+        grad, out = batch.grad(make(seed))
+        changed = (grad - grpo_grad).abs().amax(-1) > 0
+        assert changed.sum() <= 3 and (changed & ~candidates).sum() == 0  # only candidates are detached
+        assert out.metrics["clip_cov/detached_frac"] == pytest.approx(3 / n_valid)
+        selections.append(grad)
+    assert torch.equal(selections[0], selections[1])  # same seed, same draw
+    assert any(not torch.equal(selections[0], s) for s in selections[2:])
+    # a generator can be passed in too
+    loss_a, loss_b = make(None), make(None)
+    loss_a.generator = torch.Generator().manual_seed(7)
+    loss_b.generator = torch.Generator().manual_seed(7)
+    assert torch.equal(batch.grad(loss_a)[0], batch.grad(loss_b)[0])
+
+
+# ========================================================================================================= SimKO
+SIMKO_KNOBS = dict(k=3, alpha=0.3, lam=1.7, tau=0.5)  # large knobs: differences far above the tolerances
+
+
+def test_simko_gradient_matches_analytic_formula():
+    batch = Batch()
+    loss_fn = build_loss("simko", **SIMKO_KNOBS)
+    adv = batch.advantages(loss_fn)
+    ref_grad, coef, mix, topk_ids = simko_reference(batch, adv, **SIMKO_KNOBS)
+    grad, out = batch.grad(loss_fn)
+    # (tolerance: lam * A is formed in float32, as PolicyLoss takes advantages in float32)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-10)
+
+    # The hand formula is itself the gradient of the linearised surrogate with frozen coefficients:
+    #   J(z) = sum_t coef_t [ (1 - a_t) log pi_z(y_t) + (a_t / K) sum_k log pi_z(c_k,t) ]   (finite differences)
+    def linearised(z):
+        logp = torch.log_softmax(z, -1)
+        own = logp.gather(-1, batch.tokens[..., None]).squeeze(-1)
+        cands = logp.gather(-1, topk_ids).mean(-1)
+        return (coef * ((1 - mix) * own + mix * cands)).sum()
+
+    torch.testing.assert_close(finite_diff_grad(linearised, batch.logits), ref_grad, rtol=1e-6, atol=1e-8)
+    # the batch exercises both mechanisms
+    assert (mix > 0).any() and out.metrics["simko/neg_scaled_frac"] > 0 and out.metrics["clip_frac"] > 0
+
+
+def test_simko_loss_value_equals_grpo_and_reduces_to_grpo():
+    batch = Batch()
+    grpo_grad, grpo_out = batch.grad(build_loss("grpo"))
+    # ratio~ has the value r: with lam = 1 the loss value is exactly GRPO's while the gradient differs
+    pos_grad, pos_out = batch.grad(build_loss("simko_pos_only", k=3, alpha=0.3, tau=0.5))
+    assert torch.equal(pos_out.loss.detach(), grpo_out.loss.detach())
+    assert (pos_grad - grpo_grad).abs().max() > 1e-3
+    # lam scales the gradient of top-1 forking tokens of incorrect responses, never the value: the full SimKO
+    # loss value and clip fraction are GRPO's exactly (the lam-scaled tokens are present in this batch)
+    loss_fn = build_loss("simko", **SIMKO_KNOBS)
+    adv = batch.advantages(loss_fn)
+    stats = stats64(batch.logits, batch.tokens, batch.mask, 3)
+    scaled = (adv[:, None] < 0) & stats.is_top1 & forking_mask(stats.entropy, batch.mask, SIMKO_KNOBS["tau"])
+    simko_out = batch.loss(loss_fn)
+    assert torch.equal(simko_out.loss.detach(), grpo_out.loss.detach())
+    assert scaled.any() and simko_out.metrics["clip_frac"] == grpo_out.metrics["clip_frac"]
+    off_grad, _ = batch.grad(build_loss("simko", k=3, alpha=0.0, lam=1.0, tau=0.5))
+    assert torch.equal(off_grad, grpo_grad)  # alpha=0, lam=1 => GRPO exactly
+
+
+def test_simko_touches_only_forking_tokens_and_scales_only_top1_negatives():
+    batch = Batch()
+    loss_fn = build_loss("simko", **SIMKO_KNOBS)
+    adv = batch.advantages(loss_fn)
+    stats = stats64(batch.logits, batch.tokens, batch.mask, 3)
+    forking = forking_mask(stats.entropy, batch.mask, SIMKO_KNOBS["tau"])
+    grpo_grad, _ = batch.grad(build_loss("grpo"))
+    grad, _ = batch.grad(loss_fn)
+    changed = (grad - grpo_grad).abs().amax(-1) > 1e-12
+    assert changed.any() and not (changed & ~forking).any()
+
+    neg_only_grad, _ = batch.grad(build_loss("simko_neg_only", k=3, lam=2.0, tau=0.5))
+    top1 = batch.tokens == batch.logits.argmax(-1)
+    scaled = (adv[:, None] < 0) & top1 & forking
+    changed = (neg_only_grad - grpo_grad).abs().amax(-1) > 1e-12
+    assert changed.any() and not (changed & ~scaled).any()
+    torch.testing.assert_close(neg_only_grad[scaled], 2.0 * grpo_grad[scaled], rtol=1e-12, atol=0)  # 2.0: exact
+
+    pos_only_grad, _ = batch.grad(build_loss("simko_pos_only", k=3, alpha=0.3, tau=0.5))
+    correct_rows = (batch.rewards == 1)[:, None].expand_as(batch.mask)
+    changed = (pos_only_grad - grpo_grad).abs().amax(-1) > 1e-12
+    assert changed.any() and not (changed & ~(forking & correct_rows)).any()
+
+
+def test_forking_mask_is_per_response_quantile():
+    gen = torch.Generator().manual_seed(1)
+    T = 10
+    entropy = torch.stack(
+        [
+            torch.rand(T, generator=gen) * 0.01,  # a confident response
+            5.0 + torch.rand(T, generator=gen),  # a very uncertain one
+            torch.rand(T, generator=gen),  # padded to 7 tokens
+            torch.rand(T, generator=gen),  # one valid token
+            torch.rand(T, generator=gen),  # no valid token
+        ]
+    )
+    lengths = torch.tensor([10, 10, 7, 1, 0])
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    for tau in (0.5, 0.8):
+        w = forking_mask(entropy, mask, tau)
+        for b in range(5):
+            valid = mask[b]
+            expected = torch.zeros(T, dtype=torch.bool)
+            if valid.any():
+                expected[valid] = entropy[b][valid] > torch.quantile(entropy[b][valid], tau)
+            assert torch.equal(w[b], expected)
+        assert w[0].sum() == round(10 * (1 - tau)) and w[1].sum() == round(10 * (1 - tau))  # ~ (1 - tau) per row
+        assert not w[3].any() and not w[4].any()
+        batch_quantile = torch.quantile(entropy[mask], tau)
+        assert not torch.equal(w, (entropy > batch_quantile) & mask)  # a per-batch quantile would differ
+
+
+def test_simko_knob_validation():
+    for tau in (1.0, 1.5, 0.0, -0.1):
+        with pytest.raises(ValueError, match="tau"):
+            build_loss("simko", tau=tau)
+    for bad in ({"k": 0}, {"k": 1.5}, {"alpha": -0.1}, {"alpha": 1.5}, {"lam": 0.0}):
+        with pytest.raises(ValueError):
+            build_loss("simko", **bad)
+    with pytest.raises(ValueError, match="lam"):
+        build_loss("simko_pos_only", lam=1.1)
+    with pytest.raises(ValueError, match="alpha"):
+        build_loss("simko_neg_only", alpha=0.01)
+    assert build_loss("simko", k=5).top_k == 5 and build_loss("grpo").top_k == 0
+    batch = Batch()
+    with pytest.raises(ValueError, match="top_k"):
+        batch.loss(build_loss("simko", k=3), top_k=2)
+    # stats with more candidates than k (e.g. for diagnostics): the first k are used
+    loss_fn = build_loss("simko", **SIMKO_KNOBS)
+    wide = batch.loss(loss_fn, top_k=5)
+    exact = batch.loss(loss_fn, top_k=3)
+    assert torch.equal(wide.loss, exact.loss) and wide.metrics == exact.metrics
+
+
+def test_readme_functional_api_float32_matches_analytic_gradient():
+    batch = Batch(seed=3)
+    logits = batch.logits.float().requires_grad_(True)
+    rew = batch.rewards.float()
+    adv = build_advantage("grpo")(batch.grouped(rew)).reshape(-1)
+    old_lp = batch.old_logprobs.float()
+    # --- as in the README
+    stats = TokenStats.from_logits(logits, batch.tokens, batch.mask, top_k=3, temperature=1.0)
+    loss_fn = build_loss("simko", k=3, alpha=0.01, lam=1.1, tau=0.8, clip_eps=0.2)
+    out = loss_fn(stats, old_logprobs=old_lp, advantages=adv, rewards=rew)
+    out.loss.backward()
+    # ---
+    assert all(isinstance(v, float) for v in out.metrics.values())
+    for key in ("simko/forking_frac", "simko/neg_scaled_frac", "simko/correct_in_topk_frac", "clip_frac"):
+        assert 0.0 <= out.metrics[key] <= 1.0
+    ref_batch = Batch(seed=3)
+    ref_batch.logits = logits.detach().double()
+    ref_batch.old_logprobs = old_lp.double()
+    ref_grad = simko_reference(ref_batch, adv.double(), k=3, alpha=0.01, lam=1.1, tau=0.8)[0]
+    torch.testing.assert_close(logits.grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+# ============================================================================================ every loss / config
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_all_masked_batch_gives_zero_loss_and_gradient(name):
+    loss_fn = build_loss(name)  # every default
+    B, T, V = 4, 5, 6
+    logits = torch.randn(B, T, V, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T))
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    stats = TokenStats.from_logits(logits, tokens, mask, top_k=loss_fn.top_k)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    adv = loss_fn.compute_advantages(rewards.view(1, 4)).reshape(-1)
+    out = loss_fn(stats, old_logprobs=stats.logprobs.detach() - 0.1, advantages=adv, rewards=rewards)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.loss.item() == 0.0
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+    assert all(math.isfinite(v) for v in out.metrics.values()), out.metrics
+
+
+def constructor_defaults(name) -> dict:
+    """Every keyword a registered loss accepts, with its default, following **kwargs up to PolicyLoss."""
+    cls = LOSSES[name]
+    params: dict = {}
+    chain = [c for c in cls.__mro__ if "__init__" in vars(c) and c is not object]
+    if not issubclass(cls, PolicyLoss):  # a wrapper (entropy_bonus): its own knobs + the base loss's
+        chain = [cls, PolicyLoss]
+    for c in chain:
+        sig = inspect.signature(c.__init__)
+        for p in list(sig.parameters.values())[1:]:
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                params.setdefault(p.name, p.default)
+        if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+            break
+    fixed = {
+        "psr": {"advantage", "advantage_kwargs"},
+        "nsr": {"advantage", "advantage_kwargs"},
+        "w_reinforce": {"advantage", "advantage_kwargs"},
+        "passk": {"advantage", "advantage_kwargs"},
+        "simko_pos_only": {"lam"},
+        "simko_neg_only": {"alpha"},
+    }.get(name, set())
+    return {k: v for k, v in params.items() if k not in fixed}
+
+
+def test_every_loss_has_a_config_listing_its_defaults():
+    for name in LOSSES:
+        cfg = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{name}.yaml"))
+        assert cfg.pop("_target_") == "simko.losses.build_loss" and cfg.pop("name") == name
+        assert cfg == constructor_defaults(name), name
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_configs_instantiate(path):
+    from hydra.utils import instantiate
+
+    # Loss configs may point at other groups (dr_grpo: norm_len = rollout.max_new_tokens): compose them in.
+    root = OmegaConf.create({"rollout": OmegaConf.load(CONFIG_DIR.parent / "rollout" / "default.yaml"),
+                             "loss": OmegaConf.load(path)})
+    loss_fn = instantiate(root.loss)
+    assert loss_fn.name == OmegaConf.load(path).name
+    adv = loss_fn.compute_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]]))
+    assert adv.shape == (1, 8) and torch.isfinite(adv).all()
+    assert loss_fn.needs_reference is False and isinstance(loss_fn.top_k, int)
