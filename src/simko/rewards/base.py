@@ -1,0 +1,93 @@
+"""The verifier API every reward source in this package shares.
+
+    v.score(completions, answers) -> list[float]   # one reward per completion, batched
+    v(completion, answer) -> float                  # one item
+    v.num_timeouts, v.num_errors                    # items that cost a 0.0 because the check hung or failed
+    v.start(), v.close() / with v: ...              # start / release worker processes, if any
+
+A subclass implements ``_score(completions, answers)`` (lists of equal, non-zero length). A failed check is never
+an exception in the trainer: it is a 0.0 reward and a counter, so one degenerate completion can't stop a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+from simko.rewards.pool import TaskResult
+
+logger = logging.getLogger(__name__)
+
+
+class Verifier:
+    """Base class: subclass it, implement ``_score``, and register it with ``register_verifier``."""
+
+    name = "verifier"
+    # Class-level defaults, so a subclass that forgets super().__init__() still counts (instances get their own
+    # values on the first increment).
+    num_timeouts = 0
+    num_errors = 0
+    _warned: frozenset[str] = frozenset()
+
+    def __init__(self) -> None:
+        self.num_timeouts = 0
+        self.num_errors = 0
+
+    def score(self, completions: Sequence[str], answers: Sequence[str]) -> list[float]:
+        # Numeric golds (an int column in a dataset) are compared as their text.
+        completions, answers = list(completions), [str(a) if isinstance(a, (int, float)) else a for a in answers]
+        if len(completions) != len(answers):
+            raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
+        if not completions:
+            return []
+        return self._score(completions, answers)
+
+    def __call__(self, completion: str, answer: str) -> float:
+        return self.score([completion], [answer])[0]
+
+    def _score(self, completions: list[str], answers: list[str]) -> list[float]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Start worker processes now, if the verifier has any (else they start on the first ``score``)."""
+
+    def close(self) -> None:
+        """Stop worker processes, if any; a later ``score`` starts them again."""
+
+    def __enter__(self) -> "Verifier":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _reward(self, result: TaskResult) -> float:
+        """A pool result as a reward: the value if the check finished, else 0.0 and one more timeout/error."""
+        if result.status == "ok":
+            try:
+                return to_reward(result.value)
+            except (TypeError, ValueError) as e:
+                return self._failed("error", f"bad reward value: {e}")
+        return self._failed(result.status, result.message)
+
+    def _failed(self, status: str, message: str) -> float:
+        if status == "timeout":
+            self.num_timeouts += 1
+        else:
+            self.num_errors += 1
+        # Warn once per kind so a bad verifier is visible without flooding the log; the counters keep the tally.
+        if status not in self._warned:
+            self._warned = self._warned | {status}
+            logger.warning("%s verifier: a check %s (%s); it scores 0.0 (further ones are only counted)",
+                           self.name, "timed out" if status == "timeout" else "failed", message)
+        return 0.0
+
+
+def to_reward(value: Any) -> float:
+    """A verifier's return value as a float reward: None counts as 0.0 (not applicable); NaN/inf are errors."""
+    if value is None:
+        return 0.0
+    reward = float(value)
+    if not math.isfinite(reward):
+        raise ValueError(f"reward must be finite, got {value!r}")
+    return reward

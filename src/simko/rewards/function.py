@@ -1,0 +1,86 @@
+"""FunctionVerifier: a plain ``f(completions, answers) -> list[float]`` behind the verifier API.
+
+``isolated=True`` (default): ``f`` is called one item at a time (``f([completion], [answer])[0]``) in a
+KillablePool, so a user scorer that hangs or crashes (reasoning-gym's countdown scorer ran sympy on model text and
+hung on ``9**9**9**9``) costs that item a 0.0 and a counter, like MathVerifier. ``f`` must then be picklable: a
+module-level function, not a lambda or closure.
+
+``isolated=False``: ``f`` gets the whole batch in the trainer's process; for cheap, trusted scorers, or ones that
+need the batch. An exception scores the whole batch 0.0 and counts one error per item.
+
+Return values: numbers (partial credit passes through as is; a pass@k "solve" is decided by the caller), None
+counts as 0.0, NaN/inf are errors.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Callable, Sequence
+
+from simko.rewards.base import Verifier, to_reward
+from simko.rewards.pool import KillablePool
+
+ScoreFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+
+
+class FunctionVerifier(Verifier):
+    def __init__(
+        self,
+        fn: ScoreFn,
+        isolated: bool = True,
+        timeout_s: float = 5.0,
+        num_workers: int = 2,
+        start_method: str | None = None,
+    ):
+        super().__init__()
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.fn = fn
+        self.name = getattr(fn, "__name__", "function")
+        self.timeout_s = timeout_s
+        self.pool: KillablePool | None = None
+        if isolated:
+            try:
+                pickle.dumps(fn)
+            except Exception as e:
+                raise TypeError(
+                    f"verifier function {fn!r} can't be sent to a worker process ({e}); define it at module level, "
+                    "or register it with isolated=False to run it in the trainer's process"
+                ) from e
+            # Import the function's module in each worker before its first task, so the import is not timed.
+            preload = () if fn.__module__ in (None, "__main__") else (fn.__module__,)
+            self.pool = KillablePool(num_workers, start_method=start_method, preload=preload)
+
+    def _score(self, completions: list[str], answers: list[str]) -> list[float]:
+        if self.pool is not None:
+            jobs = [(self.fn, c, a) for c, a in zip(completions, answers)]
+            return [self._reward(r) for r in self.pool.map(call_on_one, jobs, self.timeout_s)]
+        try:
+            values = list(self.fn(completions, answers))
+            if len(values) != len(completions):
+                raise ValueError(f"returned {len(values)} rewards for {len(completions)} completions")
+        except Exception as e:
+            return [self._failed("error", f"{type(e).__name__}: {e}") for _ in completions]
+        scores = []
+        for value in values:
+            try:
+                scores.append(to_reward(value))
+            except (TypeError, ValueError) as e:
+                scores.append(self._failed("error", f"bad reward value: {e}"))
+        return scores
+
+    def start(self) -> None:
+        if self.pool is not None:
+            self.pool.start()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+
+def call_on_one(fn: ScoreFn, completion: str, answer: str) -> float:
+    """``fn`` on a batch of one, in a pool worker."""
+    values = list(fn([completion], [answer]))
+    if len(values) != 1:
+        raise ValueError(f"returned {len(values)} rewards for 1 completion")
+    return to_reward(values[0])

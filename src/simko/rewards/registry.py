@@ -1,0 +1,114 @@
+"""Verifiers by name: the plug-in point for users, and ``score_batch``, which the trainer calls.
+
+Add a verifier without touching the trainer:
+
+    from simko.rewards import register_verifier
+
+    @register_verifier("countdown")            # a plain function: wrapped into the verifier API,
+    def countdown_reward(completions, answers):  # run one item at a time in killable worker processes
+        return [...]                             # one float per completion
+
+    @register_verifier("my_task")              # or a Verifier subclass implementing _score()
+    class MyVerifier(Verifier): ...
+
+Then name it in a dataset's ``verifier`` column / the config, and ``build_verifier(name, **kwargs)`` builds it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Mapping, Sequence
+
+from simko.rewards.base import Verifier
+from simko.rewards.exact import ExactMatchVerifier
+from simko.rewards.function import FunctionVerifier
+from simko.rewards.math import MathVerifier
+
+VERIFIERS: dict[str, Callable[..., Verifier]] = {}
+
+
+def register_verifier(name: str, *, isolated: bool = True) -> Callable:
+    """Register a ``Verifier`` subclass, or a function ``f(completions, answers) -> list[float]``, as ``name``.
+
+    ``isolated`` applies to functions only: True runs each item in a killable worker process with a timeout
+    (``f`` must be a module-level function), False calls ``f`` on the whole batch in-process (see FunctionVerifier).
+    The decorated object is returned unchanged.
+    """
+
+    def deco(obj):
+        if name in VERIFIERS:
+            raise ValueError(f"verifier {name!r} registered twice")
+        if isinstance(obj, type):
+            if not issubclass(obj, Verifier):
+                raise TypeError(f"{obj.__name__} must subclass simko.rewards.Verifier (or register a function)")
+            VERIFIERS[name] = obj
+        elif callable(obj):
+            VERIFIERS[name] = functools.partial(FunctionVerifier, obj, isolated=isolated)
+        else:
+            raise TypeError(f"can't register {obj!r} as a verifier: expected a Verifier subclass or a function")
+        return obj
+
+    return deco
+
+
+def build_verifier(name: str, **kwargs) -> Verifier:
+    """A new verifier registered as ``name``, built with ``kwargs`` (e.g. ``timeout_s=5.0, num_workers=2``)."""
+    if name not in VERIFIERS:
+        raise ValueError(f"unknown verifier {name!r}; registered verifiers: {', '.join(sorted(VERIFIERS))}")
+    verifier = VERIFIERS[name](**kwargs)
+    verifier.name = name
+    return verifier
+
+
+register_verifier("math")(MathVerifier)
+register_verifier("exact")(ExactMatchVerifier)
+
+# Verifiers built with default arguments by score_batch when the caller passes none; reused across calls (the
+# worker pools are the expensive part) and closed by their pools' finalizers at exit.
+_SHARED: dict[str, Verifier] = {}
+
+
+def score_batch(
+    completions: Sequence[str],
+    answers: Sequence[str],
+    verifier_names: Sequence[str] | str,
+    verifiers: Mapping[str, Verifier] | None = None,
+) -> list[float]:
+    """Score a batch that may mix tasks: item i is checked by the verifier named ``verifier_names[i]``.
+
+    Items are grouped by name so each verifier sees one batched call; scores come back in the original order.
+    ``verifiers`` maps names to already-built instances (the trainer builds them from its config); a name it lacks
+    gets a shared instance built with default arguments. A single name applies to every item.
+    """
+    if isinstance(verifier_names, str):
+        verifier_names = [verifier_names] * len(completions)
+    if not len(completions) == len(answers) == len(verifier_names):
+        raise ValueError(
+            f"{len(completions)} completions, {len(answers)} answers, {len(verifier_names)} verifier names"
+        )
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(verifier_names):
+        groups.setdefault(name, []).append(i)
+    unknown = sorted(set(groups) - set(VERIFIERS) - set(verifiers or {}))
+    if unknown:  # before scoring anything: a typo in a dataset column should fail the first step, loudly
+        raise ValueError(f"unknown verifier(s) {unknown}; registered verifiers: {', '.join(sorted(VERIFIERS))}")
+    scores = [0.0] * len(completions)
+    for name, items in groups.items():
+        verifier = verifiers[name] if verifiers and name in verifiers else shared_verifier(name)
+        group_scores = verifier.score([completions[i] for i in items], [answers[i] for i in items])
+        for i, score in zip(items, group_scores):
+            scores[i] = score
+    return scores
+
+
+def shared_verifier(name: str) -> Verifier:
+    """The process-wide instance of verifier ``name`` with default arguments (built on first use)."""
+    if name not in _SHARED:
+        _SHARED[name] = build_verifier(name)
+    return _SHARED[name]
+
+
+def close_shared_verifiers() -> None:
+    for verifier in _SHARED.values():
+        verifier.close()
+    _SHARED.clear()

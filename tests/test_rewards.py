@@ -1,0 +1,334 @@
+"""The verifier layer: answer extraction, math/exact verifiers, the killable pool, the registry and score_batch.
+
+Worker pools are module-scoped fixtures (start-up is the expensive part); hangs use timeout_s=1.
+"""
+
+import operator
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from simko.rewards import (
+    VERIFIERS,
+    ExactMatchVerifier,
+    FunctionVerifier,
+    KillablePool,
+    MathVerifier,
+    Verifier,
+    build_verifier,
+    extract_boxed,
+    extract_final_answer,
+    register_verifier,
+    score_batch,
+)
+
+HANG = r"\boxed{9^{9^{9^{9^{9}}}}}"  # sympy evaluates the power tower in C: no signal stops it, only a kill
+
+
+def _gone(pid: int) -> bool:
+    """True once the process is dead and reaped (a zombie still counts as there)."""
+    try:
+        psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return True
+    return False
+
+
+def _wait_gone(pids, timeout_s=5.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if not _gone(p)]
+        if not alive:
+            return []
+        time.sleep(0.05)
+    return alive
+
+
+# A user scorer, registered the way a user would (module level, so worker processes can import it).
+@register_verifier("test_misbehaving")
+def misbehaving_reward(completions, answers):
+    answer = answers[0]
+    if answer == "crash":
+        os._exit(3)
+    if answer == "hang":
+        time.sleep(60)
+    if answer == "raise":
+        raise RuntimeError("scorer bug")
+    if answer == "nan":
+        return [float("nan")]
+    return [float(completions[0] == answer)]
+
+
+@register_verifier("test_length", isolated=False)
+def length_reward(completions, answers):
+    return [float(len(c) == int(a)) for c, a in zip(completions, answers)]
+
+
+@pytest.fixture(scope="module")
+def math_verifier():
+    v = MathVerifier(timeout_s=5.0, num_workers=2)
+    yield v
+    v.close()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = KillablePool(num_workers=2)
+    yield p
+    p.close()
+
+
+# ---------------------------------------------------------------- extraction
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"so \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
+        (r"\boxed{1} then \boxed{ 2 }", "2"),  # the last box, stripped
+        (r"\fbox{x^{2}}", "x^{2}"),
+        (r"\boxed {\{1,2\}}", r"\{1,2\}"),  # escaped braces are not nesting
+        (r"\boxed{\begin{pmatrix} 1 \\ 2 \end{pmatrix}}", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}"),
+        (r"\boxed{5} and then \boxed{\frac{1", "5"),  # an unclosed (cut-off) box is skipped
+        (r"\boxed{\frac{1", None),
+        ("no box here", None),
+        ("", None),
+        (r"\boxed{}", ""),
+    ],
+)
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"<answer>no</answer> \boxed{yes}", "yes"),
+        ("think <answer>a</answer> more <answer> b </answer>", "b"),
+        ("Reasoning...\nFinal Answer: 42\n", "42"),
+        ("  just this  ", "just this"),
+    ],
+)
+def test_extract_final_answer(text, expected):
+    assert extract_final_answer(text) == expected
+
+
+# ---------------------------------------------------------------- MathVerifier
+
+MATH_CASES = [
+    (r"\boxed{\frac12}", "0.5", 1.0),
+    (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
+    (r"So the point is \boxed{(1,2)}.", "(1,2)", 1.0),
+    (r"\boxed{(2,1)}", "(1,2)", 0.0),  # ordered pair
+    (r"\boxed{10.0}", "10", 1.0),
+    (r"\boxed{11}", "10", 0.0),
+    (r"\boxed{1234}", "1,234", 1.0),  # GSM8K-style gold
+    (r"\boxed{1,234}", "1234", 1.0),
+    (r"\boxed{\left( 3, \pi/2 \right)}", r"\left( 3, \frac{\pi}{2} \right)", 1.0),
+    (r"\boxed{\dfrac{\sqrt{2}}{2}}", r"\frac{1}{\sqrt{2}}", 1.0),
+    (r"\boxed{x = 3}", "3", 1.0),
+    (r"\boxed{5\%}", "5", 1.0),
+    (r"\boxed{\text{(C)}}", "C", 1.0),
+    (r"The answer is $7$.", "7", 1.0),  # no box: math-verify's own extraction
+    (r"first \boxed{3}, final \boxed{4}", "3", 0.0),  # the last box counts
+    (r"\boxed{4}", r"so it is \boxed{4}", 1.0),  # gold given as a solution: its last box
+    ("", "5", 0.0),
+    (r"\boxed{\frac{1}{2", "0.5", 0.0),  # unbalanced: cut off mid-answer, no fallback
+    (r"}}}{{{\boxed{}", "5", 0.0),
+    ("\\boxed{☃𝔘\u0000\ufffd}", "5", 0.0),  # garbage unicode
+    ("ðŸ¤” \x00\x1b[31m", "5", 0.0),
+    (r"\boxed{3}", "", 0.0),  # empty gold: an error, counted
+]
+
+
+def test_math_verifier_cases(math_verifier):
+    errors_before = math_verifier.num_errors
+    scores = math_verifier.score([c for c, _, _ in MATH_CASES], [a for _, a, _ in MATH_CASES])
+    assert scores == [s for _, _, s in MATH_CASES], [
+        (c, a, got) for (c, a, s), got in zip(MATH_CASES, scores) if s != got
+    ]
+    assert math_verifier.num_timeouts == 0
+    assert math_verifier.num_errors == errors_before + 1  # the empty gold
+
+
+def test_math_verifier_call_and_empty(math_verifier):
+    assert math_verifier(r"\boxed{\frac{4}{2}}", "2") == 1.0
+    assert isinstance(math_verifier("nothing", "2"), float)
+    assert math_verifier.score([], []) == []
+    assert math_verifier(r"\boxed{46}", 46) == 1.0  # a numeric gold (int dataset column)
+    errors = math_verifier.num_errors
+    assert math_verifier.score([None, r"\boxed{1}"], ["1", "1"]) == [0.0, 1.0]  # a bad item costs only itself
+    assert math_verifier.num_errors == errors + 1
+    math_verifier.start()  # already running: returns at once
+    with pytest.raises(ValueError):
+        math_verifier.score(["a"], [])
+
+
+def test_math_require_boxed_never_starts_workers():
+    v = MathVerifier(require_boxed=True)
+    assert v.score(["The answer is $7$.", r"\boxed{7}"], ["7", "7"]) == [0.0, 1.0]
+    assert v.pool.pids == []  # both decided without math-verify: no worker was started
+    v.close()
+
+
+def test_math_hang_is_killed_and_pool_recovers(math_verifier, monkeypatch):
+    monkeypatch.setattr(math_verifier, "timeout_s", 1.0)
+    timeouts_before = math_verifier.num_timeouts
+    pids_before = set(math_verifier.pool.pids)
+    start = time.monotonic()
+    # Two hangs on two workers run side by side: ~1 s in all, not one timeout after the other.
+    scores = math_verifier.score([HANG, r"\boxed{2.0}", HANG, r"\boxed{\sqrt{4}}"], ["1", "2", "1", "2"])
+    elapsed = time.monotonic() - start
+    assert scores == [0.0, 1.0, 0.0, 1.0]
+    assert math_verifier.num_timeouts == timeouts_before + 2
+    assert elapsed < 1.0 + 3.0, elapsed
+    killed = pids_before - set(math_verifier.pool.pids)
+    assert killed and not _wait_gone(killed)  # the stuck workers are dead and reaped
+    assert math_verifier(r"\boxed{0.25}", r"\frac14") == 1.0  # replacements work
+
+
+# ---------------------------------------------------------------- KillablePool
+
+
+def test_pool_results_errors_timeouts_crashes(pool):
+    results = pool.map(operator.truediv, [(1, 2), (1, 0), (3, 4)], timeout_s=5.0)
+    assert [r.status for r in results] == ["ok", "error", "ok"]
+    assert results[0].value == 0.5 and "ZeroDivisionError" in results[1].message
+
+    start = time.monotonic()
+    results = pool.map(time.sleep, [(30,), (0,)], timeout_s=0.5)
+    assert [r.status for r in results] == ["timeout", "ok"]
+    assert time.monotonic() - start < 3.0
+
+    results = pool.map(os._exit, [(3,)], timeout_s=5.0)
+    assert results[0].status == "error" and "exit code 3" in results[0].message
+    assert [r.value for r in pool.map(operator.add, [(1, 2), (3, 4)], timeout_s=5.0)] == [3, 7]
+
+
+def test_pool_rejects_fork():
+    with pytest.raises(ValueError, match="fork"):
+        KillablePool(start_method="fork")
+
+
+def test_pool_close_leaves_no_processes():
+    p = KillablePool(num_workers=2)
+    assert p.map(operator.mul, [(2, 3)], timeout_s=5.0)[0].value == 6
+    pids = p.pids
+    assert len(pids) == 2
+    p.close()
+    assert not _wait_gone(pids)
+    assert not [c for c in psutil.Process().children(recursive=True) if c.status() == psutil.STATUS_ZOMBIE]
+    assert p.map(operator.mul, [(2, 4)], timeout_s=5.0)[0].value == 8  # usable again after close
+    p.close()
+
+
+def test_workers_stop_at_interpreter_exit():
+    code = (
+        "import operator\n"
+        "from simko.rewards import KillablePool\n"
+        "if __name__ == '__main__':\n"
+        "    p = KillablePool(num_workers=2)\n"
+        "    p.map(operator.add, [(1, 2)], timeout_s=5.0)\n"
+        "    print(*p.pids)\n"  # exits without close()
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2 and not _wait_gone(pids)
+
+
+# ---------------------------------------------------------------- ExactMatchVerifier
+
+
+@pytest.mark.parametrize(
+    "completion, answer, expected",
+    [
+        ("46", "46.0", 1.0),
+        (r"so \boxed{46}", "46", 1.0),
+        ("<answer> 1/2 </answer>", "0.5", 1.0),
+        ("Answer: 1,234.", "1234", 1.0),
+        ("**Answer:** Knight", "knight", 1.0),
+        ("  Alice is a   knight ", "alice is a knight", 1.0),
+        ("0.333", "1/3", 0.0),  # exact comparison, no tolerance
+        ("The answer is 5", "5", 0.0),  # no box, tag or 'answer:': the whole text is compared
+        ("", "5", 0.0),
+        ("5", "", 0.0),
+        ("1" * 200, "1" * 200, 1.0),  # long digit strings compare as strings (no giant Fraction)
+        ("1e3", "1000", 0.0),  # no exponent notation
+    ],
+)
+def test_exact_match(completion, answer, expected):
+    assert ExactMatchVerifier()(completion, answer) == expected
+
+
+def test_exact_match_options_and_errors():
+    assert ExactMatchVerifier(case_sensitive=True)("Knight", "knight") == 0.0
+    assert ExactMatchVerifier(numeric=False)("46", "46.0") == 0.0
+    v = ExactMatchVerifier()
+    assert v.score(["x", None], ["x", "x"]) == [1.0, 0.0]  # a bad item costs itself, not the batch
+    assert (v.num_errors, v.num_timeouts) == (1, 0)
+
+
+# ---------------------------------------------------------------- registry, function verifiers
+
+
+def test_registry_builds_and_errors():
+    assert {"math", "exact"} <= set(VERIFIERS)
+    v = build_verifier("exact", case_sensitive=True)
+    assert isinstance(v, ExactMatchVerifier) and v.case_sensitive and v.name == "exact"
+    with pytest.raises(ValueError, match="registered verifiers: .*exact.*math"):
+        build_verifier("nope")
+    with pytest.raises(ValueError, match="registered twice"):
+        register_verifier("math")(MathVerifier)
+    with pytest.raises(TypeError, match="subclass"):
+        register_verifier("test_not_a_verifier")(dict)
+    with pytest.raises(TypeError, match="module level"):
+        FunctionVerifier(lambda c, a: [1.0] * len(c))
+
+
+def test_registered_class_plugin():
+    @register_verifier("test_always_one")
+    class AlwaysOne(Verifier):
+        def _score(self, completions, answers):
+            return [1.0] * len(completions)
+
+    try:
+        assert build_verifier("test_always_one").score(["a", "b"], ["x", "y"]) == [1.0, 1.0]
+    finally:
+        del VERIFIERS["test_always_one"]
+
+
+def test_function_verifier_isolates_crash_hang_raise():
+    with build_verifier("test_misbehaving", timeout_s=1.0, num_workers=2) as v:
+        assert isinstance(v, FunctionVerifier)
+        pids = v.pool.pids
+        scores = v.score(["a", "x", "b", "y", "z", "c"], ["a", "crash", "raise", "hang", "nan", "c"])
+        assert scores == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+        assert (v.num_errors, v.num_timeouts) == (3, 1)  # crash, raise, nan / hang
+        assert v("q", "q") == 1.0  # the pool recovered
+        pids = v.pool.pids
+    assert not _wait_gone(pids)  # the context manager closed it
+
+
+def test_in_process_function_verifier():
+    v = build_verifier("test_length")
+    assert v.score(["abc", "ab"], ["3", "3"]) == [1.0, 0.0]
+    assert v.score(["abc", "ab"], ["3", "not a number"]) == [0.0, 0.0]  # the function raised: batch scores 0.0
+    assert v.num_errors == 2
+
+
+def test_score_batch_mixes_verifiers_and_keeps_order(math_verifier):
+    completions = [r"\boxed{\frac12}", "46.0", "abc", r"\boxed{3}", "x", "abcd"]
+    answers = ["0.5", "46", "3", "4", "y", "4"]
+    names = ["math", "exact", "test_length", "math", "exact", "test_length"]
+    scores = score_batch(completions, answers, names, verifiers={"math": math_verifier})
+    assert scores == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    assert score_batch(["7", "8"], ["7", "7"], "exact") == [1.0, 0.0]
+    with pytest.raises(ValueError, match="unknown verifier"):
+        score_batch(["a"], ["a"], ["nope"])
+    with pytest.raises(ValueError):
+        score_batch(["a"], ["a", "b"], ["exact"])
