@@ -24,10 +24,12 @@ from simko.rewards.registry import (
     VERIFIERS,
     build_verifier,
     close_shared_verifiers,
+    failure_counts,
     register_verifier,
     score_batch,
     shared_verifier,
 )
+from simko.rewards import logic  # noqa: E402,F401 - registers countdown, knights_knaves, mini_sudoku
 
 __all__ = [
     "Verifier",
@@ -38,6 +40,7 @@ __all__ = [
     "TaskResult",
     "extract_boxed",
     "extract_final_answer",
+    "failure_counts",
     "VERIFIERS",
     "register_verifier",
     "build_verifier",

@@ -112,3 +112,9 @@ def close_shared_verifiers() -> None:
     for verifier in _SHARED.values():
         verifier.close()
     _SHARED.clear()
+
+
+def failure_counts(verifiers: Mapping[str, Verifier] | None = None) -> dict[str, int]:
+    """Total timeouts and errors so far of the given verifiers and of the shared ones (for logging)."""
+    seen = {id(v): v for v in [*(verifiers or {}).values(), *_SHARED.values()]}.values()
+    return {"timeouts": sum(v.num_timeouts for v in seen), "errors": sum(v.num_errors for v in seen)}
