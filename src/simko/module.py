@@ -28,7 +28,7 @@ from torch import Tensor
 from simko.diagnostics import concentration_metrics
 from simko.losses import PolicyLoss, TokenStats, aggregation_weight  # noqa: F401
 from simko.metrics import PassAtK, default_ks
-from simko.rollout import Rollouts, generate_rollouts, step_seed
+from simko.rollout import Rollouts, generate_rollouts, rollout_token_stats, step_seed
 
 
 class RLVRModule(LightningModule):
@@ -46,8 +46,10 @@ class RLVRModule(LightningModule):
         micro_batch_size: rows per forward/backward (gradient accumulation inside a mini-batch).
         grad_clip: max global grad norm (0 disables clipping; the norm is logged either way).
         stats_chunk_size: sequence chunk of the token statistics (memory ~ rows x chunk x vocab).
-        verifier: a scorer ``f(completions, answers, verifier_names) -> list[float]``; default
-            :func:`simko.rewards.score_batch` with its built-in verifiers.
+        verifiers: verifier instances by name (``configs/train.yaml: module.verifiers``, e.g. a MathVerifier with
+            its timeout); an example's ``verifier`` name not listed here gets the registry's default instance.
+        verifier: replaces the whole scorer ``f(completions, answers, verifier_names) -> list[float]``
+            (default: :func:`simko.rewards.score_batch` over ``verifiers``).
         val_samples, val_temperature, val_top_p: validation sampling (n completions per held-out prompt).
         seed: base of the per-step sampling seeds.
         scheduler: optional partial ``torch.optim.lr_scheduler`` constructor (stepped per optimizer step).
@@ -71,6 +73,7 @@ class RLVRModule(LightningModule):
         micro_batch_size: int = 16,
         grad_clip: float = 1.0,
         stats_chunk_size: int = 256,
+        verifiers: dict[str, Any] | None = None,
         verifier: Callable[[list[str], list[str], list[str]], list[float]] | None = None,
         val_samples: int = 1,
         val_temperature: float = 0.6,
@@ -110,6 +113,7 @@ class RLVRModule(LightningModule):
         vocab = policy.get_output_embeddings().weight.shape[0]
         self.diagnostics_top_k = min(diagnostics_top_k, vocab)
         self.diagnostics_tau = diagnostics_tau
+        self.verifiers = dict(verifiers or {})
         self._verifier = verifier
         # The frozen reference exists only when the loss needs it (a KL term) and is never registered as a
         # submodule: it is not trained, not sharded and not written into checkpoints.
@@ -156,13 +160,17 @@ class RLVRModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.rl_step = checkpoint.get("rl_step", 0)
 
-    @property
-    def verifier(self):
-        if self._verifier is None:
-            from simko.rewards import score_batch
+    def score(self, completions: list[str], answers: list[str], names: list[str]) -> list[float]:
+        if self._verifier is not None:
+            return self._verifier(completions, answers, names)
+        from simko.rewards import score_batch
 
-            self._verifier = score_batch
-        return self._verifier
+        return score_batch(completions, answers, names, verifiers=self.verifiers)
+
+    def verifier_failures(self) -> dict[str, float]:
+        from simko.rewards import failure_counts
+
+        return {f"verifier/{k}": float(v) for k, v in failure_counts(self.verifiers).items()}
 
     # ------------------------------------------------------------------ rollouts
     def _sharded(self) -> bool:
@@ -185,26 +193,15 @@ class RLVRModule(LightningModule):
         t1 = time.perf_counter()
         answers = [ex["answer"] for ex in examples for _ in range(group_size)]
         names = [ex["verifier"] for ex in examples for _ in range(group_size)]
-        rewards = torch.tensor(self.verifier(rollouts.completions, answers, names), dtype=torch.float32,
+        rewards = torch.tensor(self.score(rollouts.completions, answers, names), dtype=torch.float32,
                                device=self.device)
         t2 = time.perf_counter()
         return rollouts, rewards, {"time/generate": t1 - t0, "time/score": t2 - t1}
 
     # ------------------------------------------------------------------ token statistics
     def token_stats(self, model: torch.nn.Module, rows: dict[str, Tensor], top_k: int) -> TokenStats:
-        """TokenStats of the response tokens of ``rows`` (see :meth:`Rollouts.rows`) under ``model``."""
-        attn = rows["attention_mask"]
-        position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
-        # logits_to_keep=1: the model computes logits for one position only; the LM head is applied by
-        # TokenStats.from_hidden in chunks.
-        out = model(input_ids=rows["input_ids"], attention_mask=attn, position_ids=position_ids,
-                    output_hidden_states=True, use_cache=False, logits_to_keep=1)
-        p = rows["prompt_len"]
-        hidden = out.hidden_states[-1][:, p - 1 : -1]
-        return TokenStats.from_hidden(
-            hidden, model.get_output_embeddings(), rows["response_tokens"], rows["response_mask"],
-            top_k=top_k, temperature=self.sampling["temperature"], chunk_size=self.stats_chunk_size,
-        )
+        """TokenStats of the response tokens of ``rows`` under ``model`` at the rollout temperature."""
+        return rollout_token_stats(model, rows, top_k, self.sampling["temperature"], self.stats_chunk_size)
 
     @torch.no_grad()
     def _logprobs(self, model: torch.nn.Module, rollouts: Rollouts) -> Tensor:
@@ -310,11 +307,12 @@ class RLVRModule(LightningModule):
             "rl_step": float(self.rl_step),
             **metrics,
             **timings,
+            **self.verifier_failures(),
         }
         for key, value in log.items():
             # Counts are summed over ranks, everything else averaged.
-            reduce = "sum" if key in ("solved_all", "solved_none") else "mean"
-            name = key if key.startswith(("train/", "time/", "diag/")) else f"train/{key}"
+            reduce = "sum" if key in ("solved_all", "solved_none") or key.startswith("verifier/") else "mean"
+            name = key if key.startswith(("train/", "time/", "diag/", "verifier/")) else f"train/{key}"
             self.log(name, float(value), on_step=True, on_epoch=False, sync_dist=True, reduce_fx=reduce,
                      prog_bar=key in ("reward",), batch_size=rollouts.num_rows)
 

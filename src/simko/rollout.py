@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from simko.losses.stats import TokenStats
+
 
 @dataclass
 class Rollouts:
@@ -152,3 +154,21 @@ def generate_rollouts(
         group_size=group_size,
         completions=completions,
     )
+
+
+def rollout_token_stats(model, rows: dict[str, Tensor], top_k: int, temperature: float,
+                        chunk_size: int = 256) -> TokenStats:
+    """TokenStats of the response tokens of ``rows`` (see :meth:`Rollouts.rows`) under ``model``.
+
+    ``logits_to_keep=1``: the model computes logits for one position only; the LM head is applied by
+    :meth:`TokenStats.from_hidden` in chunks, so no [B, T, V] logits are kept for backward.
+    """
+    attn = rows["attention_mask"]
+    position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=rows["input_ids"], attention_mask=attn, position_ids=position_ids,
+                output_hidden_states=True, use_cache=False, logits_to_keep=1)
+    p = rows["prompt_len"]
+    hidden = out.hidden_states[-1][:, p - 1 : -1]
+    return TokenStats.from_hidden(hidden, model.get_output_embeddings(), rows["response_tokens"],
+                                  rows["response_mask"], top_k=top_k, temperature=temperature,
+                                  chunk_size=chunk_size)

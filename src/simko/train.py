@@ -10,17 +10,31 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import warnings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
+from hydra.errors import InstantiationException  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from simko.config import check_config_dir  # noqa: E402
 
 log = logging.getLogger(__name__)
+# One RL step = several manual optimizer steps; checkpoints are taken after the step, which is what we want.
+warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+
+# Errors a bad config or bad input raises while the run is being built: reported as one message, no traceback.
+CONFIG_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, InstantiationException)
+
+
+def exit_with_config_error(err: BaseException) -> None:
+    message = str(err).strip() or type(err).__name__
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def build(cfg: DictConfig):
@@ -40,7 +54,10 @@ def build(cfg: DictConfig):
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    module, datamodule, trainer = build(cfg)
+    try:
+        module, datamodule, trainer = build(cfg)
+    except CONFIG_ERRORS as err:
+        exit_with_config_error(err)
     if trainer.is_global_zero:
         log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

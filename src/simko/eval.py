@@ -1,0 +1,150 @@
+"""Evaluate a checkpoint or a base model: pass@k from n samples per problem.
+
+    python -m simko.eval ckpt_path=logs/train/runs/.../checkpoints/last.ckpt data=arithmetic eval.n=64
+    python -m simko.eval model=smollm2-135m data=gsm8k eval.n=16 eval.limit=50 eval.max_new_tokens=512
+
+For every problem of the data config's held-out set (``val_source``) it samples ``eval.n`` completions (the paper's
+protocol by default: temperature 0.6, top-p 0.95), scores them with the examples' verifiers in the killable
+process pool, and writes into the run folder:
+
+- ``pass_at_k.json``  mean unbiased pass@k for ``eval.ks`` (default 1, 2, 4, ..., n), mean@n, maj@n, diagnostics
+- ``per_problem.csv`` problem id, c (correct), n, the extracted answers
+- ``pass_at_k.png``   the pass@k curve on a log-k axis
+
+It also records the probability-concentration diagnostics (mean p(rank k) of the model on its own samples).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: E402
+
+from simko.config import check_config_dir  # noqa: E402
+from simko.diagnostics import concentration_metrics  # noqa: E402
+from simko.metrics import PassAtK, default_ks, majority_at_n  # noqa: E402
+from simko.rewards import extract_final_answer, score_batch  # noqa: E402
+from simko.rollout import generate_rollouts, rollout_token_stats, step_seed  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def load_checkpoint_into(policy: torch.nn.Module, ckpt_path: str) -> None:
+    """Load the policy weights of a Lightning checkpoint written by ``simko.train``."""
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (ckpt_path=...)")
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a directory (a distributed checkpoint); train with "
+                         "trainer.strategy.save_distributed_checkpoint=false or consolidate it first")
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    policy_state = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+    if not policy_state:
+        raise ValueError(f"checkpoint {path} holds no 'policy.*' weights: not written by simko.train?")
+    missing, unexpected = policy.load_state_dict(policy_state, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+@torch.no_grad()
+def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
+    torch.manual_seed(cfg.seed)
+    policy, tokenizer = instantiate(cfg.model)
+    if cfg.get("ckpt_path"):
+        load_checkpoint_into(policy, cfg.ckpt_path)
+    policy.eval()
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    problems = datamodule.val_examples()
+    if cfg.eval.limit:
+        problems = problems[: int(cfg.eval.limit)]
+    if not problems:
+        raise ValueError(f"data config {cfg.data._target_} has no held-out problems (val_source) to evaluate")
+    n = int(cfg.eval.n)
+    ks = sorted(int(k) for k in cfg.eval.ks) if cfg.eval.ks else default_ks(n)
+    metric = PassAtK(ks=ks)
+    verifiers = instantiate(cfg.eval.verifiers) if cfg.eval.get("verifiers") else None
+    diag_k = min(int(cfg.eval.diagnostics_top_k), policy.get_output_embeddings().weight.shape[0])
+    diag_sum: dict[str, float] = defaultdict(float)
+    rows_out, answers_all, correct_all = [], [], []
+    batch = max(1, int(cfg.eval.prompts_per_batch))
+
+    progress = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("ETA"), TimeRemainingColumn())
+    with progress:
+        task = progress.add_task("eval", total=len(problems))
+        for start in range(0, len(problems), batch):
+            chunk = problems[start : start + batch]
+            rollouts = generate_rollouts(
+                policy, tokenizer, [ex["prompt"] for ex in chunk], group_size=n,
+                max_new_tokens=int(cfg.eval.max_new_tokens), temperature=float(cfg.eval.temperature),
+                top_p=float(cfg.eval.top_p), seed=step_seed(cfg.seed, start, 0),
+            )
+            answers = [ex["answer"] for ex in chunk for _ in range(n)]
+            names = [ex["verifier"] for ex in chunk for _ in range(n)]
+            scores = torch.tensor(score_batch(rollouts.completions, answers, names, verifiers=verifiers))
+            correct = (scores >= 1.0).view(len(chunk), n)
+            metric.update(correct)
+            if diag_k:
+                for idx in torch.arange(rollouts.num_rows).split(int(cfg.eval.micro_batch_size)):
+                    stats = rollout_token_stats(policy, rollouts.rows(idx), diag_k, float(cfg.eval.temperature))
+                    for key, value in concentration_metrics(stats, float(cfg.eval.diagnostics_tau)).items():
+                        diag_sum[key] += value * len(idx)
+            for i, ex in enumerate(chunk):
+                extracted = [extract_final_answer(c) for c in rollouts.completions[i * n : (i + 1) * n]]
+                answers_all.append(extracted)
+                correct_all.append(correct[i].tolist())
+                rows_out.append({"id": ex.get("id", start + i), "c": int(correct[i].sum()), "n": n,
+                                 "answer": ex["answer"], "extracted": json.dumps(extracted, ensure_ascii=False)})
+            progress.advance(task, len(chunk))
+
+    result = metric.compute()
+    num_samples = len(problems) * n
+    summary = {
+        "pass_at_k": {str(k): result[k] for k in ks},
+        "mean@n": result["mean@n"],
+        "maj@n": majority_at_n(answers_all, correct_all),
+        "n": n,
+        "num_problems": len(problems),
+        "diagnostics": {k: v / num_samples for k, v in diag_sum.items()},
+        "config": {"model": OmegaConf.to_container(cfg.model), "ckpt_path": cfg.get("ckpt_path"),
+                   "data": cfg.data._target_, "eval": OmegaConf.to_container(cfg.eval)},
+    }
+    write_outputs(summary, rows_out, out_dir)
+    return summary
+
+
+def write_outputs(summary: dict, rows: list[dict], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "pass_at_k.json").write_text(json.dumps(summary, indent=2, default=str))
+    with open(out_dir / "per_problem.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "c", "n", "answer", "extracted"])
+        writer.writeheader()
+        writer.writerows(rows)
+    from simko.plot import plot_pass_at_k
+
+    plot_pass_at_k({out_dir.name: summary}, out_dir / "pass_at_k.png")
+
+
+@hydra.main(config_path=check_config_dir(), config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    out_dir = Path(cfg.paths.output_dir)
+    summary = evaluate(cfg, out_dir)
+    table = "  ".join(f"pass@{k}={v:.3f}" for k, v in summary["pass_at_k"].items())
+    log.info("%d problems x n=%d: %s  maj@n=%.3f", summary["num_problems"], summary["n"], table, summary["maj@n"])
+    log.info("wrote %s", out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+"""Test-wide settings: offline, the shared data root, quiet tokenizers."""
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("SIMKO_DATA_DIR", str((REPO_ROOT.parent / "shared" / "data").resolve()))

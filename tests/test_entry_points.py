@@ -1,0 +1,159 @@
+"""Integration: the real entry points (`python -m simko.train`, `simko.eval`, `simko.plot`) on a small tiny model.
+
+Each run is a subprocess, as a user would start it. The tiny model here is smaller than the default (2 layers,
+width 64) and warm-started for a few steps only, into a per-session cache, so the whole file stays in minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2",
+              "model.intermediate_size=128", "model.warm_start_steps=40", "model.eval_problems=32"]
+
+
+def run(module: str, *overrides: str, cwd: Path = REPO, check: bool = True, timeout: int = 600):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(overrides)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def train_args(cache_dir, tmp_path):
+    def args(run_dir: str, *extra: str) -> list[str]:
+        return ["debug=fast", f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path}",
+                f"hydra.run.dir={tmp_path / run_dir}", "callbacks.progress=null", *SMALL_TINY, *extra]
+
+    return args
+
+
+def metrics(run_dir: Path) -> pd.DataFrame:
+    frame = pd.read_csv(run_dir / "csv" / "metrics.csv")
+    return frame[frame["train/reward"].notna()].set_index("train/rl_step")
+
+
+def test_train_grpo_writes_metrics_and_checkpoints(train_args, tmp_path):
+    run("simko.train", *train_args("grpo", "loss=grpo", "rl_steps=3"))
+    frame = metrics(tmp_path / "grpo")
+    assert list(frame.index) == [1.0, 2.0, 3.0]
+    for col in ("train/reward", "train/policy_loss", "train/clip_frac", "train/approx_kl", "train/grad_norm",
+                "train/entropy", "train/response_len", "train/solved_all", "train/solved_none",
+                "time/generate", "time/score", "time/update", "diag/p_rank1", "diag/p_rank2"):
+        assert col in frame and frame[col].notna().all(), col
+    assert ((frame["train/reward"] >= 0) & (frame["train/reward"] <= 1)).all()
+    ckpts = sorted(p.name for p in (tmp_path / "grpo" / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["last.ckpt", "step000001.ckpt", "step000002.ckpt", "step000003.ckpt"]
+    val = pd.read_csv(tmp_path / "grpo" / "csv" / "metrics.csv")
+    assert val["val/pass@1"].notna().any() and val["val/pass@2"].notna().any()
+
+
+def test_resume_continues_exactly(train_args, tmp_path):
+    """Resume from step 2 of 4: steps 3-4 and the final weights equal the uninterrupted run's."""
+    run("simko.train", *train_args("full", "rl_steps=4"))
+    run("simko.train", *train_args("first", "rl_steps=2"))
+    ckpt = tmp_path / "first" / "checkpoints" / "step000002.ckpt"
+    run("simko.train", *train_args("resumed", "rl_steps=4", f"ckpt_path={ckpt}"))
+    full, resumed = metrics(tmp_path / "full"), metrics(tmp_path / "resumed")
+    assert list(resumed.index) == [3.0, 4.0]
+    cols = ["train/reward", "train/loss", "train/grad_norm", "train/response_len"]
+    pd.testing.assert_frame_equal(full.loc[[3.0, 4.0], cols], resumed[cols], rtol=1e-5)
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 4 and b["rl_step"] == 4
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=1e-5, atol=1e-6)
+    assert not any(k.startswith("_reference") for k in b["state_dict"])
+
+
+@pytest.mark.parametrize("trainer", ["ddp", "fsdp2"])
+def test_train_two_cpu_processes(train_args, tmp_path, trainer):
+    run("simko.train", *train_args(trainer, f"trainer={trainer}", "rl_steps=2", "loss=simko"))
+    frame = metrics(tmp_path / trainer)
+    assert list(frame.index) == [1.0, 2.0]
+    assert (tmp_path / trainer / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_every_loss_runs_in_one_multirun(train_args, tmp_path):
+    losses = ["grpo", "dr_grpo", "dapo", "simko", "simko_pos_only", "simko_neg_only", "entropy_bonus", "psr",
+              "nsr", "w_reinforce", "passk", "kl_cov", "clip_cov"]
+    args = [a for a in train_args("unused", "rl_steps=2") if not a.startswith("hydra.run.dir")]
+    run("simko.train", "-m", f"loss={','.join(losses)}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "hydra.sweep.subdir=${hydra.job.num}", "callbacks.model_checkpoint=null", *args)
+    for i, name in enumerate(losses):
+        frame = metrics(tmp_path / "sweep" / str(i))
+        assert list(frame.index) == [1.0, 2.0], name
+        assert frame["train/loss"].notna().all(), name
+
+
+def test_kl_reference_run(train_args, tmp_path):
+    run("simko.train", *train_args("kl", "loss=grpo", "loss.kl_coef=0.05", "rl_steps=2"))
+    assert metrics(tmp_path / "kl")["train/kl_ref"].notna().all()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["loss.name=bogus"], "unknown loss 'bogus'"),
+        (["loss=bogus"], "Could not find 'loss/bogus'"),
+        (["rollout.group_size=1"], "group_size must be >= 2"),
+        (["model=hf", "model.name_or_path=/no/such/model"], "/no/such/model"),
+        (["loss=simko", "loss.tau=1.0"], "tau"),
+    ],
+)
+def test_bad_config_fails_at_start_with_a_clear_message(train_args, overrides, message):
+    args = train_args("bad", *overrides)
+    if "model=hf" in overrides:  # the tiny model's knobs do not exist there
+        args = [a for a in args if a not in SMALL_TINY]
+    proc = run("simko.train", *args, check=False, timeout=300)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr  # one readable message, not a stack trace
+
+
+def test_missing_answer_field_names_file_and_row(train_args, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1", "answer": "2"}\n{"question": "2+2"}\n')
+    proc = run("simko.train", *train_args("badrow", "data=jsonl", f"data.train_source.path={bad}",
+                                          "data.train_source.verifier=exact", "data.val_source=null"),
+               check=False, timeout=300)
+    assert proc.returncode != 0
+    assert str(bad) in proc.stderr and "row 1" in proc.stderr and "answer" in proc.stderr
+
+
+def test_eval_writes_table_csv_and_plot(train_args, tmp_path, cache_dir):
+    run("simko.train", *train_args("tr", "rl_steps=1"))
+    ckpt = tmp_path / "tr" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "ev"
+    run("simko.eval", f"ckpt_path={ckpt}", "eval.n=8", "eval.limit=8", f"paths.cache_dir={cache_dir}",
+        f"paths.log_dir={tmp_path}", f"hydra.run.dir={out}", *SMALL_TINY)
+    summary = json.loads((out / "pass_at_k.json").read_text())
+    assert list(summary["pass_at_k"]) == ["1", "2", "4", "8"]
+    values = list(summary["pass_at_k"].values())
+    assert all(0 <= v <= 1 for v in values) and values == sorted(values)
+    per_problem = pd.read_csv(out / "per_problem.csv")
+    assert len(per_problem) == 8 and (per_problem["n"] == 8).all()
+    assert (out / "pass_at_k.png").stat().st_size > 1000
+    assert "p_rank1" in summary["diagnostics"]
+    plot = tmp_path / "cmp.png"
+    proc = run("simko.plot", f"runs=[{out},{tmp_path / 'tr'}]", f"out={plot}")
+    assert plot.stat().st_size > 1000, proc.stdout
