@@ -87,3 +87,11 @@ def test_reference_built_only_for_kl_and_not_in_state_dict():
     assert kl._reference is not None
     assert not any(p.requires_grad for p in kl._reference.parameters())
     assert all(k.startswith("policy.") for k in kl.state_dict())
+
+
+def test_sampling_ignores_generation_config_top_k():
+    """Samples come from softmax(logits / T) itself, not from a top-k filter in the model's generation_config."""
+    tok, model = digit_tokenizer(), random_qwen2()
+    model.generation_config.top_k = 1  # would make sampling greedy if it leaked in
+    r = generate_rollouts(model, tok, ["12+3="], group_size=16, max_new_tokens=4, seed=0)
+    assert len(set(r.completions)) > 1

@@ -90,7 +90,7 @@ def generate_rollouts(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    top_k: int | None = None,
+    top_k: int = 0,
     do_sample: bool = True,
     seed: int = 0,
     max_prompt_tokens: int | None = None,
@@ -98,6 +98,8 @@ def generate_rollouts(
 ) -> Rollouts:
     """Sample ``group_size`` responses for each prompt in one batched ``generate`` call.
 
+    ``top_k=0`` disables top-k filtering explicitly: otherwise ``generate`` falls back to the model's
+    ``generation_config`` (often top_k=50), and the samples would not come from the distribution the loss scores.
     ``synced_gpus`` must be True under sharded data parallelism (FSDP): every rank then keeps stepping until all
     ranks are done, so the parameter all-gathers stay in lockstep.
     """
