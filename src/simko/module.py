@@ -130,8 +130,10 @@ class RLVRModule(LightningModule):
         """FSDP2 (ModelParallelStrategy): shard every transformer block, then the whole policy as the root."""
         if self.device_mesh is None:
             return
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
+        if isinstance(self.policy, FSDPModule):  # already sharded (validate() ran before fit())
+            return
         mesh = self.device_mesh["data_parallel"]
         block_names = set(getattr(self.policy, "_no_split_modules", None) or [])
         blocks = [m for m in self.policy.modules() if type(m).__name__ in block_names]

@@ -60,6 +60,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         exit_with_config_error(err)
     if trainer.is_global_zero:
         log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+    if cfg.get("validate_first") and not cfg.get("ckpt_path"):
+        trainer.validate(module, datamodule=datamodule)  # the starting point of the val/* curves (step 0)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
