@@ -95,3 +95,18 @@ def test_sampling_ignores_generation_config_top_k():
     model.generation_config.top_k = 1  # would make sampling greedy if it leaked in
     r = generate_rollouts(model, tok, ["12+3="], group_size=16, max_new_tokens=4, seed=0)
     assert len(set(r.completions)) > 1
+
+
+def test_shared_prompt_cache_samples_what_the_plain_path_samples(monkeypatch):
+    """Prefilling each prompt once and repeating its KV cache G times does not change the samples."""
+    import simko.rollout as rollout
+
+    tok, model = digit_tokenizer(), random_qwen2(seed=2)
+    prompts = ["12+3=", "5+5=", "71+40="]  # different lengths: left padding inside the shared cache
+    assert rollout._shared_prompt_cache(model, *tok(prompts, return_tensors="pt", padding=True,
+                                                     padding_side="left").values(), 4, 6) is not None
+    cached = [generate_rollouts(model, tok, prompts, group_size=4, max_new_tokens=6, seed=s) for s in range(3)]
+    monkeypatch.setattr(rollout, "_shared_prompt_cache", lambda *a, **k: None)
+    plain = [generate_rollouts(model, tok, prompts, group_size=4, max_new_tokens=6, seed=s) for s in range(3)]
+    for a, b in zip(cached, plain):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.response_mask, b.response_mask)

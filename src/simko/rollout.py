@@ -2,6 +2,8 @@
 
 Generation is the dominant cost of an RLVR step (trl #2610): all G x prompts of a rank are decoded in ONE
 batched ``generate`` call with the KV cache, and the response block is trimmed to the longest real response.
+The G rows of a group share their prompt, so the prompt is prefilled once per prompt (not once per row) and its
+KV cache is repeated G times before decoding starts (see ``_shared_prompt_cache``).
 Sampling is seeded per (seed, step, rank) inside a forked RNG, so a resumed run samples exactly what the
 uninterrupted run would have, without storing RNG state in checkpoints.
 """
@@ -121,12 +123,17 @@ def generate_rollouts(
     eos = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
 
+    # Prefill each distinct prompt once (no RNG is drawn) and share its KV cache with the G rows of its group.
+    cache = _shared_prompt_cache(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), group_size,
+                                 max_new_tokens)
+    extra = {} if cache is None else {"past_key_values": cache}
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
+            **extra,
             do_sample=do_sample,
             temperature=temperature if do_sample else None,
             top_p=top_p if do_sample else None,
@@ -156,6 +163,37 @@ def generate_rollouts(
         group_size=group_size,
         completions=completions,
     )
+
+
+def _shared_prompt_cache(model, prompt_ids: Tensor, prompt_mask: Tensor, group_size: int, max_new_tokens: int):
+    """KV cache of ``prompt_ids[:, :-1]`` computed once per prompt, repeated ``group_size`` times along the batch.
+
+    ``generate`` then only runs the last prompt token (and the new tokens) for all ``P * G`` rows: the prefill costs
+    P rows instead of P * G. The cached keys/values are those ``generate``'s own prefill computes for every row of
+    the group (same tokens, mask and positions; causal attention: prompt positions never see the response), up to
+    float rounding, so the sampling distribution is unchanged (with the same seed, the tiny model and SmolLM2-135M
+    sampled token-for-token the same rollouts as without it). Returns None where the plain path is kept: G = 1,
+    one-token prompts, no new tokens, a ``generation_config.cache_implementation`` (static, offloaded, ...), or a
+    model whose cache is not a plain ``DynamicCache`` of full-attention layers (then one prefill of P rows is lost).
+    """
+    from transformers import DynamicCache
+
+    if group_size < 2 or prompt_ids.shape[1] < 2 or max_new_tokens < 1:
+        return None
+    gen_cfg = getattr(model, "generation_config", None)
+    if getattr(gen_cfg, "cache_implementation", None) is not None:
+        return None
+    ids, mask = prompt_ids[:, :-1], prompt_mask[:, :-1]
+    # Positions as generate computes them from the attention mask (left padding: pads get position 0).
+    position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "past_key_values", None)
+    if type(cache) is not DynamicCache or cache.get_seq_length() != ids.shape[1]:
+        return None
+    if any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", [None])):
+        return None  # sliding-window or other special layers: keep generate's own cache handling
+    cache.batch_repeat_interleave(group_size)
+    return cache
 
 
 def rollout_token_stats(model, rows: dict[str, Tensor], top_k: int, temperature: float,
