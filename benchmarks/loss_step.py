@@ -369,7 +369,7 @@ def parse_args(argv=None):
     p.add_argument("--memory-repeats", type=int, default=1, help="profiled steps per loss for the peak (run first)")
     p.add_argument("--head-repeats", type=int, default=0,
                    help="also time the LM head + loss stage alone (SimKO's extra cost), N times per loss; 0: off")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: see the note above)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="SmolLM2 rollout length")
     p.add_argument("--chunk-size", type=int, default=256, help="TokenStats chunk (module.stats_chunk_size)")
     p.add_argument("--micro-batch-size", type=int, default=64, help="rows per forward/backward (as train.yaml)")

@@ -48,13 +48,18 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=256, help="held-out problems evaluated")
     parser.add_argument("--out", default=str(REPO / "logs" / "reproduce"))
     parser.add_argument("--smoke", action="store_true", help="1 RL step per run, n=4, 8 problems")
-    parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every train run")
+    parser.add_argument("--extra", nargs="*", default=[],
+                        help="more Hydra overrides for every train and eval run (model.*, paths.*, ...)")
+    parser.add_argument("--runs-only", action="store_true",
+                        help="train + evaluate the (loss, seed) runs only: no base evaluation, no report (to split "
+                             "the grid over several processes; a final call without it reuses every finished run)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     n, problems = (4, 8) if args.smoke else (args.n, args.problems)
-    train_extra = (["rl_steps=1", "trainer.val_check_interval=1", "trainer.limit_val_batches=1"]
+    train_extra = (["rl_steps=1", "trainer.val_check_interval=1", "+trainer.limit_val_batches=1",
+                    "data.val_prompts=8"]
                    if args.smoke else []) + list(args.extra)
-    eval_common = ["experiment=toy_eval", f"eval.n={n}", f"eval.limit={problems}"]
+    eval_common = ["experiment=toy_eval", f"eval.n={n}", f"eval.limit={problems}", *args.extra]
     start = time.perf_counter()
 
     runs: dict[str, dict[int, Path]] = {}
@@ -69,6 +74,9 @@ def main() -> None:
                 run("simko.eval", *eval_common, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
                     f"seed={seed}", f"hydra.run.dir={eval_dir}")
             runs.setdefault(loss, {})[seed] = run_dir
+    if args.runs_only:
+        print(f"runs done in {(time.perf_counter() - start) / 60:.1f} min")
+        return
     base_dirs = []
     for seed in args.seeds:  # the base model, sampled with the same per-seed sampling streams
         eval_dir = out / "eval" / f"base_seed{seed}"

@@ -157,3 +157,19 @@ def test_eval_writes_table_csv_and_plot(train_args, tmp_path, cache_dir):
     plot = tmp_path / "cmp.png"
     proc = run("simko.plot", f"runs=[{out},{tmp_path / 'tr'}]", f"out={plot}")
     assert plot.stat().st_size > 1000, proc.stdout
+
+
+def test_reproduce_script_smoke(cache_dir, tmp_path):
+    """scripts/reproduce.py --smoke end to end (1 RL step per run): trains, evaluates, writes table + figure."""
+    out = tmp_path / "reproduce"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "scripts/reproduce.py", "--smoke", "--losses", "grpo", "--seeds", "0", "1",
+                           "--out", str(out), "--extra", f"paths.cache_dir={cache_dir}", *SMALL_TINY],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    table = (out / "results.md").read_text()
+    assert "| base |" in table and "| grpo |" in table and "±" in table
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["base"]) == len(results["grpo"]) == 2
+    assert all(0.0 <= s["pass_at_k"]["1"] <= s["pass_at_k"]["4"] <= 1.0 for s in results["grpo"])
+    assert (out / "pass_at_k.png").stat().st_size > 0

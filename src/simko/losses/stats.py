@@ -134,13 +134,16 @@ def _token_stats(logits: Tensor, tokens: Tensor, top_k: int, temperature: float)
     if temperature != 1.0:
         logits = logits / temperature
     logp = torch.log_softmax(logits, dim=-1)
-    logprobs = logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1)
+    ids = tokens.long().unsqueeze(-1)
     if top_k > 0:
-        # Gather K columns from the one log-softmax (the official code copies the logits K times).
+        # Top-K ids from the logits (no copy), then ONE gather of the sampled token and the K columns from the one
+        # log-softmax: its backward scatters into a single [B, T, V] buffer (two gathers would allocate and add
+        # two; the official code even copies the logits K times).
         topk_ids = logits.detach().topk(top_k, dim=-1).indices
-        topk_lp = logp.gather(-1, topk_ids)
+        ids = torch.cat([ids, topk_ids], dim=-1)
     else:
         topk_ids = logits.new_zeros((*tokens.shape, 0), dtype=torch.long)
-        topk_lp = logits.new_zeros((*tokens.shape, 0))
+    picked = logp.gather(-1, ids)
+    logprobs, topk_lp = picked[..., 0], picked[..., 1:]
     return logprobs, entropy, topk_lp, topk_ids
