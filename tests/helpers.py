@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 CHARS = list("0123456789+=")
+# The shared offline data root (conftest.py sets SIMKO_DATA_DIR to ../shared/data unless it is set).
+DATA_DIR = Path(os.environ["SIMKO_DATA_DIR"])
+
+
+def shared_file(relative: str) -> Path:
+    """A file under the shared data root; the calling test skips (naming the path) when it is absent."""
+    path = DATA_DIR / relative
+    if not path.is_file():
+        pytest.skip(f"shared data file {path} not present (set SIMKO_DATA_DIR to the data root)")
+    return path
 
 
 def digit_tokenizer() -> PreTrainedTokenizerFast:

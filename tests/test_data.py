@@ -19,22 +19,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from simko.data import ArithmeticSource, LocalFileSource, PromptDataModule, render_prompt  # noqa: E402
 from simko.data.sources import get_path, gsm8k_final_answer, last_boxed_content, strip_instruction  # noqa: E402
 
+from helpers import DATA_DIR, shared_file  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("SIMKO_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
 SIMKO_BOXED_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
-
-
-def shared_file(relative: str) -> Path:
-    path = DATA_DIR / relative
-    if not path.is_file():
-        pytest.skip(f"shared data file {path} not present (set SIMKO_DATA_DIR to the data root)")
-    return path
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    # One datasets cache for the module, never ~/.cache.
-    return tmp_path_factory.mktemp("hf_datasets_cache")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -65,8 +53,8 @@ CHAT_TEMPLATE = (
 # --- file sources ----------------------------------------------------------------------------------
 
 
-def test_verl_parquet_files_read_as_they_are(cache_dir):
-    level1 = LocalFileSource(shared_file("simko-official/gsm8k_level1/train.parquet"), preset="verl", cache_dir=cache_dir)
+def test_verl_parquet_files_read_as_they_are(datasets_cache):
+    level1 = LocalFileSource(shared_file("simko-official/gsm8k_level1/train.parquet"), preset="verl", cache_dir=datasets_cache)
     assert len(level1) == 8388
     first = level1[0]
     assert first["answer"] == "180"  # ground_truth is a plain string here
@@ -74,19 +62,19 @@ def test_verl_parquet_files_read_as_they_are(cache_dir):
     assert first["verifier"] == "math"
     assert set(first) == {"id", "question", "answer", "verifier"}
 
-    math500 = LocalFileSource(shared_file("simko-official/gsm8k_level1/test.parquet"), preset="verl", cache_dir=cache_dir)
+    math500 = LocalFileSource(shared_file("simko-official/gsm8k_level1/test.parquet"), preset="verl", cache_dir=datasets_cache)
     assert len(math500) == 500
     assert math500[0]["answer"] == "17"
     # The SimpleRL "Question: ... Answer: Let's think step by step." wrapper is stripped.
     assert math500[0]["question"].startswith("Let $a,$ $b,$ $c$")
     assert not any(e["question"].startswith("Question:") or "step by step" in e["question"] for e in math500.examples)
 
-    amc = LocalFileSource(shared_file("simko-official/amc23/test.parquet"), preset="verl", cache_dir=cache_dir)
+    amc = LocalFileSource(shared_file("simko-official/amc23/test.parquet"), preset="verl", cache_dir=datasets_cache)
     assert (len(amc), amc[0]["answer"]) == (40, "27")  # ground_truth is a {question, target} dict
 
 
-def test_verl_math_train_uses_target_and_drops_rows_without_gold(cache_dir):
-    source = LocalFileSource(shared_file("simko-official/math/train.parquet"), preset="verl", cache_dir=cache_dir)
+def test_verl_math_train_uses_target_and_drops_rows_without_gold(datasets_cache):
+    source = LocalFileSource(shared_file("simko-official/math/train.parquet"), preset="verl", cache_dir=datasets_cache)
     by_id = {e["id"]: e for e in source.examples}
     assert len(source) == 7498  # 7,500 rows, 2 with an empty target and an empty \boxed{}
     assert by_id["math/train/5"]["answer"] == "(3,-1)"  # the official target, not the raw \boxed{} text
@@ -94,32 +82,32 @@ def test_verl_math_train_uses_target_and_drops_rows_without_gold(cache_dir):
     assert "math/train/5341" not in by_id
 
 
-def test_gsm8k_gold_after_hashes_without_commas(tmp_path, cache_dir):
+def test_gsm8k_gold_after_hashes_without_commas(tmp_path, datasets_cache):
     assert gsm8k_final_answer("step <<2*3=6>>6\n#### 1,234") == "1234"
     assert gsm8k_final_answer("no final line") == ""
     path = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "q", "answer": "work\n#### 12,000"}])
-    assert LocalFileSource(path, answer_format="gsm8k", cache_dir=cache_dir)[0]["answer"] == "12000"
+    assert LocalFileSource(path, answer_format="gsm8k", cache_dir=datasets_cache)[0]["answer"] == "12000"
 
 
-def test_real_gsm8k_and_math500_jsonl(cache_dir):
-    gsm8k = LocalFileSource(shared_file("gsm8k/train.jsonl"), answer_format="gsm8k", limit=3, cache_dir=cache_dir)
+def test_real_gsm8k_and_math500_jsonl(datasets_cache):
+    gsm8k = LocalFileSource(shared_file("gsm8k/train.jsonl"), answer_format="gsm8k", limit=3, cache_dir=datasets_cache)
     assert [e["answer"] for e in gsm8k.examples] == ["72", "10", "5"]
-    math500 = LocalFileSource(shared_file("benchmarks/math500/test.jsonl"), question_field="problem", cache_dir=cache_dir)
+    math500 = LocalFileSource(shared_file("benchmarks/math500/test.jsonl"), question_field="problem", cache_dir=datasets_cache)
     assert len(math500) == 500
     assert math500[0]["answer"] == "\\left( 3, \\frac{\\pi}{2} \\right)"
 
 
-def test_json_list_dotted_paths_and_numbers(tmp_path, cache_dir):
+def test_json_list_dotted_paths_and_numbers(tmp_path, datasets_cache):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps([
         {"key": "a", "problem": {"text": "1+1?"}, "final": [2.0], "solution": "so \\boxed{\\frac{1}{2}}."},
         {"key": "b", "problem": {"text": "2.5*2?"}, "final": [5.5], "solution": "\\boxed{3} then \\boxed{4}"},
     ]))
     source = LocalFileSource(path, question_field="problem.text", answer_field="final.0", id_field="key",
-                             cache_dir=cache_dir)
+                             cache_dir=datasets_cache)
     assert [(e["id"], e["question"], e["answer"]) for e in source.examples] == [("a", "1+1?", "2"), ("b", "2.5*2?", "5.5")]
     boxed = LocalFileSource(path, question_field="problem.text", answer_field="solution",
-                            answer_format="boxed_solution", cache_dir=cache_dir)
+                            answer_format="boxed_solution", cache_dir=datasets_cache)
     assert [e["answer"] for e in boxed.examples] == ["\\frac{1}{2}", "4"]
 
 
@@ -140,16 +128,16 @@ def test_missing_file_names_path_and_data_root_setting(tmp_path):
     assert str(missing) in message and "paths.data_dir" in message and "SIMKO_DATA_DIR" in message
 
 
-def test_missing_field_names_file_row_and_field(tmp_path, cache_dir):
+def test_missing_field_names_file_row_and_field(tmp_path, datasets_cache):
     rows = [{"question": "a", "answer": "1"}, {"question": "b", "answer": "2"}, {"question": "c"}]
     path = write_jsonl(tmp_path / "broken.jsonl", rows)
     with pytest.raises(ValueError) as error:
-        LocalFileSource(path, cache_dir=cache_dir)
+        LocalFileSource(path, cache_dir=datasets_cache)
     message = str(error.value)
     assert str(path) in message and "row 2" in message and "'answer'" in message
 
     with pytest.raises(ValueError, match=r"row 0 .*'problem'"):
-        LocalFileSource(path, question_field="problem", cache_dir=cache_dir)  # column absent everywhere
+        LocalFileSource(path, question_field="problem", cache_dir=datasets_cache)  # column absent everywhere
 
 
 # --- procedural arithmetic -------------------------------------------------------------------------
@@ -207,9 +195,9 @@ def arithmetic_module(**overrides) -> PromptDataModule:
 
 
 @pytest.fixture
-def ten_row_source(tmp_path, cache_dir) -> LocalFileSource:
+def ten_row_source(tmp_path, datasets_cache) -> LocalFileSource:
     rows = [{"question": f"q{i}", "answer": str(i)} for i in range(10)]
-    return LocalFileSource(write_jsonl(tmp_path / "ten.jsonl", rows), cache_dir=cache_dir)
+    return LocalFileSource(write_jsonl(tmp_path / "ten.jsonl", rows), cache_dir=datasets_cache)
 
 
 def test_batches_depend_only_on_seed_step_rank_and_world(ten_row_source):
@@ -313,7 +301,7 @@ def test_lightning_fit_resume_trains_each_step_once(tmp_path):
     assert model.steps == [3, 4]
 
 
-def test_data_configs_instantiate(monkeypatch, cache_dir):
+def test_data_configs_instantiate(monkeypatch, datasets_cache):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
@@ -327,7 +315,7 @@ def test_data_configs_instantiate(monkeypatch, cache_dir):
         shared_file("simko-official/gsm8k_level1/train.parquet")
         for name in ("math_train", "simko_level1", "gsm8k_train"):
             config = compose(overrides=[
-                "+seed=0", "+paths=default", f"paths.cache_dir={cache_dir}", f"+data={name}",
+                "+seed=0", "+paths=default", f"paths.cache_dir={datasets_cache}", f"+data={name}",
                 "data.train_source.limit=4", "data.val_source.limit=4",
             ])
             module = instantiate(config.data, tokenizer=char_tokenizer(CHAT_TEMPLATE))

@@ -30,20 +30,9 @@ from simko.rewards.logic import (  # noqa: E402
     sudoku_answer,
 )
 
+from helpers import DATA_DIR, shared_file  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("SIMKO_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
-
-
-def shared_file(relative: str) -> Path:
-    path = DATA_DIR / relative
-    if not path.is_file():
-        pytest.skip(f"shared data file {path} not present (set SIMKO_DATA_DIR to the data root)")
-    return path
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("hf_datasets_cache")
 
 
 def tagged(text: str) -> str:
@@ -283,8 +272,8 @@ def reference_countdown_solution(example: dict) -> str:
     return solution
 
 
-def test_countdown_file_rows(cache_dir):
-    source = CountdownFileSource(shared_file("benchmarks/countdown/test.parquet"), limit=5, cache_dir=cache_dir)
+def test_countdown_file_rows(datasets_cache):
+    source = CountdownFileSource(shared_file("benchmarks/countdown/test.parquet"), limit=5, cache_dir=datasets_cache)
     assert len(source) == 5 and source[0]["id"] == "countdown/test/0"
     verifier = build_verifier("countdown")
     for example in source.examples:
@@ -293,16 +282,16 @@ def test_countdown_file_rows(cache_dir):
         assert verifier(tagged(reference_countdown_solution(example)), example["answer"]) == 1.0
 
 
-def test_knights_knaves_file_rows(cache_dir):
+def test_knights_knaves_file_rows(datasets_cache):
     paths = [shared_file(f"benchmarks/knights_knaves/{n}ppl/test.parquet") for n in (3, 7)]
-    source = KnightsKnavesFileSource(paths, cache_dir=cache_dir)
+    source = KnightsKnavesFileSource(paths, cache_dir=datasets_cache)
     assert len(source) == 200 and source[100]["id"] == "7ppl/test/0"
     assert len(json.loads(source[150]["answer"])["roles"]) == 7
     assert "<|im_start|>" not in source[0]["question"] and source[0]["question"].endswith("who is a knave?")
     verifier = build_verifier("knights_knaves")
     completions = [as_completion(e) for e in source.examples]
     assert verifier.score(completions, [e["answer"] for e in source.examples]) == [1.0] * 200
-    assert len(KnightsKnavesFileSource(paths, limit=3, cache_dir=cache_dir)) == 3
+    assert len(KnightsKnavesFileSource(paths, limit=3, cache_dir=datasets_cache)) == 3
 
 
 def test_missing_logic_file_names_the_path(tmp_path):
@@ -330,7 +319,7 @@ BENCHMARK_CONFIGS = {"math500", "gsm8k", "aime24", "amc23", "countdown_file", "k
 
 
 @pytest.fixture(scope="module")
-def compose_data(cache_dir):
+def compose_data(datasets_cache):
     from hydra import compose, initialize_config_dir
 
     previous = {key: os.environ.get(key) for key in ("PROJECT_ROOT", "SIMKO_DATA_DIR")}
@@ -338,7 +327,7 @@ def compose_data(cache_dir):
     os.environ["SIMKO_DATA_DIR"] = str(DATA_DIR)
     with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
         yield lambda name, overrides: compose(
-            overrides=["+seed=0", "+paths=default", f"paths.cache_dir={cache_dir}", f"+data={name}", *overrides]
+            overrides=["+seed=0", "+paths=default", f"paths.cache_dir={datasets_cache}", f"+data={name}", *overrides]
         )
     for key, value in previous.items():
         if value is None:
