@@ -110,3 +110,31 @@ def test_shared_prompt_cache_samples_what_the_plain_path_samples(monkeypatch):
     plain = [generate_rollouts(model, tok, prompts, group_size=4, max_new_tokens=6, seed=s) for s in range(3)]
     for a, b in zip(cached, plain):
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.response_mask, b.response_mask)
+
+
+def test_shared_prompt_update_matches_the_plain_forward():
+    """Prompt run once per group (keys/values indexed out to its rows) == every row recomputing it: values and
+    parameter gradients, with mixed prompt lengths and a micro-batch that splits a group."""
+    from simko.rollout import _prompt_cache, rollout_token_stats
+
+    tok, model = digit_tokenizer(), random_qwen2(seed=4)
+    r = generate_rollouts(model, tok, ["12+3=", "5+5=", "71+40="], group_size=4, max_new_tokens=6, seed=1)
+    weights = torch.randn(r.response_mask.shape[1], generator=torch.Generator().manual_seed(0))
+    for idx in (torch.arange(12), torch.tensor([2, 3, 4, 5, 6])):  # whole groups; a split group + one-row prompt
+        rows = r.rows(idx)
+        with torch.no_grad():
+            assert _prompt_cache(model, rows, rows["attention_mask"].long().cumsum(-1) - 1) is not None
+        results = []
+        for share in (True, False):
+            model.zero_grad(set_to_none=True)
+            s = rollout_token_stats(model, rows, top_k=3, temperature=0.9, share_prompt=share)
+            R = s.mask.shape[1]
+            loss = ((s.logprobs + 0.3 * s.entropy + s.topk_logprobs.sum(-1)) * weights[:R] * s.mask).sum()
+            loss.backward()
+            grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+            results.append((s, grads))
+        (a, ga), (b, gb) = results
+        assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.mask, b.mask)
+        torch.testing.assert_close(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.entropy, b.entropy, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)

@@ -46,6 +46,10 @@ class RLVRModule(LightningModule):
         micro_batch_size: rows per forward/backward (gradient accumulation inside a mini-batch).
         grad_clip: max global grad norm (0 disables clipping; the norm is logged either way).
         stats_chunk_size: sequence chunk of the token statistics (memory ~ rows x chunk x vocab).
+        share_prompt: run each distinct prompt once per micro-batch in the update and hand its keys/values to the
+            G rows that share it (exact up to float rounding; see :func:`simko.rollout.rollout_token_stats`).
+            Off under FSDP/FSDP2: the backward of the shared prompt would run after FSDP has resharded the
+            parameters and reduce-scattered the gradients of the rows' forward (measured: FSDP2 fails).
         verifiers: verifier instances by name (``configs/train.yaml: module.verifiers``, e.g. a MathVerifier with
             its timeout); an example's ``verifier`` name not listed here gets the registry's default instance.
         verifier: replaces the whole scorer ``f(completions, answers, verifier_names) -> list[float]``
@@ -73,6 +77,7 @@ class RLVRModule(LightningModule):
         micro_batch_size: int = 16,
         grad_clip: float = 1.0,
         stats_chunk_size: int = 256,
+        share_prompt: bool = True,
         verifiers: dict[str, Any] | None = None,
         verifier: Callable[[list[str], list[str], list[str]], list[float]] | None = None,
         val_samples: int = 1,
@@ -108,6 +113,7 @@ class RLVRModule(LightningModule):
         self.micro_batch_size = micro_batch_size
         self.grad_clip = grad_clip
         self.stats_chunk_size = stats_chunk_size
+        self.share_prompt = share_prompt
         self.val_sampling = dict(group_size=val_samples, temperature=val_temperature, top_p=val_top_p)
         self.seed = seed
         vocab = policy.get_output_embeddings().weight.shape[0]
@@ -178,6 +184,7 @@ class RLVRModule(LightningModule):
     def _sharded(self) -> bool:
         return self.device_mesh is not None or "fsdp" in type(self.trainer.strategy).__name__.lower()
 
+
     def rollout(self, examples: list[dict], step: int, group_size: int, temperature: float, top_p: float,
                 seed_offset: int = 0) -> tuple[Rollouts, Tensor, dict[str, float]]:
         """Generate and score; returns rollouts, rewards [N] and timings."""
@@ -203,7 +210,8 @@ class RLVRModule(LightningModule):
     # ------------------------------------------------------------------ token statistics
     def token_stats(self, model: torch.nn.Module, rows: dict[str, Tensor], top_k: int) -> TokenStats:
         """TokenStats of the response tokens of ``rows`` under ``model`` at the rollout temperature."""
-        return rollout_token_stats(model, rows, top_k, self.sampling["temperature"], self.stats_chunk_size)
+        return rollout_token_stats(model, rows, top_k, self.sampling["temperature"], self.stats_chunk_size,
+                                   share_prompt=self.share_prompt and not (self._trainer and self._sharded()))
 
     @torch.no_grad()
     def _logprobs(self, model: torch.nn.Module, rollouts: Rollouts) -> Tensor:

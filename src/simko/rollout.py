@@ -56,6 +56,7 @@ class Rollouts:
             "prompt_len": self.prompt_len - first,
             "response_tokens": self.input_ids[idx, self.prompt_len : end],
             "response_mask": resp_mask[:, :resp_len],
+            "prompt_index": idx // self.group_size,  # rows with the same index share their prompt
         }
 
 
@@ -197,18 +198,59 @@ def _shared_prompt_cache(model, prompt_ids: Tensor, prompt_mask: Tensor, group_s
 
 
 def rollout_token_stats(model, rows: dict[str, Tensor], top_k: int, temperature: float,
-                        chunk_size: int = 256) -> TokenStats:
+                        chunk_size: int = 256, share_prompt: bool = True) -> TokenStats:
     """TokenStats of the response tokens of ``rows`` (see :meth:`Rollouts.rows`) under ``model``.
 
     ``logits_to_keep=1``: the model computes logits for one position only; the LM head is applied by
     :meth:`TokenStats.from_hidden` in chunks, so no [B, T, V] logits are kept for backward.
+
+    ``share_prompt``: the rows of a group share their prompt, and under causal attention the prompt's hidden
+    states never see the response. So each distinct prompt (all but its last token) runs through the model once,
+    with autograd, and its per-layer keys/values are handed to the rows that share it (an index into a
+    ``DynamicCache``); only the last prompt token and the response run per row. The gradient of a shared prompt
+    position is the sum of its rows' gradients, exactly as when every row recomputes it; values agree with the
+    unshared forward up to float rounding. With G = 8 and prompts as long as the responses this removes about
+    half of the update's FLOPs and activations. It falls back to the plain forward where nothing is shared
+    (one row per prompt, one-token prompts) or the model's cache is not a plain ``DynamicCache``.
     """
     attn = rows["attention_mask"]
     position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=rows["input_ids"], attention_mask=attn, position_ids=position_ids,
-                output_hidden_states=True, use_cache=False, logits_to_keep=1)
     p = rows["prompt_len"]
-    hidden = out.hidden_states[-1][:, p - 1 : -1]
+    cache = _prompt_cache(model, rows, position_ids) if share_prompt else None
+    if cache is None:
+        out = model(input_ids=rows["input_ids"], attention_mask=attn, position_ids=position_ids,
+                    output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        hidden = out.hidden_states[-1][:, p - 1 : -1]
+    else:
+        out = model(input_ids=rows["input_ids"][:, p - 1 :], attention_mask=attn,
+                    position_ids=position_ids[:, p - 1 :], past_key_values=cache, use_cache=True,
+                    output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1][:, :-1]
     return TokenStats.from_hidden(hidden, model.get_output_embeddings(), rows["response_tokens"],
                                   rows["response_mask"], top_k=top_k, temperature=temperature,
                                   chunk_size=chunk_size)
+
+
+def _prompt_cache(model, rows: dict[str, Tensor], position_ids: Tensor):
+    """KV cache of ``input_ids[:, :prompt_len - 1]`` computed once per distinct prompt, indexed out to every row
+    (differentiable); None where the plain forward is kept (see :func:`rollout_token_stats`)."""
+    from transformers import DynamicCache
+
+    group, p = rows.get("prompt_index"), rows["prompt_len"]
+    if group is None or p < 2:
+        return None
+    unique, inverse = torch.unique(group, return_inverse=True)
+    if len(unique) == len(group):
+        return None
+    # The first row of each distinct prompt stands for all of its rows.
+    first = torch.full((len(unique),), len(group), dtype=torch.long, device=group.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(len(group), device=group.device), reduce="amin")
+    out = model(input_ids=rows["input_ids"][first, : p - 1], attention_mask=rows["attention_mask"][first, : p - 1],
+                position_ids=position_ids[first, : p - 1], use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "past_key_values", None)
+    if type(cache) is not DynamicCache or cache.get_seq_length() != p - 1:
+        return None
+    if any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", [None])):
+        return None
+    cache.batch_select_indices(inverse)  # keys/values[inverse]: an index op, so gradients flow back
+    return cache
