@@ -9,7 +9,7 @@ export SIMKO_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install train test test-slow clean
+.PHONY: install train test test-slow reproduce bench clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +26,14 @@ test: install
 
 test-slow: install
 	$(BIN)/pytest -q -m slow $(ARGS)
+
+reproduce: install
+	$(BIN)/python scripts/reproduce.py $(ARGS)
+
+bench: install
+	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/python benchmarks/loss_step.py
+	$(BIN)/python benchmarks/vs_trl.py $(ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -218,7 +218,7 @@ def module_config() -> dict:
 
     module = OmegaConf.load(ROOT / "configs" / "train.yaml").module
     return {"micro_batch_size": int(module.micro_batch_size), "grad_clip": float(module.grad_clip),
-            "stats_chunk_size": int(module.stats_chunk_size)}
+            "stats_chunk_size": int(module.stats_chunk_size), "share_prompt": bool(module.share_prompt)}
 
 
 def micro_batch(setting: "Setting") -> int:
@@ -279,7 +279,8 @@ class OursRunner:
             policy=model, tokenizer=tok, loss=build_loss("grpo"), optimizer=persistent_adamw,
             group_size=setting.group_size, max_new_tokens=setting.max_new_tokens, temperature=1.0, top_p=1.0,
             ppo_epochs=1, num_mini_batches=1, micro_batch_size=micro_batch(setting), grad_clip=mod_cfg["grad_clip"],
-            stats_chunk_size=mod_cfg["stats_chunk_size"], verifiers=verifiers, seed=0,
+            stats_chunk_size=mod_cfg["stats_chunk_size"], share_prompt=mod_cfg["share_prompt"], verifiers=verifiers,
+            seed=0,
             diagnostics_top_k=setting.args.diagnostics_top_k,
         )
         self.next_step = 0
@@ -609,7 +610,7 @@ def parse_args(argv=None):
     p.add_argument("--memory-steps", type=int, default=2,
                    help="steps of each side alone in a child process for the peak RSS (0: skip)")
     p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--tiny-prompts", type=int, default=8)
+    p.add_argument("--tiny-prompts", type=int, default=64, help="as configs/data/arithmetic.yaml prompts_per_step")
     p.add_argument("--tiny-max-new-tokens", type=int, default=8)
     p.add_argument("--smollm2-prompts", type=int, default=1,
                    help="1 x G=8 = 8 completions per step (the budget of a few minutes on 2 shared cores)")

@@ -184,7 +184,6 @@ class RLVRModule(LightningModule):
     def _sharded(self) -> bool:
         return self.device_mesh is not None or "fsdp" in type(self.trainer.strategy).__name__.lower()
 
-
     def rollout(self, examples: list[dict], step: int, group_size: int, temperature: float, top_p: float,
                 seed_offset: int = 0) -> tuple[Rollouts, Tensor, dict[str, float]]:
         """Generate and score; returns rollouts, rewards [N] and timings."""

@@ -177,8 +177,6 @@ def _shared_prompt_cache(model, prompt_ids: Tensor, prompt_mask: Tensor, group_s
     one-token prompts, no new tokens, a ``generation_config.cache_implementation`` (static, offloaded, ...), or a
     model whose cache is not a plain ``DynamicCache`` of full-attention layers (then one prefill of P rows is lost).
     """
-    from transformers import DynamicCache
-
     if group_size < 2 or prompt_ids.shape[1] < 2 or max_new_tokens < 1:
         return None
     gen_cfg = getattr(model, "generation_config", None)
@@ -187,13 +185,24 @@ def _shared_prompt_cache(model, prompt_ids: Tensor, prompt_mask: Tensor, group_s
     ids, mask = prompt_ids[:, :-1], prompt_mask[:, :-1]
     # Positions as generate computes them from the attention mask (left padding: pads get position 0).
     position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = _prefix_cache(model, ids, mask, position_ids)
+    if cache is not None:
+        cache.batch_repeat_interleave(group_size)
+    return cache
+
+
+def _prefix_cache(model, ids: Tensor, mask: Tensor, position_ids: Tensor):
+    """The KV cache of ``ids`` under ``model`` (autograd as the caller's mode), or None where it is not a plain
+    ``DynamicCache`` of full-attention layers (sliding windows, static caches, ...): callers then keep the plain,
+    unshared path."""
+    from transformers import DynamicCache
+
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
     cache = getattr(out, "past_key_values", None)
     if type(cache) is not DynamicCache or cache.get_seq_length() != ids.shape[1]:
         return None
     if any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", [None])):
-        return None  # sliding-window or other special layers: keep generate's own cache handling
-    cache.batch_repeat_interleave(group_size)
+        return None
     return cache
 
 
@@ -234,8 +243,6 @@ def rollout_token_stats(model, rows: dict[str, Tensor], top_k: int, temperature:
 def _prompt_cache(model, rows: dict[str, Tensor], position_ids: Tensor):
     """KV cache of ``input_ids[:, :prompt_len - 1]`` computed once per distinct prompt, indexed out to every row
     (differentiable); None where the plain forward is kept (see :func:`rollout_token_stats`)."""
-    from transformers import DynamicCache
-
     group, p = rows.get("prompt_index"), rows["prompt_len"]
     if group is None or p < 2:
         return None
@@ -245,12 +252,8 @@ def _prompt_cache(model, rows: dict[str, Tensor], position_ids: Tensor):
     # The first row of each distinct prompt stands for all of its rows.
     first = torch.full((len(unique),), len(group), dtype=torch.long, device=group.device)
     first = first.scatter_reduce(0, inverse, torch.arange(len(group), device=group.device), reduce="amin")
-    out = model(input_ids=rows["input_ids"][first, : p - 1], attention_mask=rows["attention_mask"][first, : p - 1],
-                position_ids=position_ids[first, : p - 1], use_cache=True, logits_to_keep=1)
-    cache = getattr(out, "past_key_values", None)
-    if type(cache) is not DynamicCache or cache.get_seq_length() != p - 1:
-        return None
-    if any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", [None])):
-        return None
-    cache.batch_select_indices(inverse)  # keys/values[inverse]: an index op, so gradients flow back
+    cache = _prefix_cache(model, rows["input_ids"][first, : p - 1], rows["attention_mask"][first, : p - 1],
+                          position_ids[first, : p - 1])
+    if cache is not None:
+        cache.batch_select_indices(inverse)  # keys/values[inverse]: an index op, so gradients flow back
     return cache
