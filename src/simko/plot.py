@@ -51,24 +51,31 @@ def read_training_log(run: Path) -> pd.DataFrame | None:
     return frame
 
 
-def plot_concentration(logs: dict[str, pd.DataFrame], ax, ranks=(1, 2, 3, 5, 10), suffix: str = "") -> None:
-    """Mean probability of the rank-k candidate against the RL step (log y), one line style per run."""
-    styles = ["-", "--", ":", "-."]
-    for i, (label, frame) in enumerate(logs.items()):
+def plot_concentration(logs: dict[str, pd.DataFrame], ax, ranks=(1, 2, 3, 5, 10), suffix: str = "",
+                       colors: dict[str, str] | None = None) -> None:
+    """Mean probability of the rank-k candidate against the RL step (log y): one colour per run, one line style
+    per rank (``colors`` maps run labels to colours, default C0, C1, ... in order)."""
+    from matplotlib.lines import Line2D
+
+    styles = ["-", "--", ":", "-.", (0, (1, 4))]
+    colors = colors or {label: f"C{i}" for i, label in enumerate(logs)}
+    for label, frame in logs.items():
         step_col = "train/rl_step" if "train/rl_step" in frame else "step"
         for j, k in enumerate(ranks):
             col = f"diag/p_rank{k}{suffix}"
-            if col not in frame:
-                continue
-            data = frame[[step_col, col]].dropna()
-            ax.plot(data[step_col], data[col], styles[i % len(styles)], color=f"C{j}",
-                    label=f"{label} p(rank {k})")
+            if col in frame:
+                data = frame[[step_col, col]].dropna()
+                ax.plot(data[step_col], data[col], linestyle=styles[j % len(styles)], color=colors[label], lw=1)
+    handles = [Line2D([], [], color=colors[label], label=label) for label in logs]
+    handles += [Line2D([], [], color="gray", linestyle=styles[j % len(styles)], label=f"p(rank {k})")
+                for j, k in enumerate(ranks)]
     ax.set_yscale("log")
     ax.set_xlabel("RL step")
-    ax.set_ylabel("mean probability" + (" (high-entropy tokens)" if suffix else ""))
-    ax.set_title("probability concentration")
+    ax.set_ylabel("mean probability")
+    ax.set_title("p(rank k), " + ("high-entropy tokens (above the 0.8-quantile of their response)" if suffix
+                                  else "all response tokens"), fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(handles=handles, fontsize=7, ncol=2, loc="center right", framealpha=0.8)
 
 
 def plot_runs(runs: list[str], out: str, labels: list[str] | None = None) -> Path:
