@@ -72,7 +72,7 @@ def plot_concentration(logs: dict[str, pd.DataFrame], ax, ranks=(1, 2, 3, 5, 10)
     ax.set_yscale("log")
     ax.set_xlabel("RL step")
     ax.set_ylabel("mean probability")
-    ax.set_title("p(rank k), " + ("high-entropy tokens (above the 0.8-quantile of their response)" if suffix
+    ax.set_title("p(rank k), " + ("high-entropy tokens (H > 0.8-quantile of the response)" if suffix
                                   else "all response tokens"), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(handles=handles, fontsize=7, ncol=2, loc="center right", framealpha=0.8)
