@@ -9,6 +9,11 @@ by a keyed hash of its text (about ``val_fraction`` of problems go to "val"), an
 problems of its own part: no val problem can ever appear in training, whatever the seeds. The partition
 does not depend on the seed, so val sets of runs with different seeds are also disjoint from every
 training stream.
+
+The train split is a stream drawn with replacement. The val split is a fixed set of DISTINCT problems: val
+example ``i`` is the ``i``-th new problem in the seeded draw sequence (the first N distinct problems the
+generator draws, so their mix of operand lengths follows the training distribution), and pass@k over N val
+problems is a mean over N different problems, not over repeats of the frequent ones.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ class ArithmeticSource:
             frequent as long ones; 1-digit operands include 0).
         ops: operators to draw from, among ``+``, ``-``, ``*``. Subtraction puts the larger operand
             first, so answers are never negative (fewer symbols for a tiny model to learn).
-        split: ``"train"`` or ``"val"``: which hash-part of the problem space to draw from.
+        split: ``"train"`` (a stream, with replacement) or ``"val"`` (distinct problems): which hash-part of
+            the problem space to draw from.
         val_fraction: share of the problem space reserved for ``val``.
         verifier: registered verifier name stored in every example.
     """
@@ -73,6 +79,19 @@ class ArithmeticSource:
         )
 
     def example(self, index: int) -> dict[str, str]:
+        if self.split == "train":
+            question, answer = self._draw(index)
+        else:
+            question, answer = self._distinct(index)
+        return {
+            "id": f"arithmetic/{self.split}/{self.seed}/{index}",
+            "question": question,
+            "answer": answer,
+            "verifier": self.verifier,
+        }
+
+    def _draw(self, index: int) -> tuple[str, str]:
+        """Draw ``index`` of this split's seeded sequence (with replacement): (question, answer)."""
         # Seeding random.Random with a string hashes it with SHA-512: stable across processes and
         # Python runs (unlike hash()), so every rank and every restart sees the same problem.
         rng = random.Random(f"arithmetic/{self.seed}/{self.split}/{index}")
@@ -83,17 +102,36 @@ class ArithmeticSource:
                 left, right = right, left
             question = f"{left}{op}{right}"
             if self.split_of(question) == self.split:
-                answer = OPERATIONS[op](left, right)
-                return {
-                    "id": f"arithmetic/{self.split}/{self.seed}/{index}",
-                    "question": question,
-                    "answer": str(answer),
-                    "verifier": self.verifier,
-                }
+                return question, str(OPERATIONS[op](left, right))
         raise ValueError(
             f"{self!r}: no {self.split!r} problem found in {_MAX_DRAWS} draws; the problem space is too "
             f"small for val_fraction={self.val_fraction}."
         )
+
+    def _distinct(self, index: int) -> tuple[str, str]:
+        """The ``index``-th distinct problem of the draw sequence (built once, extended as needed)."""
+        if not hasattr(self, "_problems"):
+            self._problems: list[tuple[str, str]] = []
+            self._seen: set[str] = set()
+            self._next_draw = 0
+        misses = 0
+        while len(self._problems) <= index:
+            question, answer = self._draw(self._next_draw)
+            self._next_draw += 1
+            if question in self._seen:
+                misses += 1
+                if misses >= _MAX_DRAWS:
+                    raise ValueError(
+                        f"{self!r}: asked for held-out problem {index}, but only {len(self._problems)} distinct "
+                        f"{self.split!r} problems turned up ({_MAX_DRAWS} draws in a row found nothing new). "
+                        "Ask for fewer (data.val_prompts, eval.limit) or widen the task (max_digits, ops, "
+                        "val_fraction)."
+                    )
+                continue
+            misses = 0
+            self._seen.add(question)
+            self._problems.append((question, answer))
+        return self._problems[index]
 
     def split_of(self, question: str) -> str:
         """The split a problem belongs to: a keyed hash of its text, independent of the seed."""
