@@ -7,8 +7,8 @@
 For every (loss, seed) it runs ``python -m simko.train experiment=toy_<loss> seed=S``, then evaluates the last
 checkpoint with ``python -m simko.eval`` (n samples per held-out problem); the warm-started base model is evaluated
 the same way. It writes ``<out>/results.md`` (pass@k mean +- std over seeds, and the concentration diagnostics
-of the model's own samples at evaluation), ``<out>/results.json`` and ``<out>/pass_at_k.png`` (pass@k curves and p(rank k)
-against the RL step). Everything runs through the real entry points, as a user would.
+of the model's own samples at evaluation), ``<out>/results.json`` and ``<out>/pass_at_k.png`` (pass@k curves
+and p(rank k) against the RL step). Everything runs through the real entry points, as a user would.
 """
 
 from __future__ import annotations

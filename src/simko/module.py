@@ -15,7 +15,6 @@ sequence chunks with recomputation, so no ``[B, T, V]`` log-softmax is kept for 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections import defaultdict
 from contextlib import nullcontext

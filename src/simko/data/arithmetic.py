@@ -71,6 +71,10 @@ class ArithmeticSource:
         self.split = split
         self.val_fraction = val_fraction
         self.verifier = verifier
+        # The val split's distinct problems, found so far in draw order (see _distinct).
+        self._problems: list[tuple[str, str]] = []
+        self._seen: set[str] = set()
+        self._next_draw = 0
 
     def __repr__(self) -> str:
         return (
@@ -110,10 +114,6 @@ class ArithmeticSource:
 
     def _distinct(self, index: int) -> tuple[str, str]:
         """The ``index``-th distinct problem of the draw sequence (built once, extended as needed)."""
-        if not hasattr(self, "_problems"):
-            self._problems: list[tuple[str, str]] = []
-            self._seen: set[str] = set()
-            self._next_draw = 0
         misses = 0
         while len(self._problems) <= index:
             question, answer = self._draw(self._next_draw)

@@ -14,7 +14,6 @@ For gradient accumulation a mini-batch is split into micro-batches; the exact mi
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
