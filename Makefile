@@ -9,7 +9,7 @@ export SIMKO_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install train test test-slow reproduce bench clean
+.PHONY: install train test test-slow lint reproduce bench clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -23,6 +23,10 @@ train: install
 
 test: install
 	$(BIN)/pytest -q $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-slow: install
 	$(BIN)/pytest -q -m slow $(ARGS)

@@ -64,14 +64,23 @@ MIB = 2**20
 # configs/data/gsm8k_train.yaml's prompt template; used when no GSM8K file is found.
 GSM8K_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 FALLBACK_QUESTIONS = [
-    ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-     "How many clips did Natalia sell altogether in April and May?", "72"),
-    ("Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
-     "How much did she earn?", "10"),
+    (
+        "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+        "How many clips did Natalia sell altogether in April and May?",
+        "72",
+    ),
+    (
+        "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
+        "How much did she earn?",
+        "10",
+    ),
     ("A bakery makes 24 muffins per tray and bakes 7 trays. It sells 150 muffins. How many are left?", "18"),
     ("Tom has 3 boxes with 15 pencils each. He gives away 12 pencils. How many pencils does he have now?", "33"),
-    ("A train travels 60 km per hour for 3 hours and then 40 km per hour for 2 hours. "
-     "How far does it travel in total?", "260"),
+    (
+        "A train travels 60 km per hour for 3 hours and then 40 km per hour for 2 hours. "
+        "How far does it travel in total?",
+        "260",
+    ),
     ("Sara reads 12 pages a day. How many days does she need to read a 180-page book?", "15"),
     ("A shirt costs $25 and is on sale for 20% off. What is the sale price in dollars?", "20"),
     ("There are 5 rows of 8 chairs and 6 chairs are broken. How many chairs can be used?", "34"),
@@ -114,8 +123,9 @@ def build_batch(name: str, args) -> tuple[torch.nn.Module, Rollouts, torch.Tenso
         prompts = [render_prompt(ex, tok, GSM8K_TEMPLATE, use_chat_template=None) for ex in examples]
     model.eval()
     t0 = time.perf_counter()
-    rollouts = generate_rollouts(model, tok, prompts, group_size=G, max_new_tokens=new_tokens,
-                                 temperature=1.0, top_p=1.0, seed=args.seed)
+    rollouts = generate_rollouts(
+        model, tok, prompts, group_size=G, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, seed=args.seed
+    )
     gen_s = time.perf_counter() - t0
     model.train()  # as during the update (dropout is 0 in both models)
     rewards = mixed_rewards(prompts_n, G, args.seed)
@@ -151,8 +161,9 @@ def mixed_rewards(num_prompts: int, group_size: int, seed: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- one step
-def update_step(model, rollouts: Rollouts, rewards: torch.Tensor, loss_fn, micro_batch_size: int,
-                chunk_size: int) -> float:
+def update_step(
+    model, rollouts: Rollouts, rewards: torch.Tensor, loss_fn, micro_batch_size: int, chunk_size: int
+) -> float:
     """One update of RLVRModule.training_step (1 PPO epoch, 1 mini-batch, diagnostics off), no optimizer step."""
     G = rollouts.group_size
     model.zero_grad(set_to_none=True)
@@ -164,8 +175,12 @@ def update_step(model, rollouts: Rollouts, rewards: torch.Tensor, loss_fn, micro
     for idx, w in zip(micro, weights):
         rows = rollouts.rows(idx)
         stats = rollout_token_stats(model, rows, top_k=loss_fn.top_k, temperature=1.0, chunk_size=chunk_size)
-        out = loss_fn(stats.with_top_k(loss_fn.top_k), old_logprobs=stats.logprobs.detach(),
-                      advantages=advantages[idx], rewards=rewards[idx])
+        out = loss_fn(
+            stats.with_top_k(loss_fn.top_k),
+            old_logprobs=stats.logprobs.detach(),
+            advantages=advantages[idx],
+            rewards=rewards[idx],
+        )
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"non-finite loss {out.loss.item()}")
         (out.loss * (w / total_weight)).backward()
@@ -202,8 +217,9 @@ def peak_allocated_bytes(model, rollouts, rewards, loss_fn, args) -> tuple[int, 
     with no_gc(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         update_step(model, rollouts, rewards, loss_fn, args.micro_batch_size, args.chunk_size)
     events = list(prof.profiler.kineto_results.events())
-    memory = sorted((e.start_ns(), e.nbytes()) for e in events
-                    if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    memory = sorted(
+        (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    )
     live = peak = 0
     peak_ns = None
     for t, nbytes in memory:
@@ -235,8 +251,14 @@ def head_only_times(model, rollouts, rewards, losses, args) -> dict:
     rows = rollouts.rows(torch.arange(min(args.micro_batch_size, rollouts.num_rows)))
     with torch.no_grad():
         attn = rows["attention_mask"]
-        out = model(input_ids=rows["input_ids"], attention_mask=attn, use_cache=False, logits_to_keep=1,
-                    position_ids=(attn.long().cumsum(-1) - 1).clamp(min=0), output_hidden_states=True)
+        out = model(
+            input_ids=rows["input_ids"],
+            attention_mask=attn,
+            use_cache=False,
+            logits_to_keep=1,
+            position_ids=(attn.long().cumsum(-1) - 1).clamp(min=0),
+            output_hidden_states=True,
+        )
         hidden = out.hidden_states[-1][:, rows["prompt_len"] - 1 : -1].clone()
     lm_head = model.get_output_embeddings()
     G = rollouts.group_size
@@ -247,8 +269,15 @@ def head_only_times(model, rollouts, rewards, losses, args) -> dict:
         lm_head.zero_grad(set_to_none=True)
         with no_gc():
             t0 = time.perf_counter()
-            stats = TokenStats.from_hidden(h, lm_head, rows["response_tokens"], rows["response_mask"],
-                                           top_k=loss_fn.top_k, temperature=1.0, chunk_size=args.chunk_size)
+            stats = TokenStats.from_hidden(
+                h,
+                lm_head,
+                rows["response_tokens"],
+                rows["response_mask"],
+                top_k=loss_fn.top_k,
+                temperature=1.0,
+                chunk_size=args.chunk_size,
+            )
             adv = loss_fn.compute_advantages(rewards[:n_rows].view(-1, G)).reshape(-1)
             out = loss_fn(stats, old_logprobs=stats.logprobs.detach(), advantages=adv, rewards=rewards[:n_rows])
             out.loss.backward()
@@ -329,8 +358,10 @@ def bench_model(name: str, args) -> dict:
 
 
 def markdown(results: list[dict]) -> str:
-    head = ("| model | rows x resp tokens | grpo median s | simko median s | time ratio | pair ratio (median) "
-            "| grpo peak MiB | simko peak MiB | memory ratio | full [B,T,V] fp32 MiB |")
+    head = (
+        "| model | rows x resp tokens | grpo median s | simko median s | time ratio | pair ratio (median) "
+        "| grpo peak MiB | simko peak MiB | memory ratio | full [B,T,V] fp32 MiB |"
+    )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in results:
         lines.append(
@@ -341,13 +372,18 @@ def markdown(results: list[dict]) -> str:
         )
     heads = [r for r in results if r.get("head_only")]
     if heads:
-        lines += ["", "| model | LM head + loss only: grpo median s | simko median s | SimKO extra s "
-                  "| extra / grpo full step |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| model | LM head + loss only: grpo median s | simko median s | SimKO extra s | extra / grpo full step |",
+            "|---|---|---|---|---|",
+        ]
         for r in heads:
             h = r["head_only"]
-            lines.append(f"| {r['model']} | {h['median_s']['grpo']:.4f} | {h['median_s']['simko']:.4f} "
-                         f"| {h['simko_extra_s']:.4f} "
-                         f"| {_f(r['median_s']['grpo'] and h['simko_extra_s'] / r['median_s']['grpo'], 4)} |")
+            lines.append(
+                f"| {r['model']} | {h['median_s']['grpo']:.4f} | {h['median_s']['simko']:.4f} "
+                f"| {h['simko_extra_s']:.4f} "
+                f"| {_f(r['median_s']['grpo'] and h['simko_extra_s'] / r['median_s']['grpo'], 4)} |"
+            )
     return "\n".join(lines)
 
 
@@ -364,11 +400,19 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=("tiny", "smollm2", "both"), default="both")
     p.add_argument("--repeats", type=int, default=7, help="timed steps per loss (alternating); 0: memory only")
     p.add_argument("--smollm2-repeats", type=int, default=None, help="override --repeats for SmolLM2")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="untimed rounds (one step of each loss) before timing, after the memory steps")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed rounds (one step of each loss) before timing, after the memory steps",
+    )
     p.add_argument("--memory-repeats", type=int, default=1, help="profiled steps per loss for the peak (run first)")
-    p.add_argument("--head-repeats", type=int, default=0,
-                   help="also time the LM head + loss stage alone (SimKO's extra cost), N times per loss; 0: off")
+    p.add_argument(
+        "--head-repeats",
+        type=int,
+        default=0,
+        help="also time the LM head + loss stage alone (SimKO's extra cost), N times per loss; 0: off",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: see the note above)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="SmolLM2 rollout length")
     p.add_argument("--chunk-size", type=int, default=256, help="TokenStats chunk (module.stats_chunk_size)")

@@ -106,8 +106,16 @@ def quiet(side: str = "both") -> None:
     warnings.filterwarnings("ignore")
     if side in ("both", "ours"):
         import lightning.pytorch  # noqa: F401  (importing it sets its loggers to INFO: import first, then silence)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers", "trl", "accelerate",
-                 "datasets", "simko"):
+    for name in (
+        "lightning",
+        "lightning.pytorch",
+        "lightning.fabric",
+        "transformers",
+        "trl",
+        "accelerate",
+        "datasets",
+        "simko",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
@@ -135,11 +143,17 @@ class Setting:
         self.name = name
         self.args = args
         if name == "tiny":
-            self.prompts, self.group_size, self.max_new_tokens = (args.tiny_prompts, args.group_size,
-                                                                  args.tiny_max_new_tokens)
+            self.prompts, self.group_size, self.max_new_tokens = (
+                args.tiny_prompts,
+                args.group_size,
+                args.tiny_max_new_tokens,
+            )
         else:
-            self.prompts, self.group_size, self.max_new_tokens = (args.smollm2_prompts, args.group_size,
-                                                                  args.smollm2_max_new_tokens)
+            self.prompts, self.group_size, self.max_new_tokens = (
+                args.smollm2_prompts,
+                args.group_size,
+                args.smollm2_max_new_tokens,
+            )
         self._pool: list[dict] | None = None
 
     def load(self):
@@ -160,8 +174,14 @@ class Setting:
             from simko.data import LocalFileSource
 
             path = Path(os.environ.get("SIMKO_DATA_DIR", "/work/shared/data")) / "gsm8k" / "train.jsonl"
-            source = LocalFileSource(path, question_field="question", answer_field="answer", answer_format="gsm8k",
-                                     verifier="math", limit=512)
+            source = LocalFileSource(
+                path,
+                question_field="question",
+                answer_field="answer",
+                answer_format="gsm8k",
+                verifier="math",
+                limit=512,
+            )
             self._pool = [source[i] for i in range(len(source))]
         n = len(self._pool)
         return [dict(self._pool[(step * self.prompts + j) % n]) for j in range(self.prompts)]
@@ -217,11 +237,15 @@ def module_config() -> dict:
     from omegaconf import OmegaConf
 
     module = OmegaConf.load(ROOT / "configs" / "train.yaml").module
-    return {"micro_batch_size": int(module.micro_batch_size), "grad_clip": float(module.grad_clip),
-            "stats_chunk_size": int(module.stats_chunk_size), "share_prompt": bool(module.share_prompt)}
+    return {
+        "micro_batch_size": int(module.micro_batch_size),
+        "grad_clip": float(module.grad_clip),
+        "stats_chunk_size": int(module.stats_chunk_size),
+        "share_prompt": bool(module.share_prompt),
+    }
 
 
-def micro_batch(setting: "Setting") -> int:
+def micro_batch(setting: Setting) -> int:
     """Rows per forward/backward on both sides: configs/train.yaml's micro_batch_size, capped at P * G; it must
     divide P * G (TRL accumulates gradients over equal micro-batches of one generation batch)."""
     rows = setting.prompts * setting.group_size
@@ -271,15 +295,29 @@ class OursRunner:
 
         class BenchModule(RLVRModule):
             def _log_step(self, rollouts, rewards, metrics, timings):
-                outer.last = {**timings, "response_len": float(rollouts.response_mask.sum(1).float().mean()),
-                              "reward": float(rewards.mean())}
+                outer.last = {
+                    **timings,
+                    "response_len": float(rollouts.response_mask.sum(1).float().mean()),
+                    "reward": float(rewards.mean()),
+                }
                 super()._log_step(rollouts, rewards, metrics, timings)
 
         self.module = BenchModule(
-            policy=model, tokenizer=tok, loss=build_loss("grpo"), optimizer=persistent_adamw,
-            group_size=setting.group_size, max_new_tokens=setting.max_new_tokens, temperature=1.0, top_p=1.0,
-            ppo_epochs=1, num_mini_batches=1, micro_batch_size=micro_batch(setting), grad_clip=mod_cfg["grad_clip"],
-            stats_chunk_size=mod_cfg["stats_chunk_size"], share_prompt=mod_cfg["share_prompt"], verifiers=verifiers,
+            policy=model,
+            tokenizer=tok,
+            loss=build_loss("grpo"),
+            optimizer=persistent_adamw,
+            group_size=setting.group_size,
+            max_new_tokens=setting.max_new_tokens,
+            temperature=1.0,
+            top_p=1.0,
+            ppo_epochs=1,
+            num_mini_batches=1,
+            micro_batch_size=micro_batch(setting),
+            grad_clip=mod_cfg["grad_clip"],
+            stats_chunk_size=mod_cfg["stats_chunk_size"],
+            share_prompt=mod_cfg["share_prompt"],
+            verifiers=verifiers,
             seed=0,
             diagnostics_top_k=setting.args.diagnostics_top_k,
         )
@@ -295,11 +333,18 @@ class OursRunner:
                 dt = time.perf_counter() - self.t0
                 last = outer.last
                 parts = last["time/generate"] + last["time/score"] + last["time/update"]
-                outer.records.append({
-                    "step_s": dt, "generate_s": last["time/generate"], "score_s": last["time/score"],
-                    "update_s": last["time/update"], "other_s": dt - parts, "response_len": last["response_len"],
-                    "reward": last["reward"], "threads": torch.get_num_threads(),
-                })
+                outer.records.append(
+                    {
+                        "step_s": dt,
+                        "generate_s": last["time/generate"],
+                        "score_s": last["time/score"],
+                        "update_s": last["time/update"],
+                        "other_s": dt - parts,
+                        "response_len": last["response_len"],
+                        "reward": last["reward"],
+                        "threads": torch.get_num_threads(),
+                    }
+                )
 
         self.timer_cls = Timer
         self.pl = pl
@@ -315,9 +360,19 @@ class OursRunner:
             batches.append({"examples": examples, "step": s})
         self.next_step += n
         trainer = self.pl.Trainer(
-            accelerator="cpu", devices=1, precision="32-true", max_steps=n, max_epochs=-1, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1, callbacks=[self.timer_cls()],
+            accelerator="cpu",
+            devices=1,
+            precision="32-true",
+            max_steps=n,
+            max_epochs=-1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            log_every_n_steps=1,
+            callbacks=[self.timer_cls()],
             default_root_dir=tempfile.gettempdir(),
         )
         start = len(self.records)
@@ -341,18 +396,42 @@ class TrlRunner:
         opt_cfg = optimizer_config()  # only informative here: the optimizer instance itself is passed in below
         mod_cfg, mb = module_config(), micro_batch(setting)
         config = GRPOConfig(
-            output_dir=out_dir, use_cpu=True, use_vllm=False, bf16=False, fp16=False,
+            output_dir=out_dir,
+            use_cpu=True,
+            use_vllm=False,
+            bf16=False,
+            fp16=False,
             # One generation batch of P*G rows per optimizer step, accumulated over micro-batches as ours.
-            per_device_train_batch_size=mb, gradient_accumulation_steps=P * G // mb,
-            steps_per_generation=P * G // mb, num_generations=G,
-            max_completion_length=setting.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-            num_iterations=1, beta=0.0, epsilon=0.2, loss_type="dapo", scale_rewards="group",
+            per_device_train_batch_size=mb,
+            gradient_accumulation_steps=P * G // mb,
+            steps_per_generation=P * G // mb,
+            num_generations=G,
+            max_completion_length=setting.max_new_tokens,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            num_iterations=1,
+            beta=0.0,
+            epsilon=0.2,
+            loss_type="dapo",
+            scale_rewards="group",
             mask_truncated_completions=False,
-            learning_rate=opt_cfg["lr"], weight_decay=opt_cfg.get("weight_decay", 0.0),
-            adam_beta1=opt_cfg["betas"][0], adam_beta2=opt_cfg["betas"][1], max_grad_norm=mod_cfg["grad_clip"],
-            lr_scheduler_type="constant", warmup_steps=0,
-            max_steps=1, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-            shuffle_dataset=False, seed=0, dataloader_num_workers=0, log_completions=False,
+            learning_rate=opt_cfg["lr"],
+            weight_decay=opt_cfg.get("weight_decay", 0.0),
+            adam_beta1=opt_cfg["betas"][0],
+            adam_beta2=opt_cfg["betas"][1],
+            max_grad_norm=mod_cfg["grad_clip"],
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            max_steps=1,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            shuffle_dataset=False,
+            seed=0,
+            dataloader_num_workers=0,
+            log_completions=False,
             # TRL's GRPOConfig turns activation checkpointing ON by default (less memory, the forward recomputed
             # in the backward); ours has none. --trl-gradient-checkpointing off compares like for like.
             gradient_checkpointing=setting.args.trl_gradient_checkpointing == "on",
@@ -363,8 +442,12 @@ class TrlRunner:
         self.next_step = 0
         self.records: list[dict] = []
         self.trainer = GRPOTrainer(
-            model=model, reward_funcs=[make_reward_fn(verifiers)], args=config,
-            train_dataset=self._dataset(0, 1), processing_class=tok, optimizers=(optimizer, scheduler),
+            model=model,
+            reward_funcs=[make_reward_fn(verifiers)],
+            args=config,
+            train_dataset=self._dataset(0, 1),
+            processing_class=tok,
+            optimizers=(optimizer, scheduler),
         )
         # Split the step: wrap the instance's generation and reward calls with timers (behaviour unchanged).
         self.parts = {"generate_s": 0.0, "score_s": 0.0}
@@ -396,11 +479,18 @@ class TrlRunner:
             def on_step_end(self, args, state, control, **kwargs):
                 dt = time.perf_counter() - self.t0
                 gen, score = outer.parts["generate_s"], outer.parts["score_s"]
-                outer.records.append({
-                    "step_s": dt, "generate_s": gen, "score_s": score, "update_s": dt - gen - score,
-                    "response_len": statistics.fmean(outer.lengths) if outer.lengths else float("nan"),
-                    "other_s": 0.0, "threads": torch.get_num_threads(), "log_s": None,
-                })
+                outer.records.append(
+                    {
+                        "step_s": dt,
+                        "generate_s": gen,
+                        "score_s": score,
+                        "update_s": dt - gen - score,
+                        "response_len": statistics.fmean(outer.lengths) if outer.lengths else float("nan"),
+                        "other_s": 0.0,
+                        "threads": torch.get_num_threads(),
+                        "log_s": None,
+                    }
+                )
 
         self.trainer.add_callback(Timer())
         from transformers.trainer_callback import PrinterCallback
@@ -425,8 +515,7 @@ class TrlRunner:
         rows = []
         for s in range(first_step, first_step + n):
             for ex in self.setting.examples(s):
-                rows.append({"prompt": self.setting.trl_prompt(ex), "answer": ex["answer"],
-                             "verifier": ex["verifier"]})
+                rows.append({"prompt": self.setting.trl_prompt(ex), "answer": ex["answer"], "verifier": ex["verifier"]})
         return self.Dataset.from_list(rows)
 
     def run_block(self, n: int) -> list[dict]:
@@ -442,14 +531,17 @@ class TrlRunner:
 def check_same_prompt_ids(setting: Setting, ours: OursRunner, trl: TrlRunner) -> None:
     """The token ids each side feeds to generate for step 0 are the same."""
     examples = setting.examples(0)
-    ours_ids = [ours.tokenizer(setting.ours_prompt(ex, ours.tokenizer), add_special_tokens=False)["input_ids"]
-                for ex in examples]
+    ours_ids = [
+        ours.tokenizer(setting.ours_prompt(ex, ours.tokenizer), add_special_tokens=False)["input_ids"]
+        for ex in examples
+    ]
     prompts = [setting.trl_prompt(ex) for ex in examples]
     trl_ids, _, _ = trl.trainer._tokenize_prompts(prompts)
     trl_ids = [list(x) for x in trl_ids]
     if ours_ids != trl_ids:
-        raise RuntimeError(f"{setting.name}: the two sides tokenize the prompts differently:\n"
-                           f"{ours_ids[0]}\n{trl_ids[0]}")
+        raise RuntimeError(
+            f"{setting.name}: the two sides tokenize the prompts differently:\n{ours_ids[0]}\n{trl_ids[0]}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- memory child
@@ -479,23 +571,51 @@ def memory_child(args) -> None:
     peak = proc_status_kib("VmHWM")
     for v in verifiers.values():
         v.close()
-    print(json.dumps({
-        "side": args.memory_child, "model": args.model, "steps": len(records),
-        "peak_rss_MiB": round(peak / 1024, 1), "rss_after_imports_MiB": round(rss_imports / 1024, 1),
-        "rss_after_setup_MiB": round(rss_setup / 1024, 1),
-        "step_s": [round(r["step_s"], 3) for r in records],
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "side": args.memory_child,
+                "model": args.model,
+                "steps": len(records),
+                "peak_rss_MiB": round(peak / 1024, 1),
+                "rss_after_imports_MiB": round(rss_imports / 1024, 1),
+                "rss_after_setup_MiB": round(rss_setup / 1024, 1),
+                "step_s": [round(r["step_s"], 3) for r in records],
+            }
+        ),
+        flush=True,
+    )
 
 
 def measure_memory(name: str, args) -> dict[str, dict]:
     out = {}
     for side in SIDES:
-        cmd = [sys.executable, os.path.abspath(__file__), "--model", name, "--memory-child", side,
-               "--memory-steps", str(args.memory_steps), "--threads", str(args.threads), "--cache-dir",
-               args.cache_dir, "--diagnostics-top-k", str(args.diagnostics_top_k), "--group-size",
-               str(args.group_size), "--tiny-prompts", str(args.tiny_prompts), "--tiny-max-new-tokens",
-               str(args.tiny_max_new_tokens), "--smollm2-prompts", str(args.smollm2_prompts),
-               "--smollm2-max-new-tokens", str(args.smollm2_max_new_tokens)]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--model",
+            name,
+            "--memory-child",
+            side,
+            "--memory-steps",
+            str(args.memory_steps),
+            "--threads",
+            str(args.threads),
+            "--cache-dir",
+            args.cache_dir,
+            "--diagnostics-top-k",
+            str(args.diagnostics_top_k),
+            "--group-size",
+            str(args.group_size),
+            "--tiny-prompts",
+            str(args.tiny_prompts),
+            "--tiny-max-new-tokens",
+            str(args.tiny_max_new_tokens),
+            "--smollm2-prompts",
+            str(args.smollm2_prompts),
+            "--smollm2-max-new-tokens",
+            str(args.smollm2_max_new_tokens),
+        ]
         if args.micro_batch_size:
             cmd += ["--micro-batch-size", str(args.micro_batch_size)]
         cmd += ["--trl-gradient-checkpointing", args.trl_gradient_checkpointing]
@@ -542,11 +662,15 @@ def bench_model(name: str, args) -> dict:
             for side in order:
                 block[side] = runners[side].run_block(args.steps)
                 records[side].extend(block[side])
-            ratio = (statistics.median(x["step_s"] for x in block["trl"])
-                     / statistics.median(x["step_s"] for x in block["ours"]))
+            ratio = statistics.median(x["step_s"] for x in block["trl"]) / statistics.median(
+                x["step_s"] for x in block["ours"]
+            )
             round_ratios.append(ratio)
-            log(f"[{name}] round {r + 1}/{args.repeats}: " + ", ".join(
-                f"{s} " + " ".join(f"{x['step_s']:.3f}" for x in block[s]) for s in SIDES) + f" s; ratio {ratio:.2f}")
+            log(
+                f"[{name}] round {r + 1}/{args.repeats}: "
+                + ", ".join(f"{s} " + " ".join(f"{x['step_s']:.3f}" for x in block[s]) for s in SIDES)
+                + f" s; ratio {ratio:.2f}"
+            )
     for v in verifiers.values():
         v.close()
     summary = {s: summarize(records[s]) for s in SIDES}
@@ -575,10 +699,12 @@ def bench_model(name: str, args) -> dict:
 
 def markdown(r: dict) -> str:
     t, mem = r["time_single_process"], r.get("memory_subprocess", {})
-    head = (f"**{r['model']}** ({r['params_M']}M params; {r['prompts']} prompts x G={r['group_size']}, "
-            f"{r['max_new_tokens']} new tokens; {t['ours']['steps']} timed steps per side)\n\n"
-            "| side | median s/step | generate s | score s | update s | other s | mean response tokens "
-            "| peak RSS MiB | ratio TRL/ours |\n|---|---|---|---|---|---|---|---|---|")
+    head = (
+        f"**{r['model']}** ({r['params_M']}M params; {r['prompts']} prompts x G={r['group_size']}, "
+        f"{r['max_new_tokens']} new tokens; {t['ours']['steps']} timed steps per side)\n\n"
+        "| side | median s/step | generate s | score s | update s | other s | mean response tokens "
+        "| peak RSS MiB | ratio TRL/ours |\n|---|---|---|---|---|---|---|---|---|"
+    )
     rows = []
     for side in SIDES:
         s = t[side]
@@ -589,38 +715,68 @@ def markdown(r: dict) -> str:
             ratio = f"time {r['time_ratio_trl_over_ours']:.2f}"
             if "memory_ratio_trl_over_ours" in r:
                 ratio += f", memory {r['memory_ratio_trl_over_ours']:.2f}"
-        label = ("ours (`loss=grpo`, Lightning)" if side == "ours"
-                 else f"TRL `GRPOTrainer` (grad. checkpointing {r['trl_gradient_checkpointing']})")
-        rows.append(f"| {label} | {s['median_step_s']:.3f} | {s['median_generate_s']:.3f} | {s['median_score_s']:.3f} "
-                    f"| {s['median_update_s']:.3f} | {s['median_other_s']:.3f} | {s['mean_response_len']:.1f} | {peak} "
-                    f"| {ratio} |")
+        label = (
+            "ours (`loss=grpo`, Lightning)"
+            if side == "ours"
+            else f"TRL `GRPOTrainer` (grad. checkpointing {r['trl_gradient_checkpointing']})"
+        )
+        rows.append(
+            f"| {label} | {s['median_step_s']:.3f} | {s['median_generate_s']:.3f} | {s['median_score_s']:.3f} "
+            f"| {s['median_update_s']:.3f} | {s['median_other_s']:.3f} | {s['mean_response_len']:.1f} | {peak} "
+            f"| {ratio} |"
+        )
     return head + "\n" + "\n".join(rows)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=("tiny", "smollm2", "both"), default="both")
-    p.add_argument("--steps", type=int, default=None,
-                   help="timed steps per side per round (default: tiny 5, smollm2 1)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="timed steps per side per round (default: tiny 5, smollm2 1)"
+    )
     p.add_argument("--repeats", type=int, default=None, help="alternating rounds (default: tiny 6, smollm2 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side before the rounds")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch.set_num_threads (both sides). 1 by default: on a CPU shared with other jobs, 2 OpenMP "
-                        "threads on 2 cores stall whenever one is descheduled (steps 5-30x slower and erratic)")
-    p.add_argument("--memory-steps", type=int, default=2,
-                   help="steps of each side alone in a child process for the peak RSS (0: skip)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads (both sides). 1 by default: on a CPU shared with other jobs, 2 OpenMP "
+        "threads on 2 cores stall whenever one is descheduled (steps 5-30x slower and erratic)",
+    )
+    p.add_argument(
+        "--memory-steps",
+        type=int,
+        default=2,
+        help="steps of each side alone in a child process for the peak RSS (0: skip)",
+    )
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--tiny-prompts", type=int, default=64, help="as configs/data/arithmetic.yaml prompts_per_step")
     p.add_argument("--tiny-max-new-tokens", type=int, default=8)
-    p.add_argument("--smollm2-prompts", type=int, default=1,
-                   help="1 x G=8 = 8 completions per step (the budget of a few minutes on 2 shared cores)")
+    p.add_argument(
+        "--smollm2-prompts",
+        type=int,
+        default=1,
+        help="1 x G=8 = 8 completions per step (the budget of a few minutes on 2 shared cores)",
+    )
     p.add_argument("--smollm2-max-new-tokens", type=int, default=32)
-    p.add_argument("--trl-gradient-checkpointing", choices=("on", "off"), default="on",
-                   help="TRL's activation checkpointing (on: GRPOConfig's default; ours has none)")
-    p.add_argument("--micro-batch-size", type=int, default=None,
-                   help="rows per forward/backward on both sides (default: configs/train.yaml, capped at P*G)")
-    p.add_argument("--diagnostics-top-k", type=int, default=10,
-                   help="our module's concentration diagnostics (module default 10; 0 = off)")
+    p.add_argument(
+        "--trl-gradient-checkpointing",
+        choices=("on", "off"),
+        default="on",
+        help="TRL's activation checkpointing (on: GRPOConfig's default; ours has none)",
+    )
+    p.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=None,
+        help="rows per forward/backward on both sides (default: configs/train.yaml, capped at P*G)",
+    )
+    p.add_argument(
+        "--diagnostics-top-k",
+        type=int,
+        default=10,
+        help="our module's concentration diagnostics (module default 10; 0 = off)",
+    )
     p.add_argument("--cache-dir", default="logs/cache", help="model cache (load_tiny / load_smollm2)")
     p.add_argument("--out", default="logs/benchmarks/vs_trl.json")
     p.add_argument("--memory-child", choices=SIDES, default=None, help=argparse.SUPPRESS)

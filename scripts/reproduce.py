@@ -54,17 +54,26 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=256, help="held-out problems evaluated")
     parser.add_argument("--out", default=str(REPO / "logs" / "reproduce"))
     parser.add_argument("--smoke", action="store_true", help="1 RL step per run, n=4, 8 problems")
-    parser.add_argument("--extra", nargs="*", default=[],
-                        help="more Hydra overrides for every train and eval run (model.*, paths.*, ...)")
-    parser.add_argument("--runs-only", action="store_true",
-                        help="train + evaluate the (loss, seed) runs only: no base evaluation, no report (to split "
-                             "the grid over several processes; a final call without it reuses every finished run)")
+    parser.add_argument(
+        "--extra",
+        nargs="*",
+        default=[],
+        help="more Hydra overrides for every train and eval run (model.*, paths.*, ...)",
+    )
+    parser.add_argument(
+        "--runs-only",
+        action="store_true",
+        help="train + evaluate the (loss, seed) runs only: no base evaluation, no report (to split "
+        "the grid over several processes; a final call without it reuses every finished run)",
+    )
     args = parser.parse_args()
     out = Path(args.out).resolve()
     n, problems = (4, 8) if args.smoke else (args.n, args.problems)
-    train_extra = (["rl_steps=1", "trainer.val_check_interval=1", "+trainer.limit_val_batches=1",
-                    "data.val_prompts=8"]
-                   if args.smoke else []) + list(args.extra)
+    train_extra = (
+        ["rl_steps=1", "trainer.val_check_interval=1", "+trainer.limit_val_batches=1", "data.val_prompts=8"]
+        if args.smoke
+        else []
+    ) + list(args.extra)
     eval_common = ["experiment=toy_eval", f"eval.n={n}", f"eval.limit={problems}", *args.extra]
     start = time.perf_counter()
 
@@ -73,12 +82,23 @@ def main() -> None:
         for seed in args.seeds:
             run_dir = out / "train" / f"{loss}_seed{seed}"
             if not (run_dir / "checkpoints" / "last.ckpt").is_file():
-                run("simko.train", f"experiment=toy_{loss}", f"seed={seed}", f"hydra.run.dir={run_dir}",
-                    "callbacks.progress=null", *train_extra)
+                run(
+                    "simko.train",
+                    f"experiment=toy_{loss}",
+                    f"seed={seed}",
+                    f"hydra.run.dir={run_dir}",
+                    "callbacks.progress=null",
+                    *train_extra,
+                )
             eval_dir = out / "eval" / f"{loss}_seed{seed}"
             if not (eval_dir / "pass_at_k.json").is_file():
-                run("simko.eval", *eval_common, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-                    f"seed={seed}", f"hydra.run.dir={eval_dir}")
+                run(
+                    "simko.eval",
+                    *eval_common,
+                    f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+                    f"seed={seed}",
+                    f"hydra.run.dir={eval_dir}",
+                )
             runs.setdefault(loss, {})[seed] = run_dir
     if args.runs_only:
         print(f"runs done in {(time.perf_counter() - start) / 60:.1f} min")
@@ -92,8 +112,9 @@ def main() -> None:
 
     results = {"base": [json.loads((d / "pass_at_k.json").read_text()) for d in base_dirs]}
     for loss in args.losses:
-        results[loss] = [json.loads((out / "eval" / f"{loss}_seed{s}" / "pass_at_k.json").read_text())
-                         for s in args.seeds]
+        results[loss] = [
+            json.loads((out / "eval" / f"{loss}_seed{s}" / "pass_at_k.json").read_text()) for s in args.seeds
+        ]
     write_report(results, runs, out, n, problems, args, time.perf_counter() - start)
 
 
@@ -103,29 +124,43 @@ def write_report(results: dict, runs: dict, out: Path, n: int, problems: int, ar
     from simko.plot import plot_concentration, plot_pass_at_k
 
     ks = list(results["base"][0]["pass_at_k"])
-    lines = [f"pass@k on {problems} held-out problems, n={n} samples each, mean ± std over seeds {args.seeds}",
-             "", "| model | " + " | ".join(f"pass@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+    lines = [
+        f"pass@k on {problems} held-out problems, n={n} samples each, mean ± std over seeds {args.seeds}",
+        "",
+        "| model | " + " | ".join(f"pass@{k}" for k in ks) + " |",
+        "|---" * (len(ks) + 1) + "|",
+    ]
     for name, summaries in results.items():
         cells = [mean_std([s["pass_at_k"][k] for s in summaries]) for k in ks]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     diag_keys = ["p_rank1", "p_rank2", "p_rank3", "p_rank2_hi", "p_rank3_hi", "entropy_mean"]
-    lines += ["", "Concentration on the model's own samples at evaluation (mean over seeds):", "",
-              "| model | " + " | ".join(diag_keys) + " |", "|---" * (len(diag_keys) + 1) + "|"]
+    lines += [
+        "",
+        "Concentration on the model's own samples at evaluation (mean over seeds):",
+        "",
+        "| model | " + " | ".join(diag_keys) + " |",
+        "|---" * (len(diag_keys) + 1) + "|",
+    ]
     for name, summaries in results.items():
         cells = [f"{np.mean([s['diagnostics'].get(k, np.nan) for s in summaries]):.4g}" for k in diag_keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"`python scripts/reproduce.py --losses {' '.join(args.losses)} --seeds "
-              f"{' '.join(map(str, args.seeds))}`: this call ran {len(EXECUTED)} train/eval runs in "
-              f"{seconds / 60:.1f} min (finished runs under {out} are reused, not rerun).",
-              f"Concentration curves in pass_at_k.png: mean over seeds, {SMOOTH_STEPS}-step rolling mean."]
+    lines += [
+        "",
+        f"`python scripts/reproduce.py --losses {' '.join(args.losses)} --seeds "
+        f"{' '.join(map(str, args.seeds))}`: this call ran {len(EXECUTED)} train/eval runs in "
+        f"{seconds / 60:.1f} min (finished runs under {out} are reused, not rerun).",
+        f"Concentration curves in pass_at_k.png: mean over seeds, {SMOOTH_STEPS}-step rolling mean.",
+    ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    mean_curves = {name: {"pass_at_k": {k: float(np.mean([s["pass_at_k"][k] for s in summaries])) for k in ks}}
-                   for name, summaries in results.items()}
+    mean_curves = {
+        name: {"pass_at_k": {k: float(np.mean([s["pass_at_k"][k] for s in summaries])) for k in ks}}
+        for name, summaries in results.items()
+    }
     plot_pass_at_k(mean_curves, out / "pass_at_k.png", ax=axes[0])
     logs = {}
     for loss, seeds in runs.items():

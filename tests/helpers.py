@@ -33,7 +33,16 @@ def digit_tokenizer() -> PreTrainedTokenizerFast:
 
 def random_qwen2(vocab_size: int = len(CHARS) + 2, seed: int = 0) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-                      tie_word_embeddings=True, eos_token_id=1, pad_token_id=0)
+    cfg = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
     return Qwen2ForCausalLM(cfg).float()

@@ -19,17 +19,26 @@ import torch
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL_TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2",
-              "model.intermediate_size=128", "model.warm_start_steps=40", "model.eval_problems=32"]
+SMALL_TINY = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.intermediate_size=128",
+    "model.warm_start_steps=40",
+    "model.eval_problems=32",
+]
 
 
 def run(module: str, *overrides: str, cwd: Path = REPO, check: bool = True, timeout: int = 600):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{module} {' '.join(overrides)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{module} {' '.join(overrides)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -41,8 +50,15 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def train_args(cache_dir, tmp_path):
     def args(run_dir: str, *extra: str) -> list[str]:
-        return ["debug=fast", f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path}",
-                f"hydra.run.dir={tmp_path / run_dir}", "callbacks.progress=null", *SMALL_TINY, *extra]
+        return [
+            "debug=fast",
+            f"paths.cache_dir={cache_dir}",
+            f"paths.log_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path / run_dir}",
+            "callbacks.progress=null",
+            *SMALL_TINY,
+            *extra,
+        ]
 
     return args
 
@@ -56,9 +72,22 @@ def test_train_grpo_writes_metrics_and_checkpoints(train_args, tmp_path):
     run("simko.train", *train_args("grpo", "loss=grpo", "rl_steps=3"))
     frame = metrics(tmp_path / "grpo")
     assert list(frame.index) == [1.0, 2.0, 3.0]
-    for col in ("train/reward", "train/policy_loss", "train/clip_frac", "train/approx_kl", "train/grad_norm",
-                "train/entropy", "train/response_len", "train/solved_all", "train/solved_none",
-                "time/generate", "time/score", "time/update", "diag/p_rank1", "diag/p_rank2"):
+    for col in (
+        "train/reward",
+        "train/policy_loss",
+        "train/clip_frac",
+        "train/approx_kl",
+        "train/grad_norm",
+        "train/entropy",
+        "train/response_len",
+        "train/solved_all",
+        "train/solved_none",
+        "time/generate",
+        "time/score",
+        "time/update",
+        "diag/p_rank1",
+        "diag/p_rank2",
+    ):
         assert col in frame and frame[col].notna().all(), col
     assert ((frame["train/reward"] >= 0) & (frame["train/reward"] <= 1)).all()
     ckpts = sorted(p.name for p in (tmp_path / "grpo" / "checkpoints").glob("*.ckpt"))
@@ -101,11 +130,31 @@ def test_train_two_cpu_processes_ddp_equals_fsdp2(train_args, tmp_path):
 
 
 def test_every_loss_runs_in_one_multirun(train_args, tmp_path):
-    losses = ["grpo", "dr_grpo", "dapo", "simko", "simko_pos_only", "simko_neg_only", "entropy_bonus", "psr",
-              "nsr", "w_reinforce", "passk", "kl_cov", "clip_cov"]
+    losses = [
+        "grpo",
+        "dr_grpo",
+        "dapo",
+        "simko",
+        "simko_pos_only",
+        "simko_neg_only",
+        "entropy_bonus",
+        "psr",
+        "nsr",
+        "w_reinforce",
+        "passk",
+        "kl_cov",
+        "clip_cov",
+    ]
     args = [a for a in train_args("unused", "rl_steps=2") if not a.startswith("hydra.run.dir")]
-    run("simko.train", "-m", f"loss={','.join(losses)}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        "hydra.sweep.subdir=${hydra.job.num}", "callbacks.model_checkpoint=null", *args)
+    run(
+        "simko.train",
+        "-m",
+        f"loss={','.join(losses)}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "hydra.sweep.subdir=${hydra.job.num}",
+        "callbacks.model_checkpoint=null",
+        *args,
+    )
     for i, name in enumerate(losses):
         frame = metrics(tmp_path / "sweep" / str(i))
         assert list(frame.index) == [1.0, 2.0], name
@@ -140,9 +189,18 @@ def test_bad_config_fails_at_start_with_a_clear_message(train_args, overrides, m
 def test_missing_answer_field_names_file_and_row(train_args, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1", "answer": "2"}\n{"question": "2+2"}\n')
-    proc = run("simko.train", *train_args("badrow", "data=jsonl", f"data.train_source.path={bad}",
-                                          "data.train_source.verifier=exact", "data.val_source=null"),
-               check=False, timeout=300)
+    proc = run(
+        "simko.train",
+        *train_args(
+            "badrow",
+            "data=jsonl",
+            f"data.train_source.path={bad}",
+            "data.train_source.verifier=exact",
+            "data.val_source=null",
+        ),
+        check=False,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert str(bad) in proc.stderr and "row 1" in proc.stderr and "answer" in proc.stderr
 
@@ -151,8 +209,16 @@ def test_eval_writes_table_csv_and_plot(train_args, tmp_path, cache_dir):
     run("simko.train", *train_args("tr", "rl_steps=1"))
     ckpt = tmp_path / "tr" / "checkpoints" / "last.ckpt"
     out = tmp_path / "ev"
-    run("simko.eval", f"ckpt_path={ckpt}", "eval.n=8", "eval.limit=8", f"paths.cache_dir={cache_dir}",
-        f"paths.log_dir={tmp_path}", f"hydra.run.dir={out}", *SMALL_TINY)
+    run(
+        "simko.eval",
+        f"ckpt_path={ckpt}",
+        "eval.n=8",
+        "eval.limit=8",
+        f"paths.cache_dir={cache_dir}",
+        f"paths.log_dir={tmp_path}",
+        f"hydra.run.dir={out}",
+        *SMALL_TINY,
+    )
     summary = json.loads((out / "pass_at_k.json").read_text())
     assert list(summary["pass_at_k"]) == ["1", "2", "4", "8"]
     values = list(summary["pass_at_k"].values())
@@ -170,9 +236,28 @@ def test_reproduce_script_smoke(cache_dir, tmp_path):
     """scripts/reproduce.py --smoke end to end (1 RL step per run): trains, evaluates, writes table + figure."""
     out = tmp_path / "reproduce"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "scripts/reproduce.py", "--smoke", "--losses", "grpo", "--seeds", "0", "1",
-                           "--out", str(out), "--extra", f"paths.cache_dir={cache_dir}", *SMALL_TINY],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/reproduce.py",
+            "--smoke",
+            "--losses",
+            "grpo",
+            "--seeds",
+            "0",
+            "1",
+            "--out",
+            str(out),
+            "--extra",
+            f"paths.cache_dir={cache_dir}",
+            *SMALL_TINY,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     table = (out / "results.md").read_text()
     assert "| base |" in table and "| grpo |" in table and "±" in table

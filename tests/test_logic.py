@@ -19,6 +19,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from helpers import DATA_DIR, shared_file  # noqa: E402
 from simko.data import PromptDataModule  # noqa: E402
 from simko.data.logic import CountdownFileSource, KnightsKnavesFileSource, ReasoningGymSource  # noqa: E402
 from simko.rewards import VERIFIERS, build_verifier, score_batch  # noqa: E402
@@ -29,8 +30,6 @@ from simko.rewards.logic import (  # noqa: E402
     knights_knaves_answer,
     sudoku_answer,
 )
-
-from helpers import DATA_DIR, shared_file  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

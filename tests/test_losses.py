@@ -183,7 +183,7 @@ def simko_reference(batch, adv, k, alpha, lam, tau, eps_low=0.2, eps_high=0.2):
             top1 = int(batch.tokens[b, t]) == int(z[b, t].argmax())
             a_used = lam * a if (a < 0 and top1 and forking) else a
             m = alpha if (forking and batch.rewards[b] >= 1) else 0.0
-            dlog = lambda j: eye[j] - p[b, t]  # noqa: E731
+            dlog = lambda j, b=b, t=t: eye[j] - p[b, t]
             direction = (1 - m) * dlog(batch.tokens[b, t]) + (m / k) * sum(dlog(c) for c in topk_ids[b, t])
             coef[b, t] = -a_used * r / n_valid
             mix[b, t] = m
@@ -386,6 +386,7 @@ def test_clip_cov_random_subset_is_seeded_and_sized():
     batch = Batch()
     n_valid = int(batch.mask.sum())
     ratio = 3.5 / n_valid  # floor(ratio * N) = 3 tokens
+
     def make(seed):
         return build_loss("clip_cov", clip_cov_ratio=ratio, clip_cov_lb=-1e9, clip_cov_ub=1e9, seed=seed)
 
@@ -606,8 +607,9 @@ def test_configs_instantiate(path):
     from hydra.utils import instantiate
 
     # Loss configs may point at other groups (dr_grpo: norm_len = rollout.max_new_tokens): compose them in.
-    root = OmegaConf.create({"rollout": OmegaConf.load(CONFIG_DIR.parent / "rollout" / "default.yaml"),
-                             "loss": OmegaConf.load(path)})
+    root = OmegaConf.create(
+        {"rollout": OmegaConf.load(CONFIG_DIR.parent / "rollout" / "default.yaml"), "loss": OmegaConf.load(path)}
+    )
     loss_fn = instantiate(root.loss)
     assert loss_fn.name == OmegaConf.load(path).name
     adv = loss_fn.compute_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]]))

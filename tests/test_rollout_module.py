@@ -43,8 +43,15 @@ def test_rows_trim_padding_columns():
 
 def _module(micro_batch_size: int, **kw) -> RLVRModule:
     tok, model = digit_tokenizer(), random_qwen2(seed=1)
-    return RLVRModule(model, tok, build_loss("grpo", **kw), optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
-                      group_size=4, micro_batch_size=micro_batch_size, max_new_tokens=6)
+    return RLVRModule(
+        model,
+        tok,
+        build_loss("grpo", **kw),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
+        group_size=4,
+        micro_batch_size=micro_batch_size,
+        max_new_tokens=6,
+    )
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
@@ -54,8 +61,7 @@ def test_micro_batch_accumulation_equals_one_batch(aggregation):
 
     big, small = _module(64, aggregation=aggregation), _module(3, aggregation=aggregation)
     small.policy.load_state_dict(big.policy.state_dict())
-    r = generate_rollouts(big.policy, big.tokenizer, ["12+3=", "5+5=", "7+40="], group_size=4,
-                          max_new_tokens=6, seed=3)
+    r = generate_rollouts(big.policy, big.tokenizer, ["12+3=", "5+5=", "7+40="], group_size=4, max_new_tokens=6, seed=3)
     rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1])
     adv = big.loss_fn.compute_advantages(rewards.view(-1, 4)).reshape(-1)
     grads = []
@@ -82,8 +88,9 @@ def test_reference_built_only_for_kl_and_not_in_state_dict():
     tok, model = digit_tokenizer(), random_qwen2()
     no_kl = RLVRModule(model, tok, build_loss("grpo"), optimizer=torch.optim.SGD, group_size=2)
     assert no_kl._reference is None
-    kl = RLVRModule(copy.deepcopy(model), tok, build_loss("grpo", kl_coef=0.01), optimizer=torch.optim.SGD,
-                    group_size=2)
+    kl = RLVRModule(
+        copy.deepcopy(model), tok, build_loss("grpo", kl_coef=0.01), optimizer=torch.optim.SGD, group_size=2
+    )
     assert kl._reference is not None
     assert not any(p.requires_grad for p in kl._reference.parameters())
     assert all(k.startswith("policy.") for k in kl.state_dict())
@@ -103,8 +110,12 @@ def test_shared_prompt_cache_samples_what_the_plain_path_samples(monkeypatch):
 
     tok, model = digit_tokenizer(), random_qwen2(seed=2)
     prompts = ["12+3=", "5+5=", "71+40="]  # different lengths: left padding inside the shared cache
-    assert rollout._shared_prompt_cache(model, *tok(prompts, return_tensors="pt", padding=True,
-                                                     padding_side="left").values(), 4, 6) is not None
+    assert (
+        rollout._shared_prompt_cache(
+            model, *tok(prompts, return_tensors="pt", padding=True, padding_side="left").values(), 4, 6
+        )
+        is not None
+    )
     cached = [generate_rollouts(model, tok, prompts, group_size=4, max_new_tokens=6, seed=s) for s in range(3)]
     monkeypatch.setattr(rollout, "_shared_prompt_cache", lambda *a, **k: None)
     plain = [generate_rollouts(model, tok, prompts, group_size=4, max_new_tokens=6, seed=s) for s in range(3)]

@@ -8,7 +8,7 @@ directly, so scripts can compute them however they like.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -109,8 +109,7 @@ def passk_advantages(rewards: Tensor, k: int = 4, correct_threshold: float = 1.0
     # Both probabilities depend only on N_neg: tabulate them for N_neg = 0..G (exact integer binomials).
     all_fail = [math.comb(m, k) / math.comb(group_size, k) for m in range(group_size + 1)]
     neg_subset_fails = [
-        math.comb(m - 1, k - 1) / math.comb(group_size - 1, k - 1) if m >= 1 else 0.0
-        for m in range(group_size + 1)
+        math.comb(m - 1, k - 1) / math.comb(group_size - 1, k - 1) if m >= 1 else 0.0 for m in range(group_size + 1)
     ]
     all_fail = torch.tensor(all_fail, dtype=torch.float64, device=rewards.device)[num_neg]
     neg_subset_fails = torch.tensor(neg_subset_fails, dtype=torch.float64, device=rewards.device)[num_neg]

@@ -46,8 +46,10 @@ def load_checkpoint_into(policy: torch.nn.Module, ckpt_path: str) -> None:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist (ckpt_path=...)")
     if path.is_dir():
-        raise ValueError(f"checkpoint {path} is a directory (a distributed checkpoint); train with "
-                         "trainer.strategy.save_distributed_checkpoint=false or consolidate it first")
+        raise ValueError(
+            f"checkpoint {path} is a directory (a distributed checkpoint); train with "
+            "trainer.strategy.save_distributed_checkpoint=false or consolidate it first"
+        )
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     policy_state = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
     if not policy_state:
@@ -80,16 +82,27 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     rows_out, answers_all, correct_all = [], [], []
     batch = max(1, int(cfg.eval.prompts_per_batch))
 
-    progress = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("ETA"), TimeRemainingColumn())
+    progress = Progress(
+        TextColumn("[bold]eval"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with progress:
         task = progress.add_task("eval", total=len(problems))
         for start in range(0, len(problems), batch):
             chunk = problems[start : start + batch]
             rollouts = generate_rollouts(
-                policy, tokenizer, [ex["prompt"] for ex in chunk], group_size=n,
-                max_new_tokens=int(cfg.eval.max_new_tokens), temperature=float(cfg.eval.temperature),
-                top_p=float(cfg.eval.top_p), seed=step_seed(cfg.seed, start, 0),
+                policy,
+                tokenizer,
+                [ex["prompt"] for ex in chunk],
+                group_size=n,
+                max_new_tokens=int(cfg.eval.max_new_tokens),
+                temperature=float(cfg.eval.temperature),
+                top_p=float(cfg.eval.top_p),
+                seed=step_seed(cfg.seed, start, 0),
             )
             answers = [ex["answer"] for ex in chunk for _ in range(n)]
             names = [ex["verifier"] for ex in chunk for _ in range(n)]
@@ -105,8 +118,15 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
                 extracted = [extract_final_answer(c) for c in rollouts.completions[i * n : (i + 1) * n]]
                 answers_all.append(extracted)
                 correct_all.append(correct[i].tolist())
-                rows_out.append({"id": ex.get("id", start + i), "c": int(correct[i].sum()), "n": n,
-                                 "answer": ex["answer"], "extracted": json.dumps(extracted, ensure_ascii=False)})
+                rows_out.append(
+                    {
+                        "id": ex.get("id", start + i),
+                        "c": int(correct[i].sum()),
+                        "n": n,
+                        "answer": ex["answer"],
+                        "extracted": json.dumps(extracted, ensure_ascii=False),
+                    }
+                )
             progress.advance(task, len(chunk))
 
     result = metric.compute()
@@ -118,8 +138,12 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "n": n,
         "num_problems": len(problems),
         "diagnostics": {k: v / num_samples for k, v in diag_sum.items()},
-        "config": {"model": OmegaConf.to_container(cfg.model), "ckpt_path": cfg.get("ckpt_path"),
-                   "data": cfg.data._target_, "eval": OmegaConf.to_container(cfg.eval)},
+        "config": {
+            "model": OmegaConf.to_container(cfg.model),
+            "ckpt_path": cfg.get("ckpt_path"),
+            "data": cfg.data._target_,
+            "eval": OmegaConf.to_container(cfg.eval),
+        },
     }
     write_outputs(summary, rows_out, out_dir)
     return summary

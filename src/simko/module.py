@@ -17,8 +17,9 @@ from __future__ import annotations
 import copy
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -90,14 +91,19 @@ class RLVRModule(LightningModule):
         super().__init__()
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 (group advantages compare responses), got {group_size}")
-        for name, value in (("ppo_epochs", ppo_epochs), ("num_mini_batches", num_mini_batches),
-                            ("micro_batch_size", micro_batch_size), ("max_new_tokens", max_new_tokens)):
+        for name, value in (
+            ("ppo_epochs", ppo_epochs),
+            ("num_mini_batches", num_mini_batches),
+            ("micro_batch_size", micro_batch_size),
+            ("max_new_tokens", max_new_tokens),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         missing = [a for a in ("compute_advantages", "top_k", "aggregation", "needs_reference") if not hasattr(loss, a)]
         if missing or not callable(loss):
-            raise TypeError(f"loss must be built by simko.losses.build_loss (got {type(loss).__name__}, "
-                            f"missing {missing})")
+            raise TypeError(
+                f"loss must be built by simko.losses.build_loss (got {type(loss).__name__}, missing {missing})"
+            )
         self.automatic_optimization = False
         self.policy = policy
         self.tokenizer = tokenizer
@@ -105,8 +111,9 @@ class RLVRModule(LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.group_size = group_size
-        self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             max_prompt_tokens=max_prompt_tokens)
+        self.sampling = dict(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, max_prompt_tokens=max_prompt_tokens
+        )
         self.ppo_epochs = ppo_epochs
         self.num_mini_batches = num_mini_batches
         self.micro_batch_size = micro_batch_size
@@ -183,15 +190,21 @@ class RLVRModule(LightningModule):
     def _sharded(self) -> bool:
         return self.device_mesh is not None or "fsdp" in type(self.trainer.strategy).__name__.lower()
 
-    def rollout(self, examples: list[dict], step: int, group_size: int, temperature: float, top_p: float,
-                seed_offset: int = 0) -> tuple[Rollouts, Tensor, dict[str, float]]:
+    def rollout(
+        self, examples: list[dict], step: int, group_size: int, temperature: float, top_p: float, seed_offset: int = 0
+    ) -> tuple[Rollouts, Tensor, dict[str, float]]:
         """Generate and score; returns rollouts, rewards [N] and timings."""
         t0 = time.perf_counter()
         was_training = self.policy.training
         self.policy.eval()
         rollouts = generate_rollouts(
-            self.policy, self.tokenizer, [ex["prompt"] for ex in examples], group_size=group_size,
-            max_new_tokens=self.sampling["max_new_tokens"], temperature=temperature, top_p=top_p,
+            self.policy,
+            self.tokenizer,
+            [ex["prompt"] for ex in examples],
+            group_size=group_size,
+            max_new_tokens=self.sampling["max_new_tokens"],
+            temperature=temperature,
+            top_p=top_p,
             max_prompt_tokens=self.sampling["max_prompt_tokens"],
             seed=step_seed(self.seed + seed_offset, step, self.global_rank),
             synced_gpus=self.trainer.world_size > 1 and self._sharded(),
@@ -200,16 +213,23 @@ class RLVRModule(LightningModule):
         t1 = time.perf_counter()
         answers = [ex["answer"] for ex in examples for _ in range(group_size)]
         names = [ex["verifier"] for ex in examples for _ in range(group_size)]
-        rewards = torch.tensor(self.score(rollouts.completions, answers, names), dtype=torch.float32,
-                               device=self.device)
+        rewards = torch.tensor(
+            self.score(rollouts.completions, answers, names), dtype=torch.float32, device=self.device
+        )
         t2 = time.perf_counter()
         return rollouts, rewards, {"time/generate": t1 - t0, "time/score": t2 - t1}
 
     # ------------------------------------------------------------------ token statistics
     def token_stats(self, model: torch.nn.Module, rows: dict[str, Tensor], top_k: int) -> TokenStats:
         """TokenStats of the response tokens of ``rows`` under ``model`` at the rollout temperature."""
-        return rollout_token_stats(model, rows, top_k, self.sampling["temperature"], self.stats_chunk_size,
-                                   share_prompt=self.share_prompt and not (self._trainer and self._sharded()))
+        return rollout_token_stats(
+            model,
+            rows,
+            top_k,
+            self.sampling["temperature"],
+            self.stats_chunk_size,
+            share_prompt=self.share_prompt and not (self._trainer and self._sharded()),
+        )
 
     @torch.no_grad()
     def _logprobs(self, model: torch.nn.Module, rollouts: Rollouts) -> Tensor:
@@ -225,8 +245,9 @@ class RLVRModule(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         examples, step = batch["examples"], int(batch["step"])
         G = self.group_size
-        rollouts, rewards, timings = self.rollout(examples, step, G, self.sampling["temperature"],
-                                                  self.sampling["top_p"])
+        rollouts, rewards, timings = self.rollout(
+            examples, step, G, self.sampling["temperature"], self.sampling["top_p"]
+        )
         t_update = time.perf_counter()
         advantages = self.loss_fn.compute_advantages(rewards.view(-1, G)).reshape(-1)
 
@@ -263,8 +284,13 @@ class RLVRModule(LightningModule):
                     R = stats.mask.shape[1]
                     old = old_logprobs[idx, :R] if needs_old else stats.logprobs.detach()
                     ref = ref_logprobs[idx, :R] if ref_logprobs is not None else None
-                    out = self.loss_fn(stats.with_top_k(self.loss_fn.top_k), old_logprobs=old,
-                                       advantages=advantages[idx], rewards=rewards[idx], ref_logprobs=ref)
+                    out = self.loss_fn(
+                        stats.with_top_k(self.loss_fn.top_k),
+                        old_logprobs=old,
+                        advantages=advantages[idx],
+                        rewards=rewards[idx],
+                        ref_logprobs=ref,
+                    )
                     if not torch.isfinite(out.loss):
                         raise FloatingPointError(
                             f"non-finite loss {out.loss.item()} at RL step {step}, micro-batch {i}: "
@@ -321,15 +347,29 @@ class RLVRModule(LightningModule):
             # Counts are summed over ranks, everything else averaged.
             reduce = "sum" if key in ("solved_all", "solved_none") or key.startswith("verifier/") else "mean"
             name = key if key.startswith(("train/", "time/", "diag/", "verifier/")) else f"train/{key}"
-            self.log(name, float(value), on_step=True, on_epoch=False, sync_dist=True, reduce_fx=reduce,
-                     prog_bar=key in ("reward",), batch_size=rollouts.num_rows)
+            self.log(
+                name,
+                float(value),
+                on_step=True,
+                on_epoch=False,
+                sync_dist=True,
+                reduce_fx=reduce,
+                prog_bar=key in ("reward",),
+                batch_size=rollouts.num_rows,
+            )
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
         """Sample n completions per held-out prompt (same seeds at every validation) and score them."""
         n = self.val_sampling["group_size"]
-        _, rewards, _ = self.rollout(batch, 10_000_000 + batch_idx, n, self.val_sampling["temperature"],
-                                     self.val_sampling["top_p"], seed_offset=1)
+        _, rewards, _ = self.rollout(
+            batch,
+            10_000_000 + batch_idx,
+            n,
+            self.val_sampling["temperature"],
+            self.val_sampling["top_p"],
+            seed_offset=1,
+        )
         self.val_pass_at_k.update(rewards.view(-1, n) >= 1.0)
 
     def on_validation_epoch_end(self) -> None:

@@ -51,8 +51,9 @@ def read_training_log(run: Path) -> pd.DataFrame | None:
     return frame
 
 
-def plot_concentration(logs: dict[str, pd.DataFrame], ax, ranks=(1, 2, 3, 5, 10), suffix: str = "",
-                       colors: dict[str, str] | None = None) -> None:
+def plot_concentration(
+    logs: dict[str, pd.DataFrame], ax, ranks=(1, 2, 3, 5, 10), suffix: str = "", colors: dict[str, str] | None = None
+) -> None:
     """Mean probability of the rank-k candidate against the RL step (log y): one colour per run, one line style
     per rank (``colors`` maps run labels to colours, default C0, C1, ... in order)."""
     from matplotlib.lines import Line2D
@@ -67,13 +68,17 @@ def plot_concentration(logs: dict[str, pd.DataFrame], ax, ranks=(1, 2, 3, 5, 10)
                 data = frame[[step_col, col]].dropna()
                 ax.plot(data[step_col], data[col], linestyle=styles[j % len(styles)], color=colors[label], lw=1)
     handles = [Line2D([], [], color=colors[label], label=label) for label in logs]
-    handles += [Line2D([], [], color="gray", linestyle=styles[j % len(styles)], label=f"p(rank {k})")
-                for j, k in enumerate(ranks)]
+    handles += [
+        Line2D([], [], color="gray", linestyle=styles[j % len(styles)], label=f"p(rank {k})")
+        for j, k in enumerate(ranks)
+    ]
     ax.set_yscale("log")
     ax.set_xlabel("RL step")
     ax.set_ylabel("mean probability")
-    ax.set_title("p(rank k), " + ("high-entropy tokens (H > 0.8-quantile of the response)" if suffix
-                                  else "all response tokens"), fontsize=9)
+    ax.set_title(
+        "p(rank k), " + ("high-entropy tokens (H > 0.8-quantile of the response)" if suffix else "all response tokens"),
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend(handles=handles, fontsize=7, ncol=2, loc="center right", framealpha=0.8)
 
@@ -93,7 +98,9 @@ def plot_runs(runs: list[str], out: str, labels: list[str] | None = None) -> Pat
         if frame is not None:
             logs[label] = frame
         if label not in summaries and label not in logs:
-            raise FileNotFoundError(f"{path} holds neither pass_at_k.json (simko.eval) nor csv/metrics.csv (simko.train)")
+            raise FileNotFoundError(
+                f"{path} holds neither pass_at_k.json (simko.eval) nor csv/metrics.csv (simko.train)"
+            )
     panels = (1 if summaries else 0) + (2 if logs else 0)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
     axes = list(axes[0])
@@ -112,8 +119,11 @@ def main() -> None:
     cfg = OmegaConf.from_cli()
     if "runs" not in cfg:
         raise SystemExit("usage: python -m simko.plot runs=[DIR,DIR,...] [labels=[a,b,...]] [out=FILE.png]")
-    out = plot_runs([str(r) for r in cfg.runs], str(cfg.get("out", "runs.png")),
-                    [str(x) for x in cfg.labels] if cfg.get("labels") else None)
+    out = plot_runs(
+        [str(r) for r in cfg.runs],
+        str(cfg.get("out", "runs.png")),
+        [str(x) for x in cfg.labels] if cfg.get("labels") else None,
+    )
     print(f"wrote {out}")
 
 

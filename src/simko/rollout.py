@@ -125,8 +125,9 @@ def generate_rollouts(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
 
     # Prefill each distinct prompt once (no RNG is drawn) and share its KV cache with the G rows of its group.
-    cache = _shared_prompt_cache(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), group_size,
-                                 max_new_tokens)
+    cache = _shared_prompt_cache(
+        model, enc["input_ids"].to(device), enc["attention_mask"].to(device), group_size, max_new_tokens
+    )
     extra = {} if cache is None else {"past_key_values": cache}
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -206,8 +207,9 @@ def _prefix_cache(model, ids: Tensor, mask: Tensor, position_ids: Tensor):
     return cache
 
 
-def rollout_token_stats(model, rows: dict[str, Tensor], top_k: int, temperature: float,
-                        chunk_size: int = 256, share_prompt: bool = True) -> TokenStats:
+def rollout_token_stats(
+    model, rows: dict[str, Tensor], top_k: int, temperature: float, chunk_size: int = 256, share_prompt: bool = True
+) -> TokenStats:
     """TokenStats of the response tokens of ``rows`` (see :meth:`Rollouts.rows`) under ``model``.
 
     ``logits_to_keep=1``: the model computes logits for one position only; the LM head is applied by
@@ -227,17 +229,35 @@ def rollout_token_stats(model, rows: dict[str, Tensor], top_k: int, temperature:
     p = rows["prompt_len"]
     cache = _prompt_cache(model, rows, position_ids) if share_prompt else None
     if cache is None:
-        out = model(input_ids=rows["input_ids"], attention_mask=attn, position_ids=position_ids,
-                    output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        out = model(
+            input_ids=rows["input_ids"],
+            attention_mask=attn,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+            logits_to_keep=1,
+        )
         hidden = out.hidden_states[-1][:, p - 1 : -1]
     else:
-        out = model(input_ids=rows["input_ids"][:, p - 1 :], attention_mask=attn,
-                    position_ids=position_ids[:, p - 1 :], past_key_values=cache, use_cache=True,
-                    output_hidden_states=True, logits_to_keep=1)
+        out = model(
+            input_ids=rows["input_ids"][:, p - 1 :],
+            attention_mask=attn,
+            position_ids=position_ids[:, p - 1 :],
+            past_key_values=cache,
+            use_cache=True,
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
         hidden = out.hidden_states[-1][:, :-1]
-    return TokenStats.from_hidden(hidden, model.get_output_embeddings(), rows["response_tokens"],
-                                  rows["response_mask"], top_k=top_k, temperature=temperature,
-                                  chunk_size=chunk_size)
+    return TokenStats.from_hidden(
+        hidden,
+        model.get_output_embeddings(),
+        rows["response_tokens"],
+        rows["response_mask"],
+        top_k=top_k,
+        temperature=temperature,
+        chunk_size=chunk_size,
+    )
 
 
 def _prompt_cache(model, rows: dict[str, Tensor], position_ids: Tensor):
@@ -252,8 +272,9 @@ def _prompt_cache(model, rows: dict[str, Tensor], position_ids: Tensor):
     # The first row of each distinct prompt stands for all of its rows.
     first = torch.full((len(unique),), len(group), dtype=torch.long, device=group.device)
     first = first.scatter_reduce(0, inverse, torch.arange(len(group), device=group.device), reduce="amin")
-    cache = _prefix_cache(model, rows["input_ids"][first, : p - 1], rows["attention_mask"][first, : p - 1],
-                          position_ids[first, : p - 1])
+    cache = _prefix_cache(
+        model, rows["input_ids"][first, : p - 1], rows["attention_mask"][first, : p - 1], position_ids[first, : p - 1]
+    )
     if cache is not None:
         cache.batch_select_indices(inverse)  # keys/values[inverse]: an index op, so gradients flow back
     return cache

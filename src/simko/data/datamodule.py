@@ -249,4 +249,3 @@ class PromptDataModule(pl.LightningDataModule):
 
 def _is_procedural(source: Source) -> bool:
     return callable(getattr(source, "example", None))
-

@@ -131,7 +131,9 @@ class LocalFileSource:
         if empty_answers:
             log.warning(
                 "%s: dropped %d row(s) whose gold answer is empty (rows %s)",
-                self.path, len(empty_answers), empty_answers[:10],
+                self.path,
+                len(empty_answers),
+                empty_answers[:10],
             )
         if not examples:
             raise ValueError(f"{self.path}: no usable rows (every answer in {self.answer_field!r} was empty).")
@@ -187,9 +189,7 @@ def _load_rows(path: Path, fields: Sequence[str | None], cache_dir: str | Path |
     missing = sorted(top_level - set(dataset.column_names))
     if missing:
         # A whole column is absent: report it for the first row, as a row-level error would.
-        raise ValueError(
-            f"{path}: row 0 has no field {missing[0]!r} (columns: {sorted(dataset.column_names)})."
-        )
+        raise ValueError(f"{path}: row 0 has no field {missing[0]!r} (columns: {sorted(dataset.column_names)}).")
     return dataset.select_columns(sorted(top_level)).to_list()
 
 

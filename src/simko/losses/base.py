@@ -13,8 +13,8 @@ Everything else (clipping, KL to a reference, aggregation, metrics) lives here o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ from simko.advantages import build_advantage
 from simko.losses.aggregation import aggregate, check_aggregation, masked_mean
 from simko.losses.stats import TokenStats
 
-LOSSES: dict[str, type["PolicyLoss"]] = {}
+LOSSES: dict[str, type[PolicyLoss]] = {}
 
 
 def register_loss(name: str) -> Callable[[type], type]:
@@ -37,7 +37,7 @@ def register_loss(name: str) -> Callable[[type], type]:
     return deco
 
 
-def build_loss(name: str, **kwargs) -> "PolicyLoss":
+def build_loss(name: str, **kwargs) -> PolicyLoss:
     """Build a registered loss by name with the same keyword arguments as its ``configs/loss/<name>.yaml``."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; registered losses: {', '.join(sorted(LOSSES))}")

@@ -144,9 +144,7 @@ class KLCovLoss(PolicyLoss):
         **base_kwargs: as :class:`PolicyLoss` (``clip_eps``/``clip_eps_high`` only matter with ``ppo_clip``).
     """
 
-    def __init__(
-        self, kl_cov_ratio: float = 2e-3, kl_cov_coef: float = 1.0, ppo_clip: bool = False, **base_kwargs
-    ):
+    def __init__(self, kl_cov_ratio: float = 2e-3, kl_cov_coef: float = 1.0, ppo_clip: bool = False, **base_kwargs):
         super().__init__(**base_kwargs)
         self.kl_cov_ratio = _check_fraction("kl_cov_ratio", kl_cov_ratio)
         if kl_cov_coef < 0:

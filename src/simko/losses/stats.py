@@ -49,16 +49,16 @@ class TokenStats:
         # Equal log-prob to the top-1 counts as top-1 (robust to ties between equal logits).
         return self.logprobs.detach() >= self.topk_logprobs[..., 0].detach()
 
-    def with_top_k(self, k: int) -> "TokenStats":
+    def with_top_k(self, k: int) -> TokenStats:
         """The same statistics restricted to the first ``k`` candidates (a loss gets exactly the K it asked for)."""
         if k > self.top_k:
             raise ValueError(f"asked for top-{k} candidates, the statistics hold {self.top_k}")
         return TokenStats(self.logprobs, self.entropy, self.topk_logprobs[..., :k], self.topk_ids[..., :k], self.mask)
 
-    def detach(self) -> "TokenStats":
+    def detach(self) -> TokenStats:
         return TokenStats(**{f.name: getattr(self, f.name).detach() for f in fields(self)})
 
-    def __getitem__(self, rows) -> "TokenStats":
+    def __getitem__(self, rows) -> TokenStats:
         return TokenStats(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
 
     # ------------------------------------------------------------------ constructors
@@ -70,7 +70,7 @@ class TokenStats:
         mask: Tensor,
         top_k: int = 0,
         temperature: float = 1.0,
-    ) -> "TokenStats":
+    ) -> TokenStats:
         """Statistics from logits already aligned with ``tokens`` (``logits[b, t]`` predicts ``tokens[b, t]``).
 
         Differentiable in ``logits``. Convenient for tests and scripts; the training module uses
@@ -90,7 +90,7 @@ class TokenStats:
         top_k: int = 0,
         temperature: float = 1.0,
         chunk_size: int = 256,
-    ) -> "TokenStats":
+    ) -> TokenStats:
         """Statistics from last hidden states ``[B, T, D]`` aligned with ``tokens`` (``hidden[b, t]`` predicts
         ``tokens[b, t]``), computed ``chunk_size`` positions at a time.
 
@@ -105,9 +105,7 @@ class TokenStats:
             h = hidden[:, start : start + chunk_size]
             y = tokens[:, start : start + chunk_size]
             if torch.is_grad_enabled() and h.requires_grad:
-                outs.append(
-                    checkpoint(_head_stats, h, lm_head, y, top_k, temperature, use_reentrant=False)
-                )
+                outs.append(checkpoint(_head_stats, h, lm_head, y, top_k, temperature, use_reentrant=False))
             else:
                 outs.append(_head_stats(h, lm_head, y, top_k, temperature))
         logprobs, entropy, topk_lp, topk_ids = (torch.cat(parts, dim=1) for parts in zip(*outs))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -45,16 +45,21 @@ class PassAtK(Metric):
             raise ValueError(f"PassAtK.update expects a bool tensor [num_prompts, n], got {tuple(correct.shape)}")
         n = correct.shape[1]
         if max(self.ks) > n:
-            raise ValueError(f"pass@k with k={max(self.ks)} > n={n} samples per problem is undefined; "
-                             f"sample more or drop k (ks={self.ks})")
+            raise ValueError(
+                f"pass@k with k={max(self.ks)} > n={n} samples per problem is undefined; "
+                f"sample more or drop k (ks={self.ks})"
+            )
         if int(self.n) not in (0, n):
             raise ValueError(f"PassAtK got n={n} samples per problem after n={int(self.n)}; keep n fixed")
         self.n = torch.tensor(n, device=self.n.device)
         self.counts.append(correct.bool().sum(1).to(torch.int64))
 
     def compute(self) -> dict:
-        counts = self.counts if isinstance(self.counts, Tensor) else (
-            torch.cat(self.counts) if self.counts else torch.zeros(0, dtype=torch.int64))
+        counts = (
+            self.counts
+            if isinstance(self.counts, Tensor)
+            else (torch.cat(self.counts) if self.counts else torch.zeros(0, dtype=torch.int64))
+        )
         n = int(self.n)
         if counts.numel() == 0:
             return {k: float("nan") for k in self.ks} | {"mean@n": float("nan")}

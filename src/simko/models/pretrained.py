@@ -96,7 +96,5 @@ def load_pretrained(
         trust_remote_code=trust_remote_code,
         local_files_only=local_only,
     )
-    tokenizer = AutoTokenizer.from_pretrained(
-        source, trust_remote_code=trust_remote_code, local_files_only=local_only
-    )
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local_only)
     return prepare_for_generation(model, tokenizer)

@@ -14,6 +14,7 @@
 - registry.py  register_verifier / build_verifier / score_batch (a batch may mix verifiers)
 """
 
+from simko.rewards import logic  # noqa: E402,F401 - registers countdown, knights_knaves, mini_sudoku
 from simko.rewards.base import Verifier
 from simko.rewards.exact import ExactMatchVerifier
 from simko.rewards.extract import extract_boxed, extract_final_answer
@@ -29,7 +30,6 @@ from simko.rewards.registry import (
     score_batch,
     shared_verifier,
 )
-from simko.rewards import logic  # noqa: E402,F401 - registers countdown, knights_knaves, mini_sudoku
 
 __all__ = [
     "Verifier",

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from simko.rewards.pool import TaskResult
 
@@ -55,7 +56,7 @@ class Verifier:
     def close(self) -> None:
         """Stop worker processes, if any; a later ``score`` starts them again."""
 
-    def __enter__(self) -> "Verifier":
+    def __enter__(self) -> Verifier:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -78,8 +79,12 @@ class Verifier:
         # Warn once per kind so a bad verifier is visible without flooding the log; the counters keep the tally.
         if status not in self._warned:
             self._warned = self._warned | {status}
-            logger.warning("%s verifier: a check %s (%s); it scores 0.0 (further ones are only counted)",
-                           self.name, "timed out" if status == "timeout" else "failed", message)
+            logger.warning(
+                "%s verifier: a check %s (%s); it scores 0.0 (further ones are only counted)",
+                self.name,
+                "timed out" if status == "timeout" else "failed",
+                message,
+            )
         return 0.0
 
 

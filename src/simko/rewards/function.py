@@ -15,7 +15,7 @@ counts as 0.0, NaN/inf are errors.
 from __future__ import annotations
 
 import pickle
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from simko.rewards.base import Verifier, to_reward
 from simko.rewards.pool import KillablePool

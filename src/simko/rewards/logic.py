@@ -42,8 +42,16 @@ _EXPRESSION_CHARS = re.compile(r"[0-9\s+\-*/()]+")
 # Symbols models write for the operations and parentheses (LaTeX in a \boxed{}, Unicode), mapped to the ASCII
 # ones the evaluator reads.
 _SYMBOL_SPELLINGS = {
-    "\\times": "*", "\\cdot": "*", "\\div": "/", "\\left(": "(", "\\right)": ")",
-    "×": "*", "·": "*", "÷": "/", "−": "-", "–": "-",
+    "\\times": "*",
+    "\\cdot": "*",
+    "\\div": "/",
+    "\\left(": "(",
+    "\\right)": ")",
+    "×": "*",
+    "·": "*",
+    "÷": "/",
+    "−": "-",
+    "–": "-",
 }
 _BINARY_OPERATIONS = {
     ast.Add: lambda a, b: a + b,
@@ -197,9 +205,7 @@ class CountdownVerifier(_ExactLogicVerifier):
 ROLES = ("knight", "knave")
 
 
-def knights_knaves_answer(
-    names: Sequence[str], knights: Sequence[bool], words: tuple[str, str] = ROLES
-) -> str:
+def knights_knaves_answer(names: Sequence[str], knights: Sequence[bool], words: tuple[str, str] = ROLES) -> str:
     """The gold ``answer`` string: each person's role (``knights[i]`` True = knight = truth-teller).
 
     ``words``: the puzzle's own names for (knight, knave), stored only when they differ from the defaults.

@@ -51,9 +51,7 @@ class MathVerifier(Verifier):
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.timeout_s = timeout_s
         self.require_boxed = require_boxed
-        self.pool = KillablePool(
-            num_workers, start_method=start_method, preload=("math_verify",), initializer=warm_up
-        )
+        self.pool = KillablePool(num_workers, start_method=start_method, preload=("math_verify",), initializer=warm_up)
 
     def _score(self, completions: list[str], answers: list[str]) -> list[float]:
         scores = [0.0] * len(completions)

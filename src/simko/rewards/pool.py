@@ -24,9 +24,10 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Any, Callable, Sequence
+from typing import Any
 
 _READY = "ready"
 # Modules every pool asked to preload, so the (one, process-wide) fork server imports them all once, whichever

@@ -17,7 +17,7 @@ Then name it in a dataset's ``verifier`` column / the config, and ``build_verifi
 from __future__ import annotations
 
 import functools
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from simko.rewards.base import Verifier
 from simko.rewards.exact import ExactMatchVerifier
