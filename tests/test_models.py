@@ -11,6 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from simko.forward import position_ids_from_mask
 from simko.models import (
     build_char_tokenizer,
     build_tiny_model,
@@ -23,7 +24,7 @@ from simko.models import (
 from simko.models import cache as cache_module
 from simko.models import smollm2 as smollm2_module
 from simko.models import tiny as tiny_module
-from simko.models.warm_start import completion_batch, position_ids_from_mask
+from simko.models.warm_start import completion_batch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
