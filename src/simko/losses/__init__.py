@@ -7,14 +7,20 @@ out = loss_fn(stats, old_logprobs=old_lp, advantages=adv, rewards=rew)
 out.loss.backward(); out.metrics
 """
 
-# Importing a loss module registers it.
-from simko.losses import covariance, grpo, simko  # noqa: F401
+import importlib
+import pkgutil
+
 from simko.losses.aggregation import AGGREGATIONS, aggregate, aggregation_weight
 from simko.losses.base import LOSSES, LossOutput, PolicyLoss, build_loss, kl_penalty, register_loss
 from simko.losses.covariance import ClipCovLoss, KLCovLoss
 from simko.losses.grpo import GRPOLoss
 from simko.losses.simko import SimKOLoss
 from simko.losses.stats import TokenStats, response_quantile_mask
+
+# Importing a loss module registers it: every module of this package is imported, so a new loss is one file here
+# (plus its configs/loss/<name>.yaml) and no list to extend.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "AGGREGATIONS",
