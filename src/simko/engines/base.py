@@ -15,12 +15,12 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from simko.registry import class_registrar
 from simko.rollout import Rollouts
 
 ENGINES: dict[str, type[RolloutEngine]] = {}
@@ -64,15 +64,7 @@ class RolloutEngine(ABC):
         """Release what the engine holds (processes, device memory). The engine is not used afterwards."""
 
 
-def register_engine(name: str) -> Callable[[type], type]:
-    def deco(cls):
-        if name in ENGINES:
-            raise ValueError(f"rollout engine {name!r} registered twice")
-        ENGINES[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+register_engine = class_registrar(ENGINES, "rollout engine")  # @register_engine("name") on a RolloutEngine
 
 
 def available_engines() -> list[str]:

@@ -18,7 +18,6 @@ Everything else (clipping, KL to a reference, aggregation, metrics) lives here o
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -27,19 +26,12 @@ from torch import Tensor
 from simko.advantages import build_advantage
 from simko.losses.aggregation import aggregate, check_aggregation, masked_mean
 from simko.losses.stats import TokenStats
+from simko.registry import class_registrar
 
 LOSSES: dict[str, type[PolicyLoss]] = {}
 
 
-def register_loss(name: str) -> Callable[[type], type]:
-    def deco(cls):
-        if name in LOSSES:
-            raise ValueError(f"loss {name!r} registered twice")
-        LOSSES[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+register_loss = class_registrar(LOSSES, "loss")  # @register_loss("name") on a PolicyLoss subclass
 
 
 def build_loss(name: str, **kwargs) -> PolicyLoss:
