@@ -257,10 +257,7 @@ class RLVRModule(LightningModule):
             stats_top_k=max(self.loss_fn.top_k, diag_k),
             backward=self.manual_backward,
             no_sync=partial(distributed.no_sync, self.trainer.strategy),
-            # the first mini-batch, under the policy that sampled the rollouts
-            diagnose=(lambda stats: concentration_metrics(stats.with_top_k(diag_k), self.diagnostics_tau))
-            if diag_k
-            else None,
+            diagnose=self._diagnostics if diag_k else None,
             where=f" at RL step {step}",
         )
         t_sync = time.perf_counter()
@@ -271,6 +268,10 @@ class RLVRModule(LightningModule):
         metrics = {f"train/{k}": v for k, v in metrics.items()}
         metrics.update({f"diag/{k}": v for k, v in diagnostics.items()})
         self._log_step(rollouts, rewards, metrics, timings)
+
+    def _diagnostics(self, stats: TokenStats) -> dict[str, float]:
+        """Concentration diagnostics (diag/*) of the first mini-batch, under the policy that sampled it."""
+        return concentration_metrics(stats.with_top_k(self.diagnostics_top_k), self.diagnostics_tau)
 
     def _optimizer_step(self) -> float:
         """Clip, step the optimizer and the schedule; the gradient norm before clipping."""
