@@ -171,9 +171,11 @@ def test_kl_reference_run(train_args, tmp_path):
     [
         (["loss.name=bogus"], "unknown loss 'bogus'"),
         (["loss=bogus"], "Could not find 'loss/bogus'"),
-        (["rollout.group_size=1"], "group_size must be >= 2"),
+        (["rollout.group_size=1"], "rollout.group_size=1: must be an integer >= 2"),
         (["model=hf", "model.name_or_path=/no/such/model"], "/no/such/model"),
         (["loss=simko", "loss.tau=1.0"], "tau"),
+        (["loss=simko", "loss.tau=abc"], "loss.tau='abc': expected a number"),
+        (["data=jsonl"], "data.train_source.path: mandatory"),
     ],
 )
 def test_bad_config_fails_at_start_with_a_clear_message(train_args, overrides, message):
@@ -184,6 +186,20 @@ def test_bad_config_fails_at_start_with_a_clear_message(train_args, overrides, m
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr  # one readable message, not a stack trace
+
+
+def test_ddp_world_size_error_is_printed_once(train_args):
+    # Before: each process raised it at its first batch (rc 1, the message and a traceback per process).
+    proc = run("simko.train", *train_args("ddp3", "trainer=ddp", "data.prompts_per_step=3"), check=False, timeout=300)
+    output = proc.stderr + proc.stdout
+    assert proc.returncode == 2 and "Traceback" not in output
+    assert output.count("prompts_per_step=3 is the global number of prompts per step") == 1, output
+
+
+def test_eval_bad_knob_is_one_message(tmp_path, cache_dir):
+    proc = run("simko.eval", "eval.top_p=0", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: eval.top_p=0: must be a number in (0, 1]" in proc.stderr
 
 
 def test_missing_answer_field_names_file_and_row(train_args, tmp_path):
