@@ -172,7 +172,8 @@ class PromptDataModule(pl.LightningDataModule):
         if self._prompt_limit is None or not examples:
             return
         max_tokens, reason = self._prompt_limit
-        ids = self.tokenizer([e["prompt"] for e in examples], add_special_tokens=False)["input_ids"]
+        # verbose=False: no "longer than the specified maximum" warning from transformers; the error below says it.
+        ids = self.tokenizer([e["prompt"] for e in examples], add_special_tokens=False, verbose=False)["input_ids"]
         for example, tokens in zip(examples, ids, strict=True):
             if len(tokens) > max_tokens:
                 raise ValueError(
