@@ -75,6 +75,9 @@ def build(cfg):
         (["loss=simko", "loss.k=two"], "loss.k='two'"),
         (["loss=grpo", "loss.clip_eps=[1]"], "loss.clip_eps=[1]"),
         (["loss=entropy_bonus", "loss.clip_eps=wide"], "loss.clip_eps='wide'"),  # a knob of the wrapped base loss
+        (["loss=simko", "loss.alpha=2"], "loss.alpha=2: SimKO alpha must be in"),  # the loss's own range check
+        (["loss=clip_cov", "loss.clip_cov_lb=9"], "loss.clip_cov_lb=9, loss.clip_cov_ub=5.0: "),
+        (["+loss.foo=1"], "loss.foo=1: "),
         (["data=jsonl"], "data.train_source.path"),  # ??? left in the config
     ],
 )

@@ -4,7 +4,8 @@
 
 1. :func:`check_train_config` / :func:`check_eval_config` on the config alone: missing values (``???``), the
    sampling knobs (temperature > 0, top-p in (0, 1], sample counts), the types of the loss knobs;
-2. the data is built next (:func:`build_data`: files read, rows checked), still before the model;
+2. the loss and the data are built next (:func:`build_loss`, :func:`build_data`: files read, rows checked), still
+   before the model;
 3. :func:`check_against_model` once the model exists: the loss's top-K against the vocabulary, every prompt of the
    file sources against the model's context (procedural prompts as they are made);
 4. :func:`check_world_size` once the trainer knows the number of processes, in the launching process before DDP
@@ -113,6 +114,22 @@ def build_data(cfg: DictConfig) -> Any:
         raise ConfigError(f"{key.group(1) if key else 'data'}: {error.__cause__ or error}") from None
     except (ValueError, TypeError, KeyError, FileNotFoundError) as error:
         raise ConfigError(f"data: {error}") from None
+
+
+def build_loss(cfg: DictConfig) -> Any:
+    """The loss of ``cfg.loss``; a refusal by its constructor is reported with the knobs it names (``loss.alpha=2``)."""
+    try:
+        return instantiate(cfg.loss)
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+        message = str(cause)
+        named = [
+            f"loss.{key}={value!r}"
+            for key, value in cfg.loss.items()
+            if key not in ("_target_", "name") and re.search(rf"\b{re.escape(str(key))}\b", message)
+        ]
+        where = ", ".join(named) or f"loss (loss.name={cfg.loss.get('name')!r})"
+        raise ConfigError(f"{where}: {message}") from None
 
 
 def check_against_model(policy: Any, datamodule: Any, loss: Any = None, max_prompt_tokens: int | None = None) -> None:

@@ -21,7 +21,7 @@ from hydra.errors import InstantiationException  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
-from simko.checks import build_data, check_against_model, check_train_config, check_world_size  # noqa: E402
+from simko.checks import build_data, build_loss, check_against_model, check_train_config, check_world_size  # noqa: E402
 from simko.config import check_config_dir  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def build(cfg: DictConfig):
     """Instantiate model, loss, data, module and trainer from a composed config."""
     L.seed_everything(cfg.seed, workers=True)
     check_train_config(cfg)  # missing values, sampling and loss knobs: before anything is built
-    loss = instantiate(cfg.loss)  # first: a bad loss config fails before any model is built
+    loss = build_loss(cfg)  # first: a bad loss config fails before any model is built
     datamodule = build_data(cfg)  # files read and checked before the model; the tokenizer comes later
     policy, tokenizer = instantiate(cfg.model)
     datamodule.set_tokenizer(tokenizer)
