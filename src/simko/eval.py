@@ -31,6 +31,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: E402
 
+from simko.checks import ConfigError, build_data, check_against_model, check_eval_config  # noqa: E402
 from simko.config import check_config_dir  # noqa: E402
 from simko.diagnostics import concentration_metrics  # noqa: E402
 from simko.engines import Sampling, build_engine  # noqa: E402
@@ -38,6 +39,7 @@ from simko.forward import rollout_token_stats  # noqa: E402
 from simko.metrics import PassAtK, default_ks, majority_at_n  # noqa: E402
 from simko.rewards import extract_final_answer, score_batch  # noqa: E402
 from simko.rollout import step_seed, tokenize_prompts  # noqa: E402
+from simko.train import exit_with_config_error  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +67,14 @@ def load_checkpoint_into(policy: torch.nn.Module, ckpt_path: str) -> None:
 @torch.no_grad()
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
+    check_eval_config(cfg)
+    datamodule = build_data(cfg)  # before the model: a bad data path fails in seconds
     policy, tokenizer = instantiate(cfg.model)
     if cfg.get("ckpt_path"):
         load_checkpoint_into(policy, cfg.ckpt_path)
     policy.eval()
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule.set_tokenizer(tokenizer)
+    check_against_model(policy, datamodule)  # eval does not cut prompts: none may exceed the context
     problems = datamodule.val_examples()
     if cfg.eval.limit:
         problems = problems[: int(cfg.eval.limit)]
@@ -166,7 +171,10 @@ def write_outputs(summary: dict, rows: list[dict], out_dir: Path) -> None:
 @hydra.main(config_path=check_config_dir(), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     out_dir = Path(cfg.paths.output_dir)
-    summary = evaluate(cfg, out_dir)
+    try:
+        summary = evaluate(cfg, out_dir)
+    except ConfigError as err:  # a bad knob or bad data, found at start: one message, no traceback
+        exit_with_config_error(err)
     table = "  ".join(f"pass@{k}={v:.3f}" for k, v in summary["pass_at_k"].items())
     log.info("%d problems x n=%d: %s  maj@n=%.3f", summary["num_problems"], summary["n"], table, summary["maj@n"])
     log.info("wrote %s", out_dir)

@@ -21,6 +21,7 @@ from hydra.errors import InstantiationException  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
+from simko.checks import build_data, build_loss, check_against_model, check_train_config, check_world_size  # noqa: E402
 from simko.config import check_config_dir  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,12 @@ def exit_with_config_error(err: BaseException) -> None:
 def build(cfg: DictConfig):
     """Instantiate model, loss, data, module and trainer from a composed config."""
     L.seed_everything(cfg.seed, workers=True)
-    loss = instantiate(cfg.loss)  # first: a bad loss config fails before any model is built
+    check_train_config(cfg)  # missing values, sampling and loss knobs: before anything is built
+    loss = build_loss(cfg)  # first: a bad loss config fails before any model is built
+    datamodule = build_data(cfg)  # files read and checked before the model; the tokenizer comes later
     policy, tokenizer = instantiate(cfg.model)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule.set_tokenizer(tokenizer)
+    check_against_model(policy, datamodule, loss, cfg.rollout.get("max_prompt_tokens"))
     module = instantiate(cfg.module, policy=policy, tokenizer=tokenizer, loss=loss, **cfg.rollout)
     if cfg.get("rl_steps"):
         with open_dict(cfg):  # Lightning counts optimizer updates; an RL step makes several
@@ -50,6 +54,7 @@ def build(cfg: DictConfig):
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    check_world_size(datamodule, trainer.world_size)  # here, before DDP starts its processes
     return module, datamodule, trainer
 
 
