@@ -197,6 +197,7 @@ def test_eval_writes_table_csv_and_plot(train_args, tmp_path, cache_dir):
     assert all(0 <= v <= 1 for v in values) and values == sorted(values)
     per_problem = pd.read_csv(out / "per_problem.csv")
     assert len(per_problem) == 8 and (per_problem["n"] == 8).all()
+    assert per_problem["prompt"].str.endswith("=").all() and "sample_completion" in per_problem
     assert (out / "pass_at_k.png").stat().st_size > 1000
     assert "p_rank1" in summary["diagnostics"]
     plot = tmp_path / "cmp.png"
