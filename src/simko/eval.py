@@ -34,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from simko.config import check_config_dir  # noqa: E402
 from simko.diagnostics import concentration_metrics  # noqa: E402
 from simko.metrics import PassAtK, default_ks, majority_at_n  # noqa: E402
-from simko.rewards import extract_final_answer, score_batch  # noqa: E402
+from simko.rewards import final_answer, score_batch  # noqa: E402
 from simko.rollout import generate_rollouts, rollout_token_stats, step_seed  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
                     for key, value in concentration_metrics(stats, float(cfg.eval.diagnostics_tau)).items():
                         diag_sum[key] += value * len(idx)
             for i, ex in enumerate(chunk):
-                extracted = [extract_final_answer(c) for c in rollouts.completions[i * n : (i + 1) * n]]
+                samples = rollouts.completions[i * n : (i + 1) * n]
+                extracted = [final_answer(c, ex["verifier"], verifiers) for c in samples]  # what its verifier reads
                 answers_all.append(extracted)
                 correct_all.append(correct[i].tolist())
                 rows_out.append(
