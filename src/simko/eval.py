@@ -31,7 +31,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: E402
 
-from simko.config import check_config_dir  # noqa: E402
+from simko.config import check_config_dir, import_modules  # noqa: E402
 from simko.diagnostics import concentration_metrics  # noqa: E402
 from simko.metrics import PassAtK, default_ks, majority_at_n  # noqa: E402
 from simko.rewards import final_answer, score_batch  # noqa: E402
@@ -62,6 +62,7 @@ def load_checkpoint_into(policy: torch.nn.Module, ckpt_path: str) -> None:
 
 @torch.no_grad()
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
+    import_modules(cfg.get("imports"))  # user modules (e.g. verifiers) before anything is built
     torch.manual_seed(cfg.seed)
     policy, tokenizer = instantiate(cfg.model)
     if cfg.get("ckpt_path"):
