@@ -17,6 +17,7 @@ over the text, no rescan per candidate).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 # Only the end of a completion holds its final answer, so every rule reads its last FINAL_ANSWER_WINDOW characters.
 # 16384 characters are about 4096 tokens at ~4 characters per token, the longest response of the paper's protocol
@@ -90,16 +91,8 @@ def extract_final_answer(text: str) -> str:
     4. the whole completion (its answer window).
     """
     text = answer_window(text)
-    boxed = extract_boxed(text)
-    if boxed is not None:
-        return boxed
-    tagged = last_answer_tag(text)
-    if tagged is not None:
-        return tagged
-    lines = _ANSWER_LINE.findall(text)
-    if lines:
-        return lines[-1].strip()
-    return text.strip()
+    found = _first_found(text, extract_boxed, last_answer_tag, _last_answer_line)
+    return found if found is not None else text.strip()
 
 
 def final_answer_text(completion: str, multiline: bool = False) -> str:
@@ -111,13 +104,24 @@ def final_answer_text(completion: str, multiline: bool = False) -> str:
        Knights-and-Knaves and sudoku grids).
     """
     completion = answer_window(completion)
-    tagged = last_answer_tag(completion)
-    if tagged is not None:
-        return tagged
-    boxed = extract_boxed(completion)
-    if boxed is not None:
-        return boxed
+    found = _first_found(completion, last_answer_tag, extract_boxed)
+    if found is not None:
+        return found
     text = completion.strip()
     if multiline:
         return _PARAGRAPH_BREAK.split(text)[-1].strip()
     return text.rsplit("\n", 1)[-1].strip()
+
+
+def _last_answer_line(text: str) -> str | None:
+    lines = _ANSWER_LINE.findall(text)
+    return lines[-1].strip() if lines else None
+
+
+def _first_found(text: str, *rules: Callable[[str], str | None]) -> str | None:
+    """What the first rule that finds something in ``text`` returns (None if none does)."""
+    for rule in rules:
+        found = rule(text)
+        if found is not None:
+            return found
+    return None
