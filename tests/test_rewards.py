@@ -3,11 +3,13 @@
 Worker pools are module-scoped fixtures (start-up is the expensive part); hangs use timeout_s=1.
 """
 
+import ctypes
 import gc
 import operator
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +72,14 @@ def misbehaving_reward(completions, answers):
     if answer == "nan":
         return [float("nan")]
     return [float(completions[0] == answer)]
+
+
+def in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def slow_start() -> None:
+    time.sleep(2.0)
 
 
 @register_verifier("test_length", isolated=False)
@@ -295,7 +305,18 @@ def test_pool_results_errors_timeouts_crashes(pool):
 
     results = pool.map(os._exit, [(3,)], timeout_s=5.0)
     assert results[0].status == "error" and "exit code 3" in results[0].message
+    results = pool.map(ctypes.string_at, [(0,)], timeout_s=5.0)  # a segfault
+    assert results[0].status == "error" and "exit code -11" in results[0].message
+    assert pool.map(in_main_thread, [()], timeout_s=5.0)[0].value is True  # signal.alarm works there
     assert [r.value for r in pool.map(operator.add, [(1, 2), (3, 4)], timeout_s=5.0)] == [3, 7]
+
+
+def test_worker_start_up_is_not_charged_to_the_first_task():
+    p = KillablePool(num_workers=1, initializer=slow_start)
+    try:
+        assert p.map(operator.add, [(1, 2)], timeout_s=0.5, budget_s=0.5)[0].value == 3
+    finally:
+        p.close()
 
 
 def test_pool_rejects_fork():

@@ -27,6 +27,11 @@ worker's main thread, so libraries that time themselves with ``signal.alarm`` wo
   a pool that broke later (all workers died between tasks) is replaced on the next call.
 - Workers stop on ``close()``, when the pool is garbage-collected, and at interpreter exit; they are reaped
   (no zombies).
+
+Cost against the hand-written pool this replaces (measured on the busy 2-core machine): a kill and its
+replacement take ~0.3 s instead of ~0.2 s (pebble checks deadlines and replaces workers every 0.1 s), a batch of
+400 math-verify checks the same (within noise), 512 checks of which 40 hang (timeout 5 s, 2 workers) 124 s
+instead of 110 s without a batch budget.
 """
 
 from __future__ import annotations
