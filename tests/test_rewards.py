@@ -284,6 +284,16 @@ def test_batch_budget_scores_the_rest_zero_and_kills_hung_workers():
         assert v("q", "q") == 1.0  # and replaced
 
 
+def test_a_batch_after_the_budget_ran_out_is_not_delayed():
+    # Calls cancelled at the budget must not wait in the pool's pipe: each would cost a worker kill when taken
+    # (200 of them delayed the next batch by 85 s).
+    with build_verifier("test_misbehaving", timeout_s=60.0, batch_timeout_s=1.0, num_workers=2) as v:
+        assert v.score(["y"] * 50, ["hang"] * 50) == [0.0] * 50
+        start = time.monotonic()
+        assert v.score(["a", "b"], ["a", "b"]) == [1.0, 1.0]
+        assert time.monotonic() - start < 5.0
+
+
 def test_batch_timeout_must_be_positive():
     with pytest.raises(ValueError, match="batch_timeout_s"):
         MathVerifier(batch_timeout_s=0)

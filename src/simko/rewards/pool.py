@@ -47,9 +47,9 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, wait
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -143,26 +143,38 @@ class KillablePool:
             return []  # nothing to do: don't start workers for it
         with self._lock:
             pool = self._running_pool()
-            futures = [_schedule(pool, fn, args, timeout_s) for args in args_list]
+            results: list[TaskResult | None] = [None] * len(args_list)
+            todo = deque(range(len(args_list)))
+            # At most one call in flight per worker: pebble writes scheduled calls into its pipe at once, and a call
+            # cancelled there (at the budget) would still be taken later, and its worker killed then.
+            in_flight: dict[Future, int] = {}
+            deadline = None
             try:
-                _wait_until_taken(futures[0], self.startup_timeout_s)  # tasks are taken in order
-                done, late = wait(futures, timeout=budget_s)
-            except BaseException:  # interrupted (Ctrl-C): stop everything still running, then re-raise
-                for future in futures:
+                while todo or in_flight:
+                    while todo and len(in_flight) < self.num_workers:
+                        index = todo.popleft()
+                        in_flight[_schedule(pool, fn, args_list[index], timeout_s)] = index
+                    if deadline is None and budget_s is not None:
+                        _wait_until_taken(next(iter(in_flight)), self.startup_timeout_s)  # taken in order
+                        deadline = time.monotonic() + budget_s
+                    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    done, _ = wait(in_flight, timeout=timeout, return_when=FIRST_COMPLETED)
+                    if not done:
+                        break  # out of budget
+                    for future in done:
+                        results[in_flight.pop(future)] = _result(future)
+            finally:  # out of budget, or interrupted (Ctrl-C): nothing may keep running behind the caller's back
+                for future in in_flight:
                     future.cancel()  # a running pebble task is cancelled by killing its worker
-                raise
-            for future in late:
-                future.cancel()
-            if late:
+            if in_flight or todo:
                 log.warning(
                     "verifier batch budget of %g s ran out: %d of %d checks not finished score 0.0 "
                     "(counted as timeouts; their workers are killed)",
-                    budget_s, len(late), len(futures),
+                    budget_s, len(in_flight) + len(todo), len(args_list),
                 )  # fmt: skip
-            results = [_result(f) if f in done else _budget_result(budget_s) for f in futures]
-            if any(f in done and isinstance(f.exception(), BrokenProcessPool) for f in futures):
+            if any(r is not None and r.message.startswith("BrokenProcessPool") for r in results):
                 self._discard()  # started again on the next call
-            return results
+            return [_budget_result(budget_s) if r is None else r for r in results]
 
     def close(self) -> None:
         """Stop all workers (no zombies left). A later ``map`` starts fresh ones."""
