@@ -9,11 +9,14 @@ worker's main thread, so libraries that time themselves with ``signal.alarm`` wo
 - ``map(fn, args_list, timeout_s, budget_s)``: one ``TaskResult`` per call ("ok" / "timeout" / "error"), in order,
   never an exception for a call that failed; and a wall-clock budget for the whole batch, after which the calls
   not finished score as "timeout" and their workers are killed (without it, a batch with many hangs takes
-  hangs x timeout_s / workers).
+  hangs x timeout_s / workers). It keeps one call in flight per worker: pebble writes scheduled calls into its
+  pipe at once, and a call cancelled there would still be taken later and its worker killed then (after a
+  200-hang batch ran out of budget, the next batch of 10 quick calls took 85 s that way).
 - Start method forkserver (spawn where there is none); ``fork`` is refused: it would clone a parent that holds
   torch's thread pools (and maybe CUDA). The fork server imports ``preload`` once, so replacing a killed worker
   is cheap. Workers import ``preload`` and run ``initializer`` before they take a task, and a task's timeout
-  counts from when a worker takes it: start-up is never charged to a task (nor to a batch's budget).
+  counts from when a worker takes it: start-up is never charged to a task, nor to a batch's budget when the
+  batch begins.
 - SIGTERM ends a worker at once. pebble stops a worker with SIGTERM, waits up to 3 s, then SIGKILLs, one worker
   after the other in its manager thread; its SIGTERM handler is Python code, which cannot run while a task is
   inside a C loop. Measured (6 tasks of ``sum(range(10**13))``, timeout 0.5 s, 2 workers): 20.1 s with pebble's
@@ -30,8 +33,8 @@ worker's main thread, so libraries that time themselves with ``signal.alarm`` wo
 
 Cost against the hand-written pool this replaces (measured on the busy 2-core machine): a kill and its
 replacement take ~0.3 s instead of ~0.2 s (pebble checks deadlines and replaces workers every 0.1 s), a batch of
-400 math-verify checks the same (within noise), 512 checks of which 40 hang (timeout 5 s, 2 workers) 124 s
-instead of 110 s without a batch budget.
+400 math-verify checks the same (within noise), 512 checks of which 40 hang (timeout 5 s, 2 workers) 114.9 s
+instead of 110.5 s without a batch budget (``benchmarks/verifiers.py``).
 """
 
 from __future__ import annotations
