@@ -20,6 +20,7 @@ import csv
 import json
 import logging
 import os
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: E402
 
+from simko.checkpointing import CheckpointError, policy_state_dict, read_checkpoint  # noqa: E402
 from simko.config import check_config_dir  # noqa: E402
 from simko.diagnostics import concentration_metrics  # noqa: E402
 from simko.metrics import PassAtK, default_ks, majority_at_n  # noqa: E402
@@ -41,19 +43,10 @@ log = logging.getLogger(__name__)
 
 
 def load_checkpoint_into(policy: torch.nn.Module, ckpt_path: str) -> None:
-    """Load the policy weights of a Lightning checkpoint written by ``simko.train``."""
+    """Load the policy weights of a checkpoint written by ``simko.train`` (``last.ckpt`` or a weights-only
+    ``stepNNNNNN.ckpt``), weights-only: a file that would execute code when unpickled is refused, not run."""
     path = Path(ckpt_path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (ckpt_path=...)")
-    if path.is_dir():
-        raise ValueError(
-            f"checkpoint {path} is a directory (a distributed checkpoint); train with "
-            "trainer.strategy.save_distributed_checkpoint=false or consolidate it first"
-        )
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    policy_state = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
-    if not policy_state:
-        raise ValueError(f"checkpoint {path} holds no 'policy.*' weights: not written by simko.train?")
+    policy_state = policy_state_dict(read_checkpoint(path), path)
     missing, unexpected = policy.load_state_dict(policy_state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
     if missing or unexpected:
@@ -164,7 +157,11 @@ def write_outputs(summary: dict, rows: list[dict], out_dir: Path) -> None:
 @hydra.main(config_path=check_config_dir(), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     out_dir = Path(cfg.paths.output_dir)
-    summary = evaluate(cfg, out_dir)
+    try:
+        summary = evaluate(cfg, out_dir)
+    except CheckpointError as err:  # unreadable, truncated or untrusted: one message naming the file
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     table = "  ".join(f"pass@{k}={v:.3f}" for k, v in summary["pass_at_k"].items())
     log.info("%d problems x n=%d: %s  maj@n=%.3f", summary["num_problems"], summary["n"], table, summary["maj@n"])
     log.info("wrote %s", out_dir)
