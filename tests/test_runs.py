@@ -172,12 +172,12 @@ def test_killed_run_resumes_in_its_own_folder_exactly(args, tmp_path):
     steps 3-4 are recomputed, and rows and weights equal an uninterrupted run's."""
     every = "callbacks.model_checkpoint.last_every_n_steps=2"
     run("simko.train", *args("full", "rl_steps=4", every))
-    start_paused(args("killed", "rl_steps=4", every), "checkpoint.commit@2", tmp_path / "killed.log")
+    start_paused(args("killed", "rl_steps=4", every, "logger=many"), "checkpoint.commit@2", tmp_path / "killed.log")
     folder = tmp_path / "killed"
     assert read_checkpoint(folder / "checkpoints" / "last.ckpt")["rl_step"] == 2
     first_config = (folder / ".hydra" / "config.yaml").read_bytes()
 
-    resume = [*args(None, "rl_steps=4", every), f"ckpt_path={folder / 'checkpoints' / 'last.ckpt'}"]
+    resume = [*args(None, "rl_steps=4", every, "logger=many"), f"ckpt_path={folder / 'checkpoints' / 'last.ckpt'}"]
     run("simko.train", *resume)
     assert not (tmp_path / "debug").exists()  # no second folder
     full, resumed = metrics(tmp_path / "full"), metrics(folder)
@@ -195,6 +195,13 @@ def test_killed_run_resumes_in_its_own_folder_exactly(args, tmp_path):
     assert b["rl_step"] == 4 and all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert (folder / ".hydra" / "config.yaml").read_bytes() == first_config
     assert len(list((folder / ".hydra").glob("resume-*/config.yaml"))) == 1
+    # TensorBoard: the resumed attempt purges what the killed one logged after step 2: one curve, each step once.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tensorboard")).Reload()
+    reward = [(e.step, e.value) for e in events.Scalars("train/reward")]
+    assert [step for step, _ in reward] == [1, 2, 3, 4]
+    assert [value for _, value in reward] == pytest.approx(list(full["train/reward"]), abs=1e-7)
 
 
 @pytest.mark.integration
