@@ -44,26 +44,17 @@ def pause_point(name: str) -> None:
 
 
 class PauseVerifier:
-    """Wraps a verifier (``score(completions, answers)``) with a ``verify`` pause point before each batched call."""
+    """Wraps a verifier (``score(completions, answers)``) with a ``verify`` pause point before each batched call;
+    everything else (``num_timeouts``, ``num_errors``, ``start``, ``close``, ...) is the wrapped verifier's."""
 
     def __init__(self, verifier) -> None:
         self.inner = verifier
-        self.name = getattr(verifier, "name", "verifier")
 
     def score(self, completions: Sequence[str], answers: Sequence[str]) -> list[float]:
         pause_point("verify")
         return self.inner.score(completions, answers)
 
-    @property
-    def num_timeouts(self) -> int:
-        return self.inner.num_timeouts
-
-    @property
-    def num_errors(self) -> int:
-        return self.inner.num_errors
-
-    def start(self) -> None:
-        self.inner.start()
-
-    def close(self) -> None:
-        self.inner.close()
+    def __getattr__(self, name: str):
+        if name == "inner":  # not set yet (copy, unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
