@@ -112,6 +112,21 @@ def test_sweep_folders_are_claimed_too(args, tmp_path):
     refused(one_folder, "hydra.sweep.subdir", "hydra.job.num")
 
 
+def test_default_run_folder_names_are_unique_per_process():
+    """The default run (and sweep) folder is date_time-milliseconds_pid: two runs started in the same second get
+    different folders (it was date_time, and two such runs shared one)."""
+    from hydra import compose, initialize_config_dir
+
+    from simko.config import RUN_ID
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True)
+    assert str(cfg.hydra.run.dir).endswith(f"/train/runs/{RUN_ID}")
+    assert str(cfg.hydra.sweep.dir).endswith(f"/train/multiruns/{RUN_ID}")
+    date, clock, pid = RUN_ID.split("_")
+    assert pid == str(os.getpid()) and len(clock.split("-")) == 4  # hours-minutes-seconds-milliseconds
+
+
 def test_run_folder_claims(tmp_path):
     first = RunClaim(tmp_path / "a")
     with pytest.raises(RunDirError, match="in use by another running process"):
@@ -264,6 +279,8 @@ def test_full_disk_keeps_the_last_checkpoint_and_earlier_rows(args, tmp_path, sm
     steps = [int(r["step"]) for r in csv.DictReader(complete)]
     assert steps == list(range(len(steps))) and steps[-1] >= last["rl_step"] >= 1
     assert not [p for p in folder.rglob(".*") if ".simko-tmp-" in p.name]
+    for ckpt in (folder / "checkpoints").glob("*.ckpt"):  # every checkpoint file there is complete
+        read_checkpoint(ckpt)
 
 
 def test_metrics_rows_survive_a_failed_append(tmp_path, monkeypatch):
