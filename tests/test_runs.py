@@ -85,22 +85,6 @@ def test_a_second_run_into_the_same_folder_is_refused(args, tmp_path):
 
 
 @pytest.mark.integration
-def test_runs_started_together_get_their_own_default_folders(args, tmp_path):
-    """Two runs started at the same moment with the default run dir: two folders (the default name has
-    milliseconds and the pid). Both stop at start-up on purpose (a bad loss name), after claiming their folder."""
-    cmd = [sys.executable, "-m", "simko.train", *args(None, "loss.name=bogus")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
-    for proc in procs:
-        proc.communicate(timeout=300)
-        assert proc.returncode == 2
-    folders = sorted((tmp_path / "debug" / "runs").iterdir())
-    assert len(folders) == 2, folders
-    for folder in folders:
-        assert (folder / MARKER).is_file() and (folder / ".hydra" / "config.yaml").is_file()
-
-
-@pytest.mark.integration
 def test_sweep_folders_are_claimed_too(args, tmp_path):
     sweep = ["-m", "loss.name=bogus", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     common = [a for a in args(None) if not a.startswith("hydra.run.dir")]
