@@ -113,6 +113,23 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
 
 
+def test_real_full_disk_is_one_oserror_naming_the_file(tmp_path):
+    """On a real full filesystem torch.save raises a RuntimeError of its zip writer while handling the ENOSPC; the
+    IO turns it into one OSError(ENOSPC) naming the file, and leaves nothing behind."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()}); the simulated ENOSPC test covers it")
+    try:
+        with pytest.raises(OSError) as err:
+            AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(200_000)}}, mount / "last.ckpt")
+        assert err.value.errno == errno.ENOSPC and str(mount / "last.ckpt") in str(err.value)
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
 @pytest.mark.parametrize("point", ["checkpoint.open", "checkpoint.written"])
 def test_kill_during_a_checkpoint_write_leaves_the_old_file(tmp_path, point):
     """SIGKILL while the new checkpoint is being written, with $TMPDIR on another filesystem (/dev/shm): the target

@@ -113,17 +113,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
         try:
             atomic.atomic_write(target, write)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:
+            # torch.save reports a full disk as an OSError, or as a RuntimeError of its zip writer raised while
+            # handling that OSError: either way, one OSError naming the file.
+            cause = root_os_error(err)
+            if cause is None:
+                raise
             raise OSError(
-                err.errno,
-                f"writing checkpoint {target} failed ({err.strerror or err}); the previous file at that "
-                "path, if any, is unchanged",
+                cause.errno,
+                f"writing checkpoint {target} failed ({cause.strerror or cause}); the previous file at that path, "
+                "if any, is unchanged",
             ) from err
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         if weights_only is False:
             raise ValueError("simko never loads a checkpoint with weights_only=False (unpickling can execute code)")
         return read_checkpoint(path, mmap=False)
+
+
+def root_os_error(err: BaseException | None) -> OSError | None:
+    """The innermost OSError with an errno in an exception's cause/context chain (e.g. ENOSPC under torch.save)."""
+    found, seen = None, set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno is not None:
+            found = err
+        err = err.__cause__ or err.__context__
+    return found
 
 
 def install_atomic_checkpoint_io(trainer: Trainer) -> None:
@@ -201,7 +217,14 @@ class RunCheckpoint(Callback):
         if self.every_n_steps and step % self.every_n_steps == 0:
             self._save_snapshot(trainer, step)
         if final or (self.last_every_n_steps and step % self.last_every_n_steps == 0):
-            trainer.save_checkpoint(self.pending_path, weights_only=False)
+            try:
+                trainer.save_checkpoint(self.pending_path, weights_only=False)
+            except OSError as err:
+                raise OSError(
+                    err.errno,
+                    f"writing {self.last_path} for RL step {step} failed ({err.strerror or err}); "
+                    f"{self.last_path} still holds the previous checkpoint",
+                ) from err
             self._pending = self.pending_path
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx) -> None:
