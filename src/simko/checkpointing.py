@@ -220,9 +220,10 @@ class RunCheckpoint(Callback):
             try:
                 trainer.save_checkpoint(self.pending_path, weights_only=False)
             except OSError as err:
+                cause = root_os_error(err) or err
                 raise OSError(
                     err.errno,
-                    f"writing {self.last_path} for RL step {step} failed ({err.strerror or err}); "
+                    f"writing {self.last_path} for RL step {step} failed ({cause.strerror or cause}); "
                     f"{self.last_path} still holds the previous checkpoint",
                 ) from err
             self._pending = self.pending_path
