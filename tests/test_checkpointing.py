@@ -185,6 +185,17 @@ def test_trainers_get_the_atomic_io(trainer):
     assert isinstance(built.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
+def test_sharded_checkpoints_are_refused():
+    from hydra.utils import instantiate
+
+    from simko.checkpointing import install_atomic_checkpoint_io
+
+    cfg = compose_train("trainer=fsdp2", "trainer.devices=2", "trainer.strategy.save_distributed_checkpoint=true")
+    built = instantiate(cfg.trainer, logger=False, max_steps=1)
+    with pytest.raises(ValueError, match="save_distributed_checkpoint=false"):
+        install_atomic_checkpoint_io(built)
+
+
 @pytest.mark.parametrize("trainer", ["ddp", "fsdp2", "fsdp"])
 def test_every_shipped_strategy_saves_through_its_checkpoint_io(trainer, tmp_path, monkeypatch):
     """DDP, FSDP2 (ModelParallelStrategy, consolidated) and FSDP (full state dict) hand the file write to the

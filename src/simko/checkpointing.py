@@ -143,8 +143,19 @@ def root_os_error(err: BaseException | None) -> OSError | None:
 
 
 def install_atomic_checkpoint_io(trainer: Trainer) -> None:
-    """Make ``trainer`` save through :class:`AtomicCheckpointIO` (replacing Lightning's default IO only)."""
+    """Make ``trainer`` save through :class:`AtomicCheckpointIO` (replacing Lightning's default IO only).
+
+    Sharded checkpoints (a folder per checkpoint: ``save_distributed_checkpoint=true`` of ModelParallelStrategy,
+    ``state_dict_type=sharded`` of FSDP) bypass the CheckpointIO, so they are refused.
+    """
     strategy = trainer.strategy
+    sharded = getattr(strategy, "_save_distributed_checkpoint", False)  # ModelParallelStrategy (FSDP2)
+    if sharded or getattr(strategy, "_state_dict_type", "") == "sharded":  # FSDPStrategy
+        raise ValueError(
+            "trainer.strategy writes sharded checkpoints (a folder each), which are not written atomically and "
+            "which simko.eval can't read: keep trainer.strategy.save_distributed_checkpoint=false (FSDP2) or "
+            "trainer.strategy.state_dict_type=full (FSDP)"
+        )
     current = strategy.checkpoint_io
     if isinstance(current, AtomicCheckpointIO):
         return
