@@ -605,6 +605,90 @@ def test_clip_cov_random_subset_is_seeded_and_sized():
     assert torch.equal(batch.grad(loss_a)[0], batch.grad(loss_b)[0])
 
 
+# =================================================================================================== GSPO, CISPO
+def ref_gspo_loss(batch, logits, adv, eps_low, eps_high):
+    """GSPO (Zheng et al. 2025, Eq. 5-7), response by response: s_i = exp(mean_t log(pi/pi_old)) of response i,
+    loss = -1/G sum_i min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i) over the responses with tokens."""
+    logprobs = ref_logits_stats(logits, batch.tokens)[0]
+    terms = []
+    for b in range(batch.B):
+        valid = batch.mask[b]
+        if not valid.any():
+            continue
+        s = torch.exp((logprobs[b][valid] - batch.old_logprobs[b][valid]).mean())
+        terms.append(-torch.minimum(s * adv[b], torch.clamp(s, 1 - eps_low, 1 + eps_high) * adv[b]))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("eps", [None, (0.1, 0.1), (0.05, 0.3)])  # None: the preset's 3e-4 / 4e-4
+def test_gspo_gradient_matches_finite_differences_of_the_paper_objective(eps):
+    batch = Batch()
+    overrides = {} if eps is None else {"clip_eps": eps[0], "clip_eps_high": eps[1]}
+    loss_fn = make_loss("gspo", **overrides)
+    eps_low, eps_high = (3e-4, 4e-4) if eps is None else eps
+    assert (loss_fn.clip_low, loss_fn.clip_high) == pytest.approx((eps_low, eps_high))
+    adv = batch.advantages(loss_fn)
+    grad, out = batch.grad(loss_fn)
+    reference = lambda z: ref_gspo_loss(batch, z, adv, eps_low, eps_high)  # noqa: E731
+    torch.testing.assert_close(out.loss.detach(), reference(batch.logits), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, finite_diff_grad(reference, batch.logits), rtol=1e-6, atol=1e-8)
+    # the batch exercises sequences in and out of the clip range (with A != 0)
+    lp0 = ref_logits_stats(batch.logits, batch.tokens)[0]
+    seq = torch.stack(
+        [(lp0[b] - batch.old_logprobs[b])[batch.mask[b]].mean() for b in range(batch.B) if batch.mask[b].any()]
+    )
+    moving = adv[batch.mask.any(-1)] != 0
+    outside = (seq.exp() < 1 - eps_low) | (seq.exp() > 1 + eps_high)
+    assert (moving & outside).any() and (eps is None or (moving & ~outside).any())
+
+
+def test_gspo_on_policy_is_grpo_with_the_sequence_mean():
+    """At ratio 1 the sequence ratio's gradient is the mean of the token ratios': GSPO = GRPO seq_mean_token_mean."""
+    batch = Batch()
+    batch.old_logprobs = ref_logits_stats(batch.logits, batch.tokens)[0]
+    gspo_grad, _ = batch.grad(make_loss("gspo"))
+    grpo_grad, _ = batch.grad(build_loss("grpo", aggregation="seq_mean_token_mean"))
+    torch.testing.assert_close(gspo_grad, grpo_grad, rtol=1e-12, atol=1e-15)
+    assert gspo_grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("eps_high", [None, 2.0, 0.2])  # None: the preset's [0, 5]
+def test_cispo_gradient_matches_finite_differences_of_the_paper_objective(eps_high):
+    """CISPO (MiniMax-M1, Eq. 4-5): J = 1/sum|o_i| sum_i,t sg(clip(r, 1 - eps_low, 1 + eps_high)) A_i log pi; the
+    reference freezes the clipped weight at the current logits, so its finite differences are CISPO's gradient."""
+    batch = Batch()
+    loss_fn = make_loss("cispo", **({} if eps_high is None else {"clip_eps_high": eps_high}))
+    eps_high = 4.0 if eps_high is None else eps_high
+    assert (loss_fn.clip_low, loss_fn.clip_high) == (1.0, eps_high)
+    adv = batch.advantages(loss_fn)
+    lp0 = ref_logits_stats(batch.logits, batch.tokens)[0]
+    weight = torch.clamp(torch.exp(lp0 - batch.old_logprobs), 0.0, 1 + eps_high)
+
+    def reference(z):
+        logprobs = ref_logits_stats(z, batch.tokens)[0]
+        return ref_aggregate(-weight * adv[:, None] * logprobs, batch.mask, "token_mean")
+
+    grad, out = batch.grad(loss_fn)
+    torch.testing.assert_close(grad, finite_diff_grad(reference, batch.logits), rtol=1e-6, atol=1e-8)
+    # the value: -sg(weight) A per token (the official -sg(weight) A log pi has the same gradient)
+    value = ref_aggregate(-weight * adv[:, None].expand_as(weight), batch.mask, "token_mean")
+    torch.testing.assert_close(out.loss.detach(), value, rtol=1e-12, atol=1e-12)
+    clipped = (torch.exp(lp0 - batch.old_logprobs) > 1 + eps_high) & batch.mask
+    assert out.metrics["clip_frac"] == pytest.approx(float(clipped.sum() / batch.mask.sum()))
+    assert clipped.any() == (eps_high < 3.4)  # the batch's largest ratio is e^1.5 = 4.48
+    # no token is dropped: every valid token with A != 0 has a gradient, clipped or not
+    moving = batch.mask & (adv[:, None] != 0)
+    assert grad.abs().amax(-1)[moving].min() > 0
+    with pytest.raises(ValueError, match="dual_clip_c"):
+        build_loss("cispo", dual_clip_c=3.0)
+
+
+def test_cispo_on_policy_is_grpo():
+    batch = Batch()
+    batch.old_logprobs = ref_logits_stats(batch.logits, batch.tokens)[0]
+    torch.testing.assert_close(batch.grad(make_loss("cispo"))[0], batch.grad(build_loss("grpo"))[0])
+
+
 # ========================================================================================================= SimKO
 SIMKO_KNOBS = dict(k=3, alpha=0.3, lam=1.7, tau=0.5)  # large knobs: differences far above the tolerances
 
@@ -757,7 +841,7 @@ class _Rows:
         return idx
 
 
-# every aggregation, the PSR/NSR subset (with an empty response in it), dual clip, KL, entropy
+# every aggregation, the PSR/NSR subset (with an empty response in it), dual clip, GSPO, CISPO, KL, entropy
 MICRO_CASES = [
     ("grpo", {}),
     ("grpo", {"aggregation": "seq_mean_token_mean"}),
@@ -768,6 +852,8 @@ MICRO_CASES = [
     ("nsr", {"aggregation": "seq_mean_token_mean", "kl_coef": 0.1, "entropy_coef": 0.05}),
     ("w_reinforce", {"subset": "nonzero_advantage", "advantage_kwargs": {"pos_weight": 0.0}}),
     ("grpo", {"dual_clip_c": 2.0, "kl_coef": 0.1}),
+    ("gspo", {"clip_eps": 0.1, "clip_eps_high": 0.1}),
+    ("cispo", {"clip_eps_high": 2.0}),
     ("simko", {"k": 3, "alpha": 0.3, "lam": 1.7, "tau": 0.5, "aggregation": "seq_mean_token_mean"}),
 ]
 
