@@ -12,17 +12,12 @@ import torch
 from helpers import shared_file
 from simko.losses import GRPOLoss, SimKOLoss
 from simko.train import build
+from test_config_errors import UNTRAINED_TINY
 
 # trainer.* and model.* replaced so that the preset builds here: a 1-layer untrained tiny model, the CPU
 TINY_ON_CPU = [
     "model=tiny",
-    "model.num_layers=1",
-    "model.hidden_size=32",
-    "model.num_heads=2",
-    "model.num_kv_heads=1",
-    "model.intermediate_size=64",
-    "model.warm_start_steps=0",
-    "model.eval_problems=0",
+    *UNTRAINED_TINY,
     "model.max_position_embeddings=4096",
     "trainer.accelerator=cpu",
     "trainer.precision=32-true",
