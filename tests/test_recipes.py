@@ -83,3 +83,21 @@ def test_paper_recipe_composes_builds_and_has_the_official_numbers(compose_train
     official = pd.read_parquet(shared_file(f"simko-official/{train_file}")).iloc[0]["prompt"][0]["content"]
     assert example["question"] == official
     assert datamodule._render(dict(example))["prompt"] == OFFICIAL_TEMPLATE.replace("{input}", official)
+
+
+def test_the_recipes_validation_temperature_is_greedy_decoding():
+    """module.val_temperature 1e-6 (their validation: do_sample=False): the HF engine's samples are the greedy
+    completions, whatever the seed."""
+    from helpers import digit_tokenizer, random_qwen2
+    from simko.rollout import generate_rollouts
+
+    tok, model = digit_tokenizer(), random_qwen2(seed=3)
+    prompts = ["12+3=", "5+5=", "71+40="]
+    inputs = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    greedy = model.generate(**inputs, do_sample=False, max_new_tokens=8, pad_token_id=0, eos_token_id=1)
+    greedy_text = tok.batch_decode(greedy[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    for seed in (0, 1):
+        rollouts = generate_rollouts(model, tok, prompts, group_size=2, max_new_tokens=8, temperature=1e-6, seed=seed)
+        assert rollouts.completions == [text for text in greedy_text for _ in range(2)]
+    hot = generate_rollouts(model, tok, prompts, group_size=2, max_new_tokens=8, temperature=1.0, seed=0)
+    assert hot.completions != rollouts.completions  # the test can fail: sampling at temperature 1 differs
