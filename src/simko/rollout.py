@@ -34,6 +34,8 @@ class Rollouts:
     prompt_len: int
     group_size: int
     completions: list[str]
+    truncated: Tensor | None = None  # TEMPORARY (vllm branch shim of the structure contract)
+    sampler_logprobs: Tensor | None = None  # TEMPORARY (vllm branch shim of the structure contract)
 
     @property
     def response_tokens(self) -> Tensor:
@@ -82,6 +84,47 @@ def eos_ids(model, tokenizer) -> list[int]:
     if not ids:
         raise ValueError("the tokenizer and the model's generation_config define no EOS token")
     return ids
+
+
+def build_rollouts(tokenizer, prompt_ids, response_ids, group_size, eos_token_ids, sampler_logprobs=None, device=None):
+    """TEMPORARY (vllm branch shim of the structure contract): Rollouts from prompt ids + response ids."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids[0]
+    width = max((len(r) for r in prompt_ids), default=0)
+    prompt = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, row in enumerate(prompt_ids):
+        if row:
+            prompt[i, width - len(row) :] = torch.tensor(row)
+            prompt_mask[i, width - len(row) :] = 1
+    input_ids, attention_mask = prompt.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0)
+    rwidth = max(max((len(r) for r in response_ids), default=0), 1)
+    response = torch.full((len(response_ids), rwidth), pad_id, dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in response_ids])
+    for i, row in enumerate(response_ids):
+        response[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+    in_row = torch.arange(rwidth)[None, :] < lengths[:, None]
+    is_eos = torch.isin(response, torch.tensor(eos_token_ids)) & in_row
+    response_mask = response_mask_from_tokens(response, eos_token_ids) & in_row
+    resp_len = max(int(response_mask.sum(1).max()), 1)
+    response, response_mask = response[:, :resp_len], response_mask[:, :resp_len]
+    response = torch.where(response_mask, response, torch.full_like(response, pad_id))
+    logprobs = None
+    if sampler_logprobs is not None:
+        logprobs = torch.zeros(response_mask.shape)
+        for i, row in enumerate(sampler_logprobs):
+            row = list(row)[:resp_len]
+            logprobs[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+        logprobs = torch.where(response_mask, logprobs, 0.0).to(device)
+    return Rollouts(
+        input_ids=torch.cat([input_ids, response], 1).to(device),
+        attention_mask=torch.cat([attention_mask, response_mask.long()], 1).to(device),
+        response_mask=response_mask.to(device),
+        prompt_len=width,
+        group_size=group_size,
+        completions=tokenizer.batch_decode(response, skip_special_tokens=True),
+        truncated=(~is_eos.any(1)).to(device),
+        sampler_logprobs=logprobs,
+    )
 
 
 @torch.no_grad()
