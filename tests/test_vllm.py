@@ -7,6 +7,7 @@ with ``pytest -m vllm``; they skip when vLLM is not installed (``make install-vl
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 
 import numpy as np
@@ -244,3 +245,35 @@ def test_cpu_head_size_is_checked_at_start():
     model = build_tiny_model(vocab_size=len(tok), num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2)
     with pytest.raises(ValueError, match=r"head sizes .* this model's is 16"):
         build_engine("vllm", model, tok, kv_cache_gib=0.05)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_processes_push_weights_and_keep_the_process_group(mode, tmp_path):
+    """2 CPU processes (gloo), one engine each: after an optimizer step the push makes each rank's engine answer
+    as HF does with the full updated weights; under FSDP2 the push gathers one tensor at a time; closing the engine
+    leaves the trainer's process group usable (the worker ends with a barrier)."""
+    if not HAS_VLLM:
+        pytest.skip("vLLM not installed")
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).parent / "vllm_dist_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    proc = subprocess.run(
+        [*cmd, str(worker), "--mode", mode, "--out", str(tmp_path)],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["before_ok"] and result["after_ok"] and result["changed"] and result["lazy"], result

@@ -256,6 +256,12 @@ class VLLMEngine(RolloutEngine):
             kwargs["distributed_executor_backend"] = "external_launcher"
         with preserved_process_state():
             self.llm = vllm.LLM(**kwargs)
+        if not self._owns_process_group:
+            # vLLM's in-process client shuts its engine core down when garbage-collected, and that shutdown
+            # destroys the default process group: the trainer's here. close() frees the engine without it.
+            finalizer = getattr(self.llm.llm_engine.engine_core, "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
         self.sync_weights(policy)
 
     # ------------------------------------------------------------------ the contract
@@ -318,19 +324,24 @@ class VLLMEngine(RolloutEngine):
         )
 
     def close(self) -> None:
+        """Free the engine. The trainer's process group survives: vLLM's own ``EngineCore.shutdown`` would
+        destroy the default process group, so it is called only when the engine created that group itself."""
         llm = getattr(self, "llm", None)
+        self.llm = None
         if llm is not None:
-            with contextlib.suppress(Exception):
-                llm.llm_engine.engine_core.shutdown()
-            self.llm = None
-            del llm
-        if getattr(self, "_owns_process_group", False):
-            # vLLM set up a one-process group for itself; leave the process as it found it.
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+            core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # InprocClient -> EngineCore
+            if core is not None and self._owns_process_group:
+                core.shutdown()  # everything, including the one-process group vLLM set up for itself
+            elif core is not None:
+                import gc
 
-            destroy_model_parallel()
-            destroy_distributed_environment()
-            self._owns_process_group = False
+                from vllm.distributed.parallel_state import destroy_model_parallel
+
+                core.model_executor.shutdown()
+                core.scheduler.shutdown()
+                gc.unfreeze()  # vLLM froze the objects of its start-up
+                destroy_model_parallel()  # vLLM's subgroups; the trainer's default group stays
+            del llm, core
         folder = getattr(self, "_folder", None)
         if folder:
             shutil.rmtree(folder, ignore_errors=True)
