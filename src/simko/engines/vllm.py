@@ -237,6 +237,12 @@ class VLLMEngine(RolloutEngine):
         )
         if kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        if not on_gpu:
+            # A prompt prefilled in chunks has its sampled token discarded and its per-request generator rewound
+            # (``gen.set_offset``), which CPU generators do not support: "RuntimeError: CPU Generator does not use
+            # offset" as soon as one call's prompts exceed max_num_batched_tokens. Unchunked, every prefill is
+            # whole (each engine step takes the prompts that fit).
+            kwargs["enable_chunked_prefill"] = False
         if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             kwargs["enable_sleep_mode"] = sleep_level > 0
