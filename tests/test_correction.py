@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from simko.correction import MODES, RolloutCorrection, mismatch_metrics
+from simko.correction import MODES, MismatchMeter, RolloutCorrection, mismatch_metrics
 
 # Two responses: row 0 has 3 valid tokens, row 1 has 2 (its last column is padding with arbitrary values).
 TRAIN = torch.tensor([[-1.0, -0.5, -2.0], [-0.2, -3.0, -9.0]], dtype=torch.float64)
@@ -28,6 +28,14 @@ def test_mismatch_metrics_by_hand():
     assert got["seq_kl"] == pytest.approx(sum(k3) / 2)
     k1 = [sum(-x for x in row) for row in LOG_R]
     assert got["seq_kl_k1"] == pytest.approx(sum(k1) / 2)
+
+
+def test_mismatch_meter_over_micro_batches_equals_one_call():
+    meter = MismatchMeter()
+    meter.add(TRAIN[:1], SAMPLER[:1], MASK[:1])
+    meter.add(TRAIN[1:, :2], SAMPLER[1:, :2], MASK[1:, :2])  # micro-batches are trimmed to their own length
+    for key, value in mismatch_metrics(TRAIN, SAMPLER, MASK).items():
+        assert meter.result()[key] == pytest.approx(value)
 
 
 def test_mismatch_metrics_zero_when_equal_and_ignore_empty_rows():

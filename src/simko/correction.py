@@ -45,27 +45,48 @@ def _masked_mean(x: Tensor, mask: Tensor) -> float:
     return float((x * mask).sum() / count) if count > 0 else 0.0
 
 
-@torch.no_grad()
+class MismatchMeter:
+    """Accumulates :func:`mismatch_metrics` over micro-batches: token means over all their valid tokens, the
+    sequence KL over all their non-empty rows (so the result equals one call on the concatenated batch)."""
+
+    def __init__(self):
+        self.tokens = self.rows = 0.0
+        self.abs_diff = self.outside = self.k3 = self.k1 = 0.0
+
+    @torch.no_grad()
+    def add(self, train_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor) -> None:
+        mask = mask.bool()
+        m = mask.float()
+        log_ratio = torch.where(mask, train_logprobs.float() - sampler_logprobs.float(), 0.0)
+        ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
+        outside = (ratio < RATIO_BAND[0]) | (ratio > RATIO_BAND[1])
+        rows = mask.any(1)
+        self.tokens += float(m.sum())
+        self.rows += float(rows.sum())
+        self.abs_diff += float((log_ratio.abs() * m).sum())
+        self.outside += float((outside.float() * m).sum())
+        self.k3 += float(((ratio - 1.0 - log_ratio) * m).sum())
+        self.k1 += float((-log_ratio * m).sum())
+
+    def result(self) -> dict[str, float]:
+        tokens, rows = max(self.tokens, 1.0), max(self.rows, 1.0)
+        return {
+            "logp_abs_diff": self.abs_diff / tokens,
+            "ratio_outside_frac": self.outside / tokens,
+            "seq_kl": self.k3 / rows,
+            "seq_kl_k1": self.k1 / rows,
+        }
+
+
 def mismatch_metrics(train_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor) -> dict[str, float]:
     """Mismatch between the trainer's log-probs of the sampled tokens and the sampler's, all ``[B, T]``.
 
     Keys (without the ``rollout/`` prefix the module adds): ``logp_abs_diff``, ``ratio_outside_frac``,
     ``seq_kl``, ``seq_kl_k1``. Means over the valid tokens (``mask``) resp. over rows with at least one.
     """
-    mask = mask.bool()
-    m = mask.float()
-    log_ratio = torch.where(mask, train_logprobs.float() - sampler_logprobs.float(), 0.0)
-    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
-    outside = (ratio < RATIO_BAND[0]) | (ratio > RATIO_BAND[1])
-    rows = mask.any(1)
-    k3 = ((ratio - 1.0 - log_ratio) * m).sum(1)
-    k1 = (-log_ratio * m).sum(1)
-    return {
-        "logp_abs_diff": _masked_mean(log_ratio.abs(), m),
-        "ratio_outside_frac": _masked_mean(outside.float(), m),
-        "seq_kl": float(k3[rows].mean()) if rows.any() else 0.0,
-        "seq_kl_k1": float(k1[rows].mean()) if rows.any() else 0.0,
-    }
+    meter = MismatchMeter()
+    meter.add(train_logprobs, sampler_logprobs, mask)
+    return meter.result()
 
 
 @dataclass(frozen=True)
