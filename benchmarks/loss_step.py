@@ -2,7 +2,8 @@
 """Benchmark one RL update step of ``grpo`` vs ``simko`` on a fixed rollout batch (a script, not a test).
 
 One update step is what ``RLVRModule.training_step`` does after generation and scoring, with one PPO epoch,
-one mini-batch and the concentration diagnostics off (``module.diagnostics_top_k=0``):
+one mini-batch and the concentration diagnostics off (``module.diagnostics_top_k=0``), through the same code
+(:func:`simko.update.accumulate_gradients`):
 
     zero_grad -> for each micro-batch: rollout_token_stats(top_k=loss.top_k) -> loss -> backward (accumulated)
 
@@ -42,6 +43,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -55,8 +57,10 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from simko.data import ArithmeticSource, render_prompt  # noqa: E402
 from simko.data.sources import gsm8k_final_answer  # noqa: E402
-from simko.losses import aggregation_weight, build_loss  # noqa: E402
-from simko.rollout import Rollouts, generate_rollouts, rollout_token_stats  # noqa: E402
+from simko.forward import position_ids_from_mask, rollout_token_stats  # noqa: E402
+from simko.losses import build_loss  # noqa: E402
+from simko.rollout import Rollouts, generate_rollouts  # noqa: E402
+from simko.update import accumulate_gradients  # noqa: E402
 
 LOSSES = ("grpo", "simko")
 MIB = 2**20
@@ -164,28 +168,23 @@ def mixed_rewards(num_prompts: int, group_size: int, seed: int) -> torch.Tensor:
 def update_step(
     model, rollouts: Rollouts, rewards: torch.Tensor, loss_fn, micro_batch_size: int, chunk_size: int
 ) -> float:
-    """One update of RLVRModule.training_step (1 PPO epoch, 1 mini-batch, diagnostics off), no optimizer step."""
+    """One update of RLVRModule.training_step (1 PPO epoch, 1 mini-batch, diagnostics off), no optimizer step;
+    returns the mini-batch loss."""
     G = rollouts.group_size
     model.zero_grad(set_to_none=True)
     advantages = loss_fn.compute_advantages(rewards.view(-1, G)).reshape(-1)
-    micro = list(torch.arange(rollouts.num_rows).split(micro_batch_size))
-    weights = [aggregation_weight(rollouts.response_mask[i], loss_fn.aggregation) for i in micro]
-    total_weight = sum(weights) or 1.0
-    total = 0.0
-    for idx, w in zip(micro, weights):
-        rows = rollouts.rows(idx)
-        stats = rollout_token_stats(model, rows, top_k=loss_fn.top_k, temperature=1.0, chunk_size=chunk_size)
-        out = loss_fn(
-            stats.with_top_k(loss_fn.top_k),
-            old_logprobs=stats.logprobs.detach(),
-            advantages=advantages[idx],
-            rewards=rewards[idx],
-        )
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(f"non-finite loss {out.loss.item()}")
-        (out.loss * (w / total_weight)).backward()
-        total += out.metrics["loss"] * w / total_weight
-    return total
+    metrics: dict[str, float] = defaultdict(float)
+    accumulate_gradients(
+        loss_fn,
+        rollouts,
+        torch.arange(rollouts.num_rows),
+        lambda rows, top_k: rollout_token_stats(model, rows, top_k=top_k, temperature=1.0, chunk_size=chunk_size),
+        advantages,
+        rewards,
+        micro_batch_size,
+        metrics,
+    )
+    return metrics["loss"]
 
 
 @contextmanager
@@ -256,7 +255,7 @@ def head_only_times(model, rollouts, rewards, losses, args) -> dict:
             attention_mask=attn,
             use_cache=False,
             logits_to_keep=1,
-            position_ids=(attn.long().cumsum(-1) - 1).clamp(min=0),
+            position_ids=position_ids_from_mask(attn),
             output_hidden_states=True,
         )
         hidden = out.hidden_states[-1][:, rows["prompt_len"] - 1 : -1].clone()

@@ -46,3 +46,28 @@ def random_qwen2(vocab_size: int = len(CHARS) + 2, seed: int = 0) -> Qwen2ForCau
         pad_token_id=0,
     )
     return Qwen2ForCausalLM(cfg).float()
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def compose_config(overrides=(), config_name: str = "train"):
+    """The config the CLI composes from ``configs/`` with these overrides, in process (Hydra's compose API)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def loss_configs() -> list[str]:
+    """Every loss config (configs/loss/*.yaml): registered classes and presets."""
+    return sorted(p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml"))
+
+
+def make_loss(name: str, **overrides):
+    """The loss of ``configs/loss/<name>.yaml`` as ``simko.train`` builds it, with some keys replaced."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(compose_config([f"loss={name}"]).loss, resolve=True)
+    return instantiate(OmegaConf.merge(cfg, overrides))

@@ -7,17 +7,15 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers import compose_config, loss_configs, make_loss
 from simko.advantages import build_advantage
-from simko.losses import LOSSES, PolicyLoss, TokenStats, build_loss
-from simko.losses.simko import SimKOLoss, forking_mask
+from simko.losses import LOSSES, SimKOLoss, TokenStats, build_loss, response_quantile_mask
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "loss"
 F64 = torch.float64
 
 
@@ -213,8 +211,9 @@ def test_psr_nsr_w_reinforce_advantages_by_hand():
     half = torch.tensor([[0.5, 0.0]])
     assert build_advantage("psr", correct_threshold=0.5)(half).tolist() == [[1, 0]]
     assert build_advantage("psr")(half).tolist() == [[0, 0]]
-    # the estimators of the losses
-    assert build_loss("nsr").compute_advantages(rewards).tolist() == [[0, -1, 0], [-1, -1, -1]]
+    # the estimators of the presets
+    assert make_loss("nsr").compute_advantages(rewards).tolist() == [[0, -1, 0], [-1, -1, -1]]
+    assert make_loss("psr").compute_advantages(rewards).tolist() == [[1, 0, 1], [0, 0, 0]]
 
 
 def passk_brute_force(correct: list[bool], k: int, eps: float = 1e-6) -> list[float]:
@@ -246,32 +245,49 @@ def test_passk_k1_is_grpo_with_population_std_and_k_checked():
     with pytest.raises(ValueError, match="k <= group_size"):
         build_advantage("passk", k=6)(rewards)
     with pytest.raises(ValueError, match="k <= group_size"):
-        build_loss("passk", k=6).compute_advantages(rewards)
-    with pytest.raises(ValueError, match="k must be"):
-        build_loss("passk", k=0)
+        make_loss("passk", advantage_kwargs={"k": 6}).compute_advantages(rewards)
+    for bad in (0, 1.5):  # refused when the loss is built, not at the first step
+        with pytest.raises(ValueError, match="k must be"):
+            build_loss("grpo", advantage="passk", advantage_kwargs={"k": bad})
     # through the generic advantage_kwargs of any loss
-    grpo_passk = build_loss("grpo", advantage="passk", advantage_kwargs={"k": 2})
-    torch.testing.assert_close(grpo_passk.compute_advantages(rewards), build_advantage("passk", k=2)(rewards))
+    simko_passk = build_loss("simko", advantage="passk", advantage_kwargs={"k": 2})
+    torch.testing.assert_close(simko_passk.compute_advantages(rewards), build_advantage("passk", k=2)(rewards))
+
+
+def test_advantage_knobs_are_checked_when_the_loss_is_built():
+    with pytest.raises(TypeError, match="advantage 'nsr' has no knob \\['norm_std'\\].*correct_threshold"):
+        build_loss("grpo", advantage="nsr", advantage_kwargs={"norm_std": False})
+    with pytest.raises(ValueError, match="unknown advantage estimator 'bogus'"):
+        build_loss("grpo", advantage="bogus")
+    with pytest.raises(ValueError, match="pos_weight"):
+        build_loss("grpo", advantage="w_reinforce", advantage_kwargs={"pos_weight": -0.5})
 
 
 # ============================================================================= PPO-family gradients (FD, float64)
+# (loss config, keys replaced in it, reference loss knobs): the presets as simko.train builds them
 PPO_CASES = [
     ("grpo", {}, {}),
     ("grpo", {"clip_eps_high": 0.28}, {"eps_high": 0.28}),
-    ("grpo", {"aggregation": "seq_mean_token_sum_norm", "norm_std": False}, {"mode": "seq_mean_token_sum_norm"}),
+    ("dapo", {}, {"eps_high": 0.28}),
+    (
+        "grpo",
+        {"aggregation": "seq_mean_token_sum_norm", "advantage_kwargs": {"norm_std": False}},
+        {"mode": "seq_mean_token_sum_norm"},
+    ),
+    ("dr_grpo", {"norm_len": None}, {"mode": "seq_mean_token_sum_norm"}),  # the batch's length, as the reference
     ("grpo", {"aggregation": "seq_mean_token_mean"}, {"mode": "seq_mean_token_mean"}),
     ("grpo", {"kl_coef": 0.1, "kl_estimator": "k3"}, {"kl_coef": 0.1}),
     ("psr", {}, {}),
     ("nsr", {}, {}),
     ("w_reinforce", {}, {}),
-    ("passk", {"k": 2}, {}),
+    ("passk", {"advantage_kwargs": {"k": 2}}, {}),
 ]
 
 
-@pytest.mark.parametrize("name,kwargs,ref_kwargs", PPO_CASES, ids=lambda v: str(v))
-def test_ppo_family_gradient_matches_finite_differences(name, kwargs, ref_kwargs):
+@pytest.mark.parametrize("name,overrides,ref_kwargs", PPO_CASES, ids=lambda v: str(v))
+def test_ppo_family_gradient_matches_finite_differences(name, overrides, ref_kwargs):
     batch = Batch()
-    loss_fn = build_loss(name, **kwargs)
+    loss_fn = make_loss(name, **overrides)
     adv = batch.advantages(loss_fn)
     grad, out = batch.grad(loss_fn)
     reference = lambda z: ref_ppo_loss(batch, z, adv, **ref_kwargs)  # noqa: E731
@@ -284,14 +300,15 @@ def test_ppo_family_gradient_matches_finite_differences(name, kwargs, ref_kwargs
 def test_fixed_sign_advantages_of_psr_nsr_w_reinforce():
     batch = Batch()
     correct = batch.rewards == 1
-    torch.testing.assert_close(batch.advantages(build_loss("psr")), correct.to(F64))
-    torch.testing.assert_close(batch.advantages(build_loss("nsr")), -(~correct).to(F64))
-    torch.testing.assert_close(batch.advantages(build_loss("w_reinforce")), torch.where(correct, 0.1, -1.0).to(F64))
+    torch.testing.assert_close(batch.advantages(make_loss("psr")), correct.to(F64))
+    torch.testing.assert_close(batch.advantages(make_loss("nsr")), -(~correct).to(F64))
+    torch.testing.assert_close(batch.advantages(make_loss("w_reinforce")), torch.where(correct, 0.1, -1.0).to(F64))
 
 
 def test_entropy_bonus_gradient_is_differentiable_and_matches_finite_differences():
     batch = Batch()
-    loss_fn = build_loss("entropy_bonus", base="grpo", entropy_coef=0.05)
+    assert make_loss("entropy_bonus").entropy_coef == 0.001 and type(make_loss("entropy_bonus")) is LOSSES["grpo"]
+    loss_fn = make_loss("entropy_bonus", entropy_coef=0.05)
     adv = batch.advantages(loss_fn)
     grad, out = batch.grad(loss_fn)
     reference = lambda z: ref_ppo_loss(batch, z, adv) - 0.05 * ref_token_mean_entropy(batch, z)  # noqa: E731
@@ -302,23 +319,23 @@ def test_entropy_bonus_gradient_is_differentiable_and_matches_finite_differences
     assert (grad - grpo_grad).abs().max() > 1e-5
 
 
-def test_entropy_bonus_wraps_any_loss_and_exposes_it():
+def test_entropy_coef_is_a_knob_of_every_loss():
     batch = Batch()
     simko_kwargs = dict(k=2, alpha=0.3, lam=1.5, tau=0.5, kl_coef=0.1)
-    wrapped = build_loss("entropy_bonus", base="simko", entropy_coef=0.05, **simko_kwargs)
-    assert wrapped.top_k == 2 and wrapped.needs_reference and wrapped.aggregation == "token_mean"
-    assert isinstance(wrapped.base, SimKOLoss)
+    with_bonus = build_loss("simko", entropy_coef=0.05, **simko_kwargs)
+    assert with_bonus.top_k == 2 and with_bonus.needs_reference and isinstance(with_bonus, SimKOLoss)
     rewards = batch.grouped(batch.rewards).float()
-    torch.testing.assert_close(wrapped.compute_advantages(rewards), build_advantage("grpo")(rewards))
+    torch.testing.assert_close(with_bonus.compute_advantages(rewards), build_advantage("grpo")(rewards))
     simko = build_loss("simko", **simko_kwargs)
-    grad_bonus, out = batch.grad(wrapped)
+    grad_bonus, out = batch.grad(with_bonus)
     grad_simko, _ = batch.grad(simko)
     entropy_term = lambda z: -0.05 * ref_token_mean_entropy(batch, z)  # noqa: E731
     fd_entropy = finite_diff_grad(entropy_term, batch.logits)
     torch.testing.assert_close(grad_bonus - grad_simko, fd_entropy, rtol=1e-6, atol=1e-8)
     assert "entropy_bonus" in out.metrics and "simko/forking_frac" in out.metrics
-    with pytest.raises(ValueError):
-        build_loss("entropy_bonus", entropy_coef=-1.0)
+    assert "entropy_bonus" not in batch.loss(simko).metrics  # entropy_coef = 0: no term, no metric
+    with pytest.raises(ValueError, match="entropy_coef"):
+        build_loss("grpo", entropy_coef=-1.0)
 
 
 # ================================================================================================= KL-Cov / Clip-Cov
@@ -440,7 +457,7 @@ def test_simko_loss_value_equals_grpo_and_reduces_to_grpo():
     batch = Batch()
     grpo_grad, grpo_out = batch.grad(build_loss("grpo"))
     # ratio~ has the value r: with lam = 1 the loss value is exactly GRPO's while the gradient differs
-    pos_grad, pos_out = batch.grad(build_loss("simko_pos_only", k=3, alpha=0.3, tau=0.5))
+    pos_grad, pos_out = batch.grad(make_loss("simko_pos_only", k=3, alpha=0.3, tau=0.5))
     assert torch.equal(pos_out.loss.detach(), grpo_out.loss.detach())
     assert (pos_grad - grpo_grad).abs().max() > 1e-3
     # lam scales the gradient of top-1 forking tokens of incorrect responses, never the value: the full SimKO
@@ -448,7 +465,7 @@ def test_simko_loss_value_equals_grpo_and_reduces_to_grpo():
     loss_fn = build_loss("simko", **SIMKO_KNOBS)
     adv = batch.advantages(loss_fn)
     stats = stats64(batch.logits, batch.tokens, batch.mask, 3)
-    scaled = (adv[:, None] < 0) & stats.is_top1 & forking_mask(stats.entropy, batch.mask, SIMKO_KNOBS["tau"])
+    scaled = (adv[:, None] < 0) & stats.is_top1 & response_quantile_mask(stats.entropy, batch.mask, SIMKO_KNOBS["tau"])
     simko_out = batch.loss(loss_fn)
     assert torch.equal(simko_out.loss.detach(), grpo_out.loss.detach())
     assert scaled.any() and simko_out.metrics["clip_frac"] == grpo_out.metrics["clip_frac"]
@@ -461,26 +478,26 @@ def test_simko_touches_only_forking_tokens_and_scales_only_top1_negatives():
     loss_fn = build_loss("simko", **SIMKO_KNOBS)
     adv = batch.advantages(loss_fn)
     stats = stats64(batch.logits, batch.tokens, batch.mask, 3)
-    forking = forking_mask(stats.entropy, batch.mask, SIMKO_KNOBS["tau"])
+    forking = response_quantile_mask(stats.entropy, batch.mask, SIMKO_KNOBS["tau"])
     grpo_grad, _ = batch.grad(build_loss("grpo"))
     grad, _ = batch.grad(loss_fn)
     changed = (grad - grpo_grad).abs().amax(-1) > 1e-12
     assert changed.any() and not (changed & ~forking).any()
 
-    neg_only_grad, _ = batch.grad(build_loss("simko_neg_only", k=3, lam=2.0, tau=0.5))
+    neg_only_grad, _ = batch.grad(make_loss("simko_neg_only", k=3, lam=2.0, tau=0.5))
     top1 = batch.tokens == batch.logits.argmax(-1)
     scaled = (adv[:, None] < 0) & top1 & forking
     changed = (neg_only_grad - grpo_grad).abs().amax(-1) > 1e-12
     assert changed.any() and not (changed & ~scaled).any()
     torch.testing.assert_close(neg_only_grad[scaled], 2.0 * grpo_grad[scaled], rtol=1e-12, atol=0)  # 2.0: exact
 
-    pos_only_grad, _ = batch.grad(build_loss("simko_pos_only", k=3, alpha=0.3, tau=0.5))
+    pos_only_grad, _ = batch.grad(make_loss("simko_pos_only", k=3, alpha=0.3, tau=0.5))
     correct_rows = (batch.rewards == 1)[:, None].expand_as(batch.mask)
     changed = (pos_only_grad - grpo_grad).abs().amax(-1) > 1e-12
     assert changed.any() and not (changed & ~(forking & correct_rows)).any()
 
 
-def test_forking_mask_is_per_response_quantile():
+def test_high_entropy_mask_is_per_response_quantile():
     gen = torch.Generator().manual_seed(1)
     T = 10
     entropy = torch.stack(
@@ -495,7 +512,7 @@ def test_forking_mask_is_per_response_quantile():
     lengths = torch.tensor([10, 10, 7, 1, 0])
     mask = torch.arange(T)[None, :] < lengths[:, None]
     for tau in (0.5, 0.8):
-        w = forking_mask(entropy, mask, tau)
+        w = response_quantile_mask(entropy, mask, tau)
         for b in range(5):
             valid = mask[b]
             expected = torch.zeros(T, dtype=torch.bool)
@@ -515,10 +532,9 @@ def test_simko_knob_validation():
     for bad in ({"k": 0}, {"k": 1.5}, {"alpha": -0.1}, {"alpha": 1.5}, {"lam": 0.0}):
         with pytest.raises(ValueError):
             build_loss("simko", **bad)
-    with pytest.raises(ValueError, match="lam"):
-        build_loss("simko_pos_only", lam=1.1)
-    with pytest.raises(ValueError, match="alpha"):
-        build_loss("simko_neg_only", alpha=0.01)
+    # the two ablation presets are SimKO with one half off
+    assert (make_loss("simko_pos_only").lam, make_loss("simko_pos_only").alpha) == (1.0, 0.01)
+    assert (make_loss("simko_neg_only").lam, make_loss("simko_neg_only").alpha) == (1.1, 0.0)
     assert build_loss("simko", k=5).top_k == 5 and build_loss("grpo").top_k == 0
     batch = Batch()
     with pytest.raises(ValueError, match="top_k"):
@@ -553,9 +569,9 @@ def test_readme_functional_api_float32_matches_analytic_gradient():
 
 
 # ============================================================================================ every loss / config
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", loss_configs())
 def test_all_masked_batch_gives_zero_loss_and_gradient(name):
-    loss_fn = build_loss(name)  # every default
+    loss_fn = make_loss(name)  # every default of the config
     B, T, V = 4, 5, 6
     logits = torch.randn(B, T, V, requires_grad=True)
     tokens = torch.randint(0, V, (B, T))
@@ -572,46 +588,40 @@ def test_all_masked_batch_gives_zero_loss_and_gradient(name):
 
 def constructor_defaults(name) -> dict:
     """Every keyword a registered loss accepts, with its default, following **kwargs up to PolicyLoss."""
-    cls = LOSSES[name]
     params: dict = {}
-    chain = [c for c in cls.__mro__ if "__init__" in vars(c) and c is not object]
-    if not issubclass(cls, PolicyLoss):  # a wrapper (entropy_bonus): its own knobs + the base loss's
-        chain = [cls, PolicyLoss]
-    for c in chain:
+    for c in (c for c in LOSSES[name].__mro__ if "__init__" in vars(c) and c is not object):
         sig = inspect.signature(c.__init__)
         for p in list(sig.parameters.values())[1:]:
             if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
                 params.setdefault(p.name, p.default)
         if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
             break
-    fixed = {
-        "psr": {"advantage", "advantage_kwargs"},
-        "nsr": {"advantage", "advantage_kwargs"},
-        "w_reinforce": {"advantage", "advantage_kwargs"},
-        "passk": {"advantage", "advantage_kwargs"},
-        "simko_pos_only": {"lam"},
-        "simko_neg_only": {"alpha"},
-    }.get(name, set())
-    return {k: v for k, v in params.items() if k not in fixed}
+    return params
 
 
-def test_every_loss_has_a_config_listing_its_defaults():
-    for name in LOSSES:
-        cfg = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{name}.yaml"))
-        assert cfg.pop("_target_") == "simko.losses.build_loss" and cfg.pop("name") == name
-        assert cfg == constructor_defaults(name), name
+def loss_config(name: str) -> dict:
+    return OmegaConf.to_container(compose_config([f"loss={name}"]).loss, resolve=True)
 
 
-@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
-def test_configs_instantiate(path):
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_registered_loss_has_a_config_listing_its_defaults(name):
+    cfg = loss_config(name)
+    assert cfg.pop("_target_") == "simko.losses.build_loss" and cfg.pop("name") == name
+    assert cfg == constructor_defaults(name)
+
+
+@pytest.mark.parametrize("name", loss_configs())
+def test_every_loss_config_builds_and_lists_every_knob(name):
+    """Registered classes and presets alike: the composed config names a registered class and sets every one of
+    its knobs (a preset through ``defaults:``), and simko.train's instantiate builds it."""
     from hydra.utils import instantiate
 
-    # Loss configs may point at other groups (dr_grpo: norm_len = rollout.max_new_tokens): compose them in.
-    root = OmegaConf.create(
-        {"rollout": OmegaConf.load(CONFIG_DIR.parent / "rollout" / "default.yaml"), "loss": OmegaConf.load(path)}
-    )
-    loss_fn = instantiate(root.loss)
-    assert loss_fn.name == OmegaConf.load(path).name
+    composed = compose_config([f"loss={name}"])
+    cfg = loss_config(name)
+    assert cfg["name"] in LOSSES, f"{name}.yaml names no registered loss"
+    assert set(cfg) - {"_target_", "name"} == set(constructor_defaults(cfg["name"]))
+    loss_fn = instantiate(composed.loss)
+    assert type(loss_fn) is LOSSES[cfg["name"]]
     adv = loss_fn.compute_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]]))
     assert adv.shape == (1, 8) and torch.isfinite(adv).all()
     assert loss_fn.needs_reference is False and isinstance(loss_fn.top_k, int)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from simko.forward import position_ids_from_mask
 from simko.models import (
     build_char_tokenizer,
     build_tiny_model,
@@ -23,7 +24,7 @@ from simko.models import (
 from simko.models import cache as cache_module
 from simko.models import smollm2 as smollm2_module
 from simko.models import tiny as tiny_module
-from simko.models.warm_start import completion_batch, position_ids_from_mask
+from simko.models.warm_start import completion_batch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -243,7 +244,18 @@ def test_model_configs_match_loader_signatures(name):
     target = {"simko.models.load_tiny": load_tiny, "simko.models.load_smollm2": load_smollm2,
               "simko.models.load_pretrained": load_pretrained}[config["_target_"]]  # fmt: skip
     keys = {k for k in config if not k.startswith("_")}
-    assert keys <= set(inspect.signature(target).parameters), keys - set(inspect.signature(target).parameters)
+    accepted = set(inspect.signature(target).parameters)
+    if target is load_tiny:  # load_tiny(**architecture): build_tiny_model's architecture arguments
+        from simko.models.tiny import ARCHITECTURE
+
+        assert set(ARCHITECTURE) <= set(inspect.signature(build_tiny_model).parameters)
+        accepted |= set(ARCHITECTURE)
+    assert keys <= accepted, keys - accepted
+
+
+def test_load_tiny_refuses_an_unknown_argument(tmp_path):
+    with pytest.raises(TypeError, match="unexpected arguments \\['num_layer'\\]"):
+        load_tiny(cache_dir=str(tmp_path), num_layer=2)
 
 
 def test_sft_entry_point(tmp_path, capsys):

@@ -16,9 +16,9 @@ import torch
 
 from simko.engines import Sampling, build_engine
 from simko.engines.vllm import check_vllm_installed, prompt_seed
+from simko.forward import rollout_token_stats
 from simko.models.char_tokenizer import build_char_tokenizer
 from simko.models.tiny import build_tiny_model
-from simko.rollout import rollout_token_stats
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed (make install-vllm)")

@@ -1,12 +1,14 @@
 """Advantage estimators: rewards of a group of G responses per prompt -> one advantage per response.
 
-Each estimator is a small pure function ``f(rewards: [P, G]) -> [P, G]`` in a registry, in the manner of verl's
-``core_algos``. A loss names its estimator (``advantage: grpo``); the functional loss API takes advantages
-directly, so scripts can compute them however they like.
+Each estimator is a small pure function ``f(rewards: [P, G], **knobs) -> [P, G]`` in a registry, in the manner of
+verl's ``core_algos``. A loss names its estimator and its knobs (``advantage: nsr``, ``advantage_kwargs: {...}``);
+the knobs are checked when the loss is built. The functional loss API takes advantages directly, so scripts can
+compute them however they like.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -14,11 +16,16 @@ import torch
 from torch import Tensor
 
 ADVANTAGES: dict[str, Callable[..., Tensor]] = {}
+_CHECKS: dict[str, Callable[..., None]] = {}
 
 
-def register_advantage(name: str):
+def register_advantage(name: str, check: Callable[..., None] | None = None):
+    """Register ``fn(rewards, **knobs)``; ``check(**knobs)`` validates the knobs when a loss is built."""
+
     def deco(fn):
         ADVANTAGES[name] = fn
+        if check is not None:
+            _CHECKS[name] = check
         return fn
 
     return deco
@@ -70,7 +77,12 @@ def nsr_advantages(rewards: Tensor, correct_threshold: float = 1.0) -> Tensor:
     return torch.where(rewards < correct_threshold, -1.0, 0.0).to(rewards.dtype)  # (not -0.0 on correct)
 
 
-@register_advantage("w_reinforce")
+def _check_w_reinforce(pos_weight: float = 0.1, **_) -> None:
+    if pos_weight < 0:
+        raise ValueError(f"w_reinforce pos_weight (lambda) must be >= 0, got {pos_weight}")
+
+
+@register_advantage("w_reinforce", check=_check_w_reinforce)
 def w_reinforce_advantages(rewards: Tensor, pos_weight: float = 0.1, correct_threshold: float = 1.0) -> Tensor:
     """W-REINFORCE (Zhu et al. 2025): A_i = +pos_weight if correct_i else -1 (pos_weight = lambda = 0.1)."""
     rewards = _check(rewards, min_group_size=1)
@@ -78,7 +90,12 @@ def w_reinforce_advantages(rewards: Tensor, pos_weight: float = 0.1, correct_thr
     return torch.where(correct, torch.full_like(rewards, float(pos_weight)), torch.full_like(rewards, -1.0))
 
 
-@register_advantage("passk")
+def _check_passk(k: int = 4, **_) -> None:
+    if int(k) != k or k < 1:
+        raise ValueError(f"passk k must be an integer >= 1, got {k}")
+
+
+@register_advantage("passk", check=_check_passk)
 def passk_advantages(rewards: Tensor, k: int = 4, correct_threshold: float = 1.0, eps: float = 1e-6) -> Tensor:
     """Pass@k Training with analytic advantages (Chen et al. 2025, arXiv 2508.10751, Sec. "Analytical Derivation").
 
@@ -121,7 +138,14 @@ def passk_advantages(rewards: Tensor, k: int = 4, correct_threshold: float = 1.0
 
 
 def build_advantage(name: str, **kwargs) -> Callable[[Tensor], Tensor]:
+    """``rewards [P, G] -> advantages [P, G]`` of the estimator ``name`` with ``kwargs``, checked now."""
     if name not in ADVANTAGES:
         raise ValueError(f"unknown advantage estimator {name!r}; registered: {', '.join(sorted(ADVANTAGES))}")
     fn = ADVANTAGES[name]
+    knobs = [p for p in inspect.signature(fn).parameters if p != "rewards"]
+    unknown = sorted(set(kwargs) - set(knobs))
+    if unknown:
+        raise TypeError(f"advantage {name!r} has no knob {unknown} (advantage_kwargs); its knobs: {', '.join(knobs)}")
+    if name in _CHECKS:
+        _CHECKS[name](**kwargs)
     return lambda rewards: fn(rewards, **kwargs)

@@ -11,24 +11,8 @@ High-entropy = entropy strictly above the tau-quantile of the token's own respon
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from simko.losses.stats import TokenStats
-
-
-def response_quantile_mask(entropy: Tensor, mask: Tensor, tau: float) -> Tensor:
-    """[B, T] bool: valid tokens whose entropy is strictly above the tau-quantile of their own row's valid tokens.
-
-    torch.quantile with linear interpolation, per row; rows without valid tokens get no True.
-    """
-    entropy = entropy.detach().float()
-    values = torch.where(mask, entropy, torch.full_like(entropy, float("nan")))
-    has_any = mask.any(dim=1)
-    q = torch.nanquantile(values[has_any], tau, dim=1, interpolation="linear") if has_any.any() else None
-    out = torch.zeros_like(mask)
-    if q is not None:
-        out[has_any] = (entropy[has_any] > q[:, None]) & mask[has_any]
-    return out
+from simko.losses.stats import TokenStats, response_quantile_mask
 
 
 @torch.no_grad()

@@ -1,10 +1,43 @@
-"""Helpers for the sharded strategies (configs/trainer/fsdp*.yaml)."""
+"""Everything that depends on the Lightning strategy (configs/trainer/*.yaml), in one place.
+
+- :func:`is_sharded`: FSDP (``FSDPStrategy``) or FSDP2 (``ModelParallelStrategy`` with ``fully_shard``), where
+  generation must keep ranks in lockstep and a second forward inside one backward is impossible;
+- :func:`shard_fsdp2`: the FSDP2 sharding of the policy (``RLVRModule.configure_model``);
+- :func:`transformer_block_policy`: FSDP1's auto-wrap policy;
+- :func:`no_sync`: skip DDP's gradient all-reduce on all but the last micro-batch;
+- :func:`clip_grad_norm`: the global gradient norm and clipping under every strategy.
+"""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, ParallelStrategy, Strategy
 
 DECODER_BLOCKS = ("Qwen2DecoderLayer", "Qwen3DecoderLayer", "LlamaDecoderLayer", "MistralDecoderLayer")
+
+
+def is_sharded(strategy: Strategy | None) -> bool:
+    """Whether parameters are sharded across ranks (FSDP1 or FSDP2); False without a strategy (no trainer)."""
+    return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
+
+
+def shard_fsdp2(policy: torch.nn.Module, mesh) -> None:
+    """FSDP2: ``fully_shard`` every transformer block over ``mesh``, then the whole policy as the root."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(policy, FSDPModule):  # already sharded (validate() ran before fit())
+        return
+    block_names = set(getattr(policy, "_no_split_modules", None) or [])
+    blocks = [m for m in policy.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise RuntimeError(f"FSDP2: found no transformer blocks ({block_names}) in {type(policy).__name__}")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    # The root keeps its parameters unsharded between forward and backward, which the chunked LM head
+    # (applied after the forward, in TokenStats.from_hidden) relies on.
+    fully_shard(policy, mesh=mesh)
 
 
 def transformer_block_policy(block_names: tuple[str, ...] | list[str] = DECODER_BLOCKS):
@@ -19,3 +52,23 @@ def transformer_block_policy(block_names: tuple[str, ...] | list[str] = DECODER_
         return True if recurse else type(module).__name__ in names
 
     return policy
+
+
+def no_sync(strategy: Strategy) -> AbstractContextManager:
+    """Skip the gradient all-reduce of this backward (DDP); a no-op under every other strategy."""
+    return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext()
+
+
+def clip_grad_norm(strategy: Strategy, policy: torch.nn.Module, max_norm: float) -> float:
+    """Clip the policy's gradients to the global norm ``max_norm`` (0 or less: no clipping); return the norm."""
+    from torch.distributed.tensor import DTensor
+
+    max_norm = max_norm if max_norm and max_norm > 0 else float("inf")
+    if isinstance(strategy, FSDPStrategy):  # FSDP1: the root computes the norm over all ranks' shards
+        norm = strategy.model.clip_grad_norm_(max_norm)
+    else:
+        params = [p for p in policy.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+    if isinstance(norm, DTensor):  # FSDP2: the norm of sharded gradients is a DTensor
+        norm = norm.full_tensor()
+    return float(norm)

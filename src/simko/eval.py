@@ -33,9 +33,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from simko.config import check_config_dir  # noqa: E402
 from simko.diagnostics import concentration_metrics  # noqa: E402
+from simko.engines import Sampling, build_engine  # noqa: E402
+from simko.forward import rollout_token_stats  # noqa: E402
 from simko.metrics import PassAtK, default_ks, majority_at_n  # noqa: E402
 from simko.rewards import extract_final_answer, score_batch  # noqa: E402
-from simko.rollout import generate_rollouts, rollout_token_stats, step_seed  # noqa: E402
+from simko.rollout import step_seed, tokenize_prompts  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     diag_sum: dict[str, float] = defaultdict(float)
     rows_out, answers_all, correct_all = [], [], []
     batch = max(1, int(cfg.eval.prompts_per_batch))
+    engine_name = cfg.rollout.get("engine", "hf")  # the trainer's engine (rollout.engine) and its knobs
+    engine = build_engine(engine_name, policy, tokenizer, **(cfg.rollout.get(engine_name) or {}))
 
     progress = Progress(
         TextColumn("[bold]eval"),
@@ -94,16 +98,13 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         task = progress.add_task("eval", total=len(problems))
         for start in range(0, len(problems), batch):
             chunk = problems[start : start + batch]
-            rollouts = generate_rollouts(
-                policy,
-                tokenizer,
-                [ex["prompt"] for ex in chunk],
-                group_size=n,
+            sampling = Sampling(
                 max_new_tokens=int(cfg.eval.max_new_tokens),
                 temperature=float(cfg.eval.temperature),
                 top_p=float(cfg.eval.top_p),
                 seed=step_seed(cfg.seed, start, 0),
             )
+            rollouts = engine.generate(tokenize_prompts(tokenizer, [ex["prompt"] for ex in chunk]), n, sampling)
             answers = [ex["answer"] for ex in chunk for _ in range(n)]
             names = [ex["verifier"] for ex in chunk for _ in range(n)]
             scores = torch.tensor(score_batch(rollouts.completions, answers, names, verifiers=verifiers))
@@ -128,6 +129,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
                     }
                 )
             progress.advance(task, len(chunk))
+    engine.close()
 
     result = metric.compute()
     num_samples = len(problems) * n

@@ -1,34 +1,36 @@
 """The RLVR LightningModule: one ``training_step`` is one RL step.
 
-    prompts -> G rollouts each (policy.generate, KV cache) -> verifier rewards -> group advantages
-    -> old log-probs (only when the policy will have moved before a token is used) -> ppo_epochs x mini-batches
-    of optimizer updates, each accumulated over micro-batches.
+    prompts -> G rollouts each (the rollout engine, ``rollout.engine``) -> verifier rewards -> group advantages
+    -> ppo_epochs x mini-batches of optimizer updates (simko.update) -> sync the engine's weights
 
 Optimization is manual: one RL step makes ``ppo_epochs * num_mini_batches`` optimizer steps, so Lightning's
 ``global_step`` counts optimizer updates and ``rl_step`` (logged) counts RL steps. Set ``rl_steps`` in
 ``configs/train.yaml`` to fix the run length in RL steps.
 
 The loss never sees logits: it gets :class:`~simko.losses.TokenStats`, computed from the last hidden states in
-sequence chunks with recomputation, so no ``[B, T, V]`` log-softmax is kept for backward.
+sequence chunks with recomputation (:mod:`simko.forward`), so no ``[B, T, V]`` log-softmax is kept for backward.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections import defaultdict
 from collections.abc import Callable
-from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
+from simko import distributed
 from simko.diagnostics import concentration_metrics
-from simko.losses import PolicyLoss, TokenStats, aggregation_weight  # noqa: F401
+from simko.engines import RolloutEngine, Sampling, available_engines, build_engine
+from simko.forward import rollout_token_stats
+from simko.losses import PolicyLoss, TokenStats
 from simko.metrics import PassAtK, default_ks
-from simko.rollout import Rollouts, generate_rollouts, rollout_token_stats, step_seed
+from simko.rollout import Rollouts, step_seed, tokenize_prompts
+from simko.update import update_policy
 
 
 class RLVRModule(LightningModule):
@@ -36,18 +38,19 @@ class RLVRModule(LightningModule):
 
     Args:
         policy: a ``transformers`` causal LM (trainable).
-        tokenizer: its tokenizer (left padding is forced for generation).
+        tokenizer: its tokenizer.
         loss: a :class:`~simko.losses.PolicyLoss` (``configs/loss/*.yaml``).
         optimizer: a partial ``torch.optim`` constructor taking the parameters.
         group_size: G, rollouts per prompt (>= 2: group advantages need it).
-        max_new_tokens, temperature, top_p: rollout sampling.
+        max_new_tokens, temperature, top_p, max_prompt_tokens: rollout sampling.
+        engine: the rollout engine's name (:mod:`simko.engines`, ``rollout.engine``); built in :meth:`setup`.
         ppo_epochs: passes over each rollout batch.
         num_mini_batches: optimizer steps per pass (rows are split evenly, whole groups kept together).
         micro_batch_size: rows per forward/backward (gradient accumulation inside a mini-batch).
         grad_clip: max global grad norm (0 disables clipping; the norm is logged either way).
         stats_chunk_size: sequence chunk of the token statistics (memory ~ rows x chunk x vocab).
         share_prompt: run each distinct prompt once per micro-batch in the update and hand its keys/values to the
-            G rows that share it (exact up to float rounding; see :func:`simko.rollout.rollout_token_stats`).
+            G rows that share it (exact up to float rounding; see :func:`simko.forward.rollout_token_stats`).
             Off under FSDP/FSDP2: the backward of the shared prompt would run after FSDP has resharded the
             parameters and reduce-scattered the gradients of the rows' forward (measured: FSDP2 fails).
         verifiers: verifier instances by name (``configs/train.yaml: module.verifiers``, e.g. a MathVerifier with
@@ -59,6 +62,8 @@ class RLVRModule(LightningModule):
         scheduler: optional partial ``torch.optim.lr_scheduler`` constructor (stepped per optimizer step).
         diagnostics_top_k: log mean p(rank k) for k = 1..this (0 disables the concentration diagnostics).
         diagnostics_tau: entropy quantile (per response) above which a token counts as high-entropy there.
+        **engine_knobs: the knobs of each engine by its name (``rollout.<engine>``); the chosen engine's are
+            passed to its constructor.
     """
 
     def __init__(
@@ -72,6 +77,7 @@ class RLVRModule(LightningModule):
         temperature: float = 1.0,
         top_p: float = 1.0,
         max_prompt_tokens: int | None = None,
+        engine: str = "hf",
         ppo_epochs: int = 1,
         num_mini_batches: int = 1,
         micro_batch_size: int = 16,
@@ -87,6 +93,7 @@ class RLVRModule(LightningModule):
         scheduler: Callable[..., Any] | None = None,
         diagnostics_top_k: int = 10,
         diagnostics_tau: float = 0.8,
+        **engine_knobs: dict,
     ):
         super().__init__()
         if group_size < 2:
@@ -99,11 +106,14 @@ class RLVRModule(LightningModule):
         ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        missing = [a for a in ("compute_advantages", "top_k", "aggregation", "needs_reference") if not hasattr(loss, a)]
-        if missing or not callable(loss):
-            raise TypeError(
-                f"loss must be built by simko.losses.build_loss (got {type(loss).__name__}, missing {missing})"
-            )
+        if not isinstance(loss, PolicyLoss):
+            raise TypeError(f"loss must be a simko.losses.PolicyLoss (build_loss), got {type(loss).__name__}")
+        engines = available_engines()
+        if engine not in engines:
+            raise ValueError(f"unknown rollout engine {engine!r} (rollout.engine); available: {', '.join(engines)}")
+        unknown = sorted(set(engine_knobs) - set(engines))
+        if unknown:
+            raise TypeError(f"RLVRModule got unexpected arguments {unknown} (engine knobs: {', '.join(engines)})")
         self.automatic_optimization = False
         self.policy = policy
         self.tokenizer = tokenizer
@@ -111,15 +121,20 @@ class RLVRModule(LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.group_size = group_size
-        self.sampling = dict(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, max_prompt_tokens=max_prompt_tokens
-        )
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_prompt_tokens = max_prompt_tokens
+        self.engine_name = engine
+        self.engine_knobs = dict(engine_knobs.get(engine) or {})
+        self._engine: RolloutEngine | None = None
         self.ppo_epochs = ppo_epochs
         self.num_mini_batches = num_mini_batches
         self.micro_batch_size = micro_batch_size
         self.grad_clip = grad_clip
         self.stats_chunk_size = stats_chunk_size
         self.share_prompt = share_prompt
+        self._sharded = False  # set in setup(), once the strategy is known
         self.val_sampling = dict(group_size=val_samples, temperature=val_temperature, top_p=val_top_p)
         self.seed = seed
         vocab = policy.get_output_embeddings().weight.shape[0]
@@ -138,24 +153,30 @@ class RLVRModule(LightningModule):
         self.val_pass_at_k = PassAtK(ks=default_ks(val_samples))
 
     # ------------------------------------------------------------------ Lightning plumbing
+    def setup(self, stage: str) -> None:
+        """The strategy is known: build the rollout engine (kept from validate() into fit())."""
+        self._sharded = distributed.is_sharded(self.trainer.strategy)
+        if self._engine is None:
+            self._engine = self._build_engine(synced_gpus=self.trainer.world_size > 1 and self._sharded)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    @property
+    def engine(self) -> RolloutEngine:
+        if self._engine is None:  # used outside a Trainer
+            self._engine = self._build_engine(synced_gpus=False)
+        return self._engine
+
+    def _build_engine(self, synced_gpus: bool) -> RolloutEngine:
+        return build_engine(self.engine_name, self.policy, self.tokenizer, synced_gpus=synced_gpus, **self.engine_knobs)
+
     def configure_model(self) -> None:
         """FSDP2 (ModelParallelStrategy): shard every transformer block, then the whole policy as the root."""
-        if self.device_mesh is None:
-            return
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-
-        if isinstance(self.policy, FSDPModule):  # already sharded (validate() ran before fit())
-            return
-        mesh = self.device_mesh["data_parallel"]
-        block_names = set(getattr(self.policy, "_no_split_modules", None) or [])
-        blocks = [m for m in self.policy.modules() if type(m).__name__ in block_names]
-        if not blocks:
-            raise RuntimeError(f"FSDP2: found no transformer blocks ({block_names}) in {type(self.policy).__name__}")
-        for block in blocks:
-            fully_shard(block, mesh=mesh)
-        # The root keeps its parameters unsharded between forward and backward, which the chunked LM head
-        # (applied after the forward, in TokenStats.from_hidden) relies on.
-        fully_shard(self.policy, mesh=mesh)
+        if self.device_mesh is not None:
+            distributed.shard_fsdp2(self.policy, self.device_mesh["data_parallel"])
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -167,6 +188,7 @@ class RLVRModule(LightningModule):
     def on_fit_start(self) -> None:
         if self._reference is not None:
             self._reference.to(self.device)
+        self.engine.sync_weights(self.policy)  # resumed weights are loaded by now
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rl_step"] = self.rl_step
@@ -186,30 +208,16 @@ class RLVRModule(LightningModule):
 
         return {f"verifier/{k}": float(v) for k, v in failure_counts(self.verifiers).items()}
 
-    # ------------------------------------------------------------------ rollouts
-    def _sharded(self) -> bool:
-        return self.device_mesh is not None or "fsdp" in type(self.trainer.strategy).__name__.lower()
-
+    # ------------------------------------------------------------------ rollouts and token statistics
     def rollout(
         self, examples: list[dict], step: int, group_size: int, temperature: float, top_p: float, seed_offset: int = 0
     ) -> tuple[Rollouts, Tensor, dict[str, float]]:
         """Generate and score; returns rollouts, rewards [N] and timings."""
         t0 = time.perf_counter()
-        was_training = self.policy.training
-        self.policy.eval()
-        rollouts = generate_rollouts(
-            self.policy,
-            self.tokenizer,
-            [ex["prompt"] for ex in examples],
-            group_size=group_size,
-            max_new_tokens=self.sampling["max_new_tokens"],
-            temperature=temperature,
-            top_p=top_p,
-            max_prompt_tokens=self.sampling["max_prompt_tokens"],
-            seed=step_seed(self.seed + seed_offset, step, self.global_rank),
-            synced_gpus=self.trainer.world_size > 1 and self._sharded(),
-        )
-        self.policy.train(was_training)
+        prompt_ids = tokenize_prompts(self.tokenizer, [ex["prompt"] for ex in examples], self.max_prompt_tokens)
+        seed = step_seed(self.seed + seed_offset, step, self.global_rank)
+        sampling = Sampling(max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        rollouts = self.engine.generate(prompt_ids, group_size, sampling)
         t1 = time.perf_counter()
         answers = [ex["answer"] for ex in examples for _ in range(group_size)]
         names = [ex["verifier"] for ex in examples for _ in range(group_size)]
@@ -219,115 +227,60 @@ class RLVRModule(LightningModule):
         t2 = time.perf_counter()
         return rollouts, rewards, {"time/generate": t1 - t0, "time/score": t2 - t1}
 
-    # ------------------------------------------------------------------ token statistics
     def token_stats(self, model: torch.nn.Module, rows: dict[str, Tensor], top_k: int) -> TokenStats:
         """TokenStats of the response tokens of ``rows`` under ``model`` at the rollout temperature."""
-        return rollout_token_stats(
-            model,
-            rows,
-            top_k,
-            self.sampling["temperature"],
-            self.stats_chunk_size,
-            share_prompt=self.share_prompt and not (self._trainer and self._sharded()),
-        )
-
-    @torch.no_grad()
-    def _logprobs(self, model: torch.nn.Module, rollouts: Rollouts) -> Tensor:
-        """Sampled-token log-probs [N, R] under ``model`` (no grad), micro-batched."""
-        out = torch.zeros(rollouts.response_mask.shape, device=self.device)
-        for idx in torch.arange(rollouts.num_rows, device=self.device).split(self.micro_batch_size):
-            rows = rollouts.rows(idx)
-            lp = self.token_stats(model, rows, top_k=0).logprobs
-            out[idx, : lp.shape[1]] = lp
-        return out
+        share = self.share_prompt and not self._sharded
+        return rollout_token_stats(model, rows, top_k, self.temperature, self.stats_chunk_size, share_prompt=share)
 
     # ------------------------------------------------------------------ the RL step
     def training_step(self, batch: dict, batch_idx: int) -> None:
         examples, step = batch["examples"], int(batch["step"])
         G = self.group_size
-        rollouts, rewards, timings = self.rollout(
-            examples, step, G, self.sampling["temperature"], self.sampling["top_p"]
-        )
+        rollouts, rewards, timings = self.rollout(examples, step, G, self.temperature, self.top_p)
+
         t_update = time.perf_counter()
         advantages = self.loss_fn.compute_advantages(rewards.view(-1, G)).reshape(-1)
-
-        # Old log-probs are needed only if some token is used after the policy has moved.
-        needs_old = self.ppo_epochs * self.num_mini_batches > 1
-        old_logprobs = self._logprobs(self.policy, rollouts) if needs_old else None
-        ref_logprobs = self._logprobs(self._reference, rollouts) if self._reference is not None else None
-
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
-        metrics: dict[str, float] = defaultdict(float)
-        diagnostics: dict[str, float] = defaultdict(float)
         diag_k = self.diagnostics_top_k
-        num_updates = 0
-        gen = torch.Generator().manual_seed(step_seed(self.seed, step, 0))
-        num_groups = rollouts.num_rows // G
-        for _ in range(self.ppo_epochs):
-            # Shuffle whole groups, then split them into mini-batches.
-            group_order = torch.randperm(num_groups, generator=gen)
-            for mb_groups in group_order.tensor_split(self.num_mini_batches):
-                if len(mb_groups) == 0:
-                    continue
-                mb_rows = (mb_groups[:, None] * G + torch.arange(G)).reshape(-1).to(self.device)
-                micro = list(mb_rows.split(self.micro_batch_size))
-                weights = [aggregation_weight(rollouts.response_mask[i], self.loss_fn.aggregation) for i in micro]
-                total_weight = sum(weights) or 1.0
-                opt.zero_grad(set_to_none=True)
-                for i, (idx, w) in enumerate(zip(micro, weights)):
-                    rows = rollouts.rows(idx)
-                    stats = self.token_stats(self.policy, rows, top_k=max(self.loss_fn.top_k, diag_k))
-                    if num_updates == 0 and diag_k:  # the policy that sampled the rollouts
-                        for k, v in concentration_metrics(stats.with_top_k(diag_k), self.diagnostics_tau).items():
-                            diagnostics[k] += v * w / total_weight
-                    R = stats.mask.shape[1]
-                    old = old_logprobs[idx, :R] if needs_old else stats.logprobs.detach()
-                    ref = ref_logprobs[idx, :R] if ref_logprobs is not None else None
-                    out = self.loss_fn(
-                        stats.with_top_k(self.loss_fn.top_k),
-                        old_logprobs=old,
-                        advantages=advantages[idx],
-                        rewards=rewards[idx],
-                        ref_logprobs=ref,
-                    )
-                    if not torch.isfinite(out.loss):
-                        raise FloatingPointError(
-                            f"non-finite loss {out.loss.item()} at RL step {step}, micro-batch {i}: "
-                            f"metrics {out.metrics}. Stopping before the optimizer applies it."
-                        )
-                    sync = self._no_sync() if i < len(micro) - 1 else nullcontext()
-                    with sync:
-                        self.manual_backward(out.loss * (w / total_weight))
-                    for k, v in out.metrics.items():
-                        metrics[k] += v * w / total_weight
-                metrics["grad_norm"] += self._clip_and_norm()
-                opt.step()
-                if sched is not None:
-                    sched.step()
-                num_updates += 1
-        metrics = {f"train/{k}": v / max(num_updates, 1) for k, v in metrics.items()}
-        metrics.update({f"diag/{k}": v for k, v in diagnostics.items()})
-        timings["time/update"] = time.perf_counter() - t_update
+        metrics, diagnostics = update_policy(
+            self.loss_fn,
+            rollouts,
+            rewards,
+            advantages,
+            token_stats=partial(self.token_stats, self.policy),
+            optimizer_step=self._optimizer_step,
+            zero_grad=partial(self.optimizers().zero_grad, set_to_none=True),
+            generator=torch.Generator().manual_seed(step_seed(self.seed, step, 0)),  # the group shuffle
+            ppo_epochs=self.ppo_epochs,
+            num_mini_batches=self.num_mini_batches,
+            micro_batch_size=self.micro_batch_size,
+            reference_stats=partial(self.token_stats, self._reference) if self._reference is not None else None,
+            stats_top_k=max(self.loss_fn.top_k, diag_k),
+            backward=self.manual_backward,
+            no_sync=partial(distributed.no_sync, self.trainer.strategy),
+            diagnose=self._diagnostics if diag_k else None,
+            where=f" at RL step {step}",
+        )
+        t_sync = time.perf_counter()
+        self.engine.sync_weights(self.policy)  # the next RL step samples from the updated policy
+        timings["time/update"] = t_sync - t_update
+        timings["time/weight_sync"] = time.perf_counter() - t_sync
         self.rl_step = step + 1
+        metrics = {f"train/{k}": v for k, v in metrics.items()}
+        metrics.update({f"diag/{k}": v for k, v in diagnostics.items()})
         self._log_step(rollouts, rewards, metrics, timings)
 
-    def _no_sync(self):
-        """Skip the gradient all-reduce on all but the last micro-batch (DDP); a no-op elsewhere."""
-        block = getattr(self.trainer.strategy, "block_backward_sync", None)
-        return block() if block is not None else nullcontext()
+    def _diagnostics(self, stats: TokenStats) -> dict[str, float]:
+        """Concentration diagnostics (diag/*) of the first mini-batch, under the policy that sampled it."""
+        return concentration_metrics(stats.with_top_k(self.diagnostics_top_k), self.diagnostics_tau)
 
-    def _clip_and_norm(self) -> float:
-        max_norm = self.grad_clip if self.grad_clip and self.grad_clip > 0 else float("inf")
-        wrapped = self.trainer.strategy.model
-        if hasattr(wrapped, "clip_grad_norm_"):  # FSDP1 root: needs its own collective norm
-            norm = wrapped.clip_grad_norm_(max_norm)
-        else:
-            params = [p for p in self.policy.parameters() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-            norm = norm.full_tensor()
-        return float(norm)
+    def _optimizer_step(self) -> float:
+        """Clip, step the optimizer and the schedule; the gradient norm before clipping."""
+        norm = distributed.clip_grad_norm(self.trainer.strategy, self.policy, self.grad_clip)
+        self.optimizers().step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        return norm
 
     def _log_step(self, rollouts: Rollouts, rewards: Tensor, metrics: dict, timings: dict) -> None:
         G = self.group_size

@@ -18,9 +18,10 @@ problems is a mean over N different problems, not over repeats of the frequent o
 
 from __future__ import annotations
 
-import hashlib
 import operator
 import random
+
+from simko.data.split import hash_split
 
 SPLITS = ("train", "val")
 OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -135,9 +136,7 @@ class ArithmeticSource:
 
     def split_of(self, question: str) -> str:
         """The split a problem belongs to: a keyed hash of its text, independent of the seed."""
-        digest = hashlib.blake2b(question.encode(), digest_size=8, key=b"simko-arithmetic-split").digest()
-        unit = int.from_bytes(digest, "big") / 2**64
-        return "val" if unit < self.val_fraction else "train"
+        return hash_split(question, b"simko-arithmetic-split", self.val_fraction)
 
     def _operand(self, rng: random.Random) -> int:
         digits = rng.randint(self.min_digits, self.max_digits)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from simko.data.sources import _load_rows
+from simko.data.split import hash_split
 from simko.rewards.logic import (
     countdown_answer,
     countdown_question,
@@ -167,8 +168,7 @@ class ReasoningGymSource:
 
     def split_of(self, key: str) -> str:
         """The split a problem belongs to: a keyed hash of its canonical key, independent of the seed."""
-        digest = hashlib.blake2b(key.encode(), digest_size=8, key=b"simko-logic-split").digest()
-        return "val" if int.from_bytes(digest, "big") / 2**64 < self.val_fraction else "train"
+        return hash_split(key, b"simko-logic-split", self.val_fraction)
 
     def problem(self, index: int) -> LogicProblem:
         """The problem behind ``example(index)`` (with its canonical key)."""

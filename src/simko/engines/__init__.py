@@ -1,5 +1,6 @@
-"""Rollout engines (TEMPORARY shim on the vllm branch until the structure branch's engines package merges)."""
+"""Rollout engines: what samples the responses (``rollout.engine``). See :mod:`simko.engines.base`."""
 
-from simko.engines.base import ENGINES, RolloutEngine, Sampling, build_engine, register_engine
+from simko.engines.base import ENGINES, RolloutEngine, Sampling, available_engines, build_engine, register_engine
+from simko.engines.hf import HFEngine
 
-__all__ = ["ENGINES", "RolloutEngine", "Sampling", "build_engine", "register_engine"]
+__all__ = ["ENGINES", "HFEngine", "RolloutEngine", "Sampling", "available_engines", "build_engine", "register_engine"]

@@ -1,4 +1,4 @@
-"""Policy-gradient losses for RLVR: a registry of small classes over one shared PPO-clip core.
+"""Policy-gradient losses for RLVR: one shared PPO-clip core with knobs, a few registered classes, YAML presets.
 
 from simko.losses import TokenStats, build_loss
 stats = TokenStats.from_logits(logits, tokens, mask, top_k=3, temperature=1.0)
@@ -7,38 +7,35 @@ out = loss_fn(stats, old_logprobs=old_lp, advantages=adv, rewards=rew)
 out.loss.backward(); out.metrics
 """
 
-# Importing a loss module registers it.
-from simko.losses import covariance, entropy_bonus, grpo, passk, reinforce_family, simko  # noqa: E402,F401
+import importlib
+import pkgutil
+
 from simko.losses.aggregation import AGGREGATIONS, aggregate, aggregation_weight
 from simko.losses.base import LOSSES, LossOutput, PolicyLoss, build_loss, kl_penalty, register_loss
-from simko.losses.covariance import ClipCovLoss, KLCovLoss  # noqa: E402
-from simko.losses.entropy_bonus import EntropyBonusLoss  # noqa: E402
-from simko.losses.grpo import GRPOLoss  # noqa: E402
-from simko.losses.passk import PassKLoss  # noqa: E402
-from simko.losses.reinforce_family import NSRLoss, PSRLoss, WeightedReinforceLoss  # noqa: E402
-from simko.losses.simko import SimKOLoss, SimKONegOnlyLoss, SimKOPosOnlyLoss  # noqa: E402
-from simko.losses.stats import TokenStats
+from simko.losses.covariance import ClipCovLoss, KLCovLoss
+from simko.losses.grpo import GRPOLoss
+from simko.losses.simko import SimKOLoss
+from simko.losses.stats import TokenStats, response_quantile_mask
+
+# Importing a loss module registers it: every module of this package is imported, so a new loss is one file here
+# (plus its configs/loss/<name>.yaml) and no list to extend.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "AGGREGATIONS",
     "LOSSES",
     "ClipCovLoss",
-    "EntropyBonusLoss",
     "GRPOLoss",
     "KLCovLoss",
     "LossOutput",
-    "NSRLoss",
-    "PSRLoss",
-    "PassKLoss",
     "PolicyLoss",
     "SimKOLoss",
-    "SimKONegOnlyLoss",
-    "SimKOPosOnlyLoss",
     "TokenStats",
-    "WeightedReinforceLoss",
     "aggregate",
     "aggregation_weight",
     "build_loss",
     "kl_penalty",
     "register_loss",
+    "response_quantile_mask",
 ]

@@ -1,19 +1,23 @@
 """The PPO-clip policy loss that every loss in this package shares, and the loss registry.
 
-A loss is a small class with two hooks a subclass may override:
+The base loss has the knobs every loss shares: the clip range, the aggregation, a KL term to a frozen reference,
+the advantage estimator (``advantage``: GRPO's group normalisation, PSR/NSR/W-REINFORCE's fixed signs, pass@k,
+...; :mod:`simko.advantages`) and an entropy bonus (``entropy_coef``). Losses that are only settings of these
+knobs are YAML presets (``configs/loss/dapo.yaml``, ``nsr.yaml``, ...). A loss that changes the objective is a
+small registered class with three hooks a subclass may override:
 
 - :meth:`PolicyLoss.surrogate` returns the per-token ratio and advantage that enter the PPO-clip objective
   (GRPO: the plain ratio r and the broadcast advantage; SimKO: its smoothed ratio and lambda-scaled advantage).
 - :meth:`PolicyLoss.token_penalty` returns a ``[B, T]`` term added to the per-token PPO loss before aggregation
   (KL-Cov's |log r| penalty on its selected tokens uses it).
-- :meth:`PolicyLoss.extra_loss` returns an additional scalar term.
+- :meth:`PolicyLoss.extra_loss` returns an additional scalar term (the base's: the entropy bonus; an override
+  adds ``super().extra_loss(...)`` to keep it).
 
 Everything else (clipping, KL to a reference, aggregation, metrics) lives here once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,19 +26,12 @@ from torch import Tensor
 from simko.advantages import build_advantage
 from simko.losses.aggregation import aggregate, check_aggregation, masked_mean
 from simko.losses.stats import TokenStats
+from simko.registry import class_registrar
 
 LOSSES: dict[str, type[PolicyLoss]] = {}
 
 
-def register_loss(name: str) -> Callable[[type], type]:
-    def deco(cls):
-        if name in LOSSES:
-            raise ValueError(f"loss {name!r} registered twice")
-        LOSSES[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+register_loss = class_registrar(LOSSES, "loss")  # @register_loss("name") on a PolicyLoss subclass
 
 
 def build_loss(name: str, **kwargs) -> PolicyLoss:
@@ -73,6 +70,7 @@ class PolicyLoss:
     """PPO-clip policy loss with GRPO group advantages (the base every registered loss derives from).
 
     loss = aggregate( max(-A~ * ratio~, -A~ * clip(ratio~, 1 - eps, 1 + eps_high)) + penalty_t + beta * KL_t ) + extra
+    extra = -entropy_coef * aggregate(H) (the entropy bonus, H differentiable) unless a subclass adds more
 
     Args:
         clip_eps: PPO clip epsilon (low side, and high side unless ``clip_eps_high`` is set).
@@ -81,10 +79,13 @@ class PolicyLoss:
         norm_len: the constant of ``seq_mean_token_sum_norm``; ``None`` uses the batch's padded length.
         kl_coef: beta of the KL term to the frozen reference; 0 (default) loads no reference model.
         kl_estimator: ``k1`` | ``k2`` | ``k3``.
-        advantage: name of the advantage estimator (see :mod:`simko.advantages`).
-        norm_std: divide group-centred rewards by their std (GRPO) or not (Dr.GRPO); for ``advantage: grpo``.
-        advantage_kwargs: extra keyword arguments of the advantage estimator (e.g. ``{k: 4}`` for ``passk``).
-        top_k: how many top-K candidates the loss needs in :class:`TokenStats` (0 for GRPO).
+        advantage: name of the advantage estimator (see :mod:`simko.advantages`): ``grpo`` | ``psr`` | ``nsr`` |
+            ``w_reinforce`` | ``passk``.
+        advantage_kwargs: keyword arguments of the estimator (e.g. ``{norm_std: false}`` for Dr.GRPO, ``{k: 4}``
+            for ``passk``); checked against its signature here.
+        entropy_coef: beta_H of the entropy bonus ``-beta_H * aggregate(H)``, H differentiable (0: off).
+
+    ``top_k`` (class or instance attribute): how many top-K candidates the loss needs in :class:`TokenStats`.
     """
 
     name = "base"
@@ -99,8 +100,8 @@ class PolicyLoss:
         kl_coef: float = 0.0,
         kl_estimator: str = "k3",
         advantage: str = "grpo",
-        norm_std: bool = True,
         advantage_kwargs: dict | None = None,
+        entropy_coef: float = 0.0,
     ):
         if not clip_eps > 0:
             raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
@@ -110,17 +111,16 @@ class PolicyLoss:
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
         if kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"unknown kl_estimator {kl_estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
+        if entropy_coef < 0:
+            raise ValueError(f"entropy_coef must be >= 0 (a bonus), got {entropy_coef}")
         self.clip_low = float(clip_eps)
         self.clip_high = float(clip_eps if clip_eps_high is None else clip_eps_high)
         self.aggregation = check_aggregation(aggregation)
         self.norm_len = norm_len
         self.kl_coef = float(kl_coef)
         self.kl_estimator = kl_estimator
-        self.advantage_name = advantage
-        adv_kwargs = {"norm_std": norm_std} if advantage == "grpo" else {}
-        adv_kwargs.update(dict(advantage_kwargs or {}))  # dict(): Hydra may pass a DictConfig
-        self.advantage_kwargs = adv_kwargs
-        self._advantage_fn = build_advantage(advantage, **adv_kwargs)
+        self.entropy_coef = float(entropy_coef)
+        self._advantage_fn = build_advantage(advantage, **dict(advantage_kwargs or {}))  # Hydra: a DictConfig
 
     # ------------------------------------------------------------------ public API
     @property
@@ -197,7 +197,19 @@ class PolicyLoss:
         return None
 
     def extra_loss(self, stats: TokenStats, metrics: dict[str, float]) -> Tensor | None:
-        return None
+        """Optional scalar added to the loss (None: nothing). The base: the entropy bonus when ``entropy_coef``.
+
+        The classic maximum-entropy regulariser (e.g. Williams & Peng 1991; verl's ``entropy_coeff``). The entropy
+        of :class:`TokenStats` is differentiable, so the bonus acts (in the official SimKO code it is detached and
+        inert): per position, grad_z [-beta_H H(softmax(z))] = beta_H * p * (log p + H). It is aggregated like the
+        policy term, so micro-batch weighting stays exact. Cui et al. 2025 (arXiv 2505.22617) report the
+        coefficient is touchy: ~1e-3 barely moves entropy, 1e-2 can make it explode.
+        """
+        if self.entropy_coef == 0:
+            return None
+        entropy = aggregate(stats.entropy, stats.mask, self.aggregation, self.norm_len)
+        metrics["entropy_bonus"] = float(entropy.detach())
+        return -self.entropy_coef * entropy
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -1,8 +1,10 @@
-"""GRPO (Shao et al. 2024, arXiv 2402.03300) with the usual variants as flags.
+"""GRPO (Shao et al. 2024, arXiv 2402.03300) and every loss that is only a setting of the base loss's knobs.
 
-The PPO-clip objective on the sampled token with group-normalised advantages. Variants, one flag each:
-``aggregation`` (token_mean | seq_mean_token_mean | seq_mean_token_sum_norm = Dr.GRPO), ``norm_std=False``
-(Dr.GRPO), ``clip_eps_high`` (DAPO clip-higher), ``kl_coef``/``kl_estimator`` (KL to the frozen reference).
+The PPO-clip objective on the sampled token with group-normalised advantages. The variants are YAML presets of
+``configs/loss/grpo.yaml`` (``defaults: [grpo]`` + overrides): ``dr_grpo`` (``aggregation:
+seq_mean_token_sum_norm``, ``advantage_kwargs: {norm_std: false}``), ``dapo`` (``clip_eps_high``), ``psr`` /
+``nsr`` / ``w_reinforce`` / ``passk`` (``advantage:``), ``entropy_bonus`` (``entropy_coef``); ``kl_coef`` /
+``kl_estimator`` add a KL to the frozen reference.
 """
 
 from simko.losses.base import PolicyLoss, register_loss

@@ -34,20 +34,7 @@ from torch import Tensor
 
 from simko.losses.aggregation import masked_mean
 from simko.losses.base import PolicyLoss, register_loss
-from simko.losses.stats import TokenStats
-
-
-def forking_mask(entropy: Tensor, mask: Tensor, tau: float) -> Tensor:
-    """w [B, T] bool: the token's detached entropy is strictly above the tau-quantile of ITS OWN response.
-
-    The quantile is ``torch.quantile``'s linear one over the valid tokens of each row (padding is set to NaN and
-    ignored by ``nanquantile``). A row with no valid token has a NaN quantile and so no forking token.
-    """
-    entropy = entropy.detach()
-    mask = mask.bool()
-    masked_entropy = torch.where(mask, entropy, torch.full_like(entropy, float("nan")))
-    quantile = torch.nanquantile(masked_entropy, tau, dim=-1, keepdim=True, interpolation="linear")
-    return (entropy > quantile) & mask  # NaN compares False
+from simko.losses.stats import TokenStats, response_quantile_mask
 
 
 def smoothed_ratio(ratio: Tensor, topk_logprobs: Tensor, mix: Tensor) -> Tensor:
@@ -121,7 +108,7 @@ class SimKOLoss(PolicyLoss):
             )
         mask = stats.mask
         ratio = torch.exp(stats.logprobs - old_logprobs)
-        forking = forking_mask(stats.entropy, mask, self.tau)
+        forking = response_quantile_mask(stats.entropy, mask, self.tau)  # w
         correct = (rewards >= self.correct_threshold)[:, None].expand_as(mask)
         # Extra columns (stats built with a larger top_k for diagnostics) are ignored: the first k are the top-k.
         topk_logprobs = stats.topk_logprobs[..., : self.k]
@@ -145,26 +132,3 @@ class SimKOLoss(PolicyLoss):
                 "simko/forking_entropy": float(masked_mean(stats.entropy.detach(), forking)),
             }
         return ratio_used, adv_tok, metrics
-
-
-def _refuse_knob(kwargs: dict, knob: str, loss_name: str, fixed: float) -> None:
-    if knob in kwargs:
-        raise ValueError(f"loss {loss_name!r} fixes {knob}={fixed}; use loss 'simko' to set it")
-
-
-@register_loss("simko_pos_only")
-class SimKOPosOnlyLoss(SimKOLoss):
-    """SimKO ablation: only the top-K smoothing of correct responses (lam fixed to 1)."""
-
-    def __init__(self, **kwargs):
-        _refuse_knob(kwargs, "lam", self.name, 1.0)
-        super().__init__(lam=1.0, **kwargs)
-
-
-@register_loss("simko_neg_only")
-class SimKONegOnlyLoss(SimKOLoss):
-    """SimKO ablation: only the lam-scaling of top-1 forking tokens of incorrect responses (alpha fixed to 0)."""
-
-    def __init__(self, **kwargs):
-        _refuse_knob(kwargs, "alpha", self.name, 0.0)
-        super().__init__(alpha=0.0, **kwargs)

@@ -13,7 +13,7 @@ distribution the rollouts were sampled from.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -54,12 +54,6 @@ class TokenStats:
         if k > self.top_k:
             raise ValueError(f"asked for top-{k} candidates, the statistics hold {self.top_k}")
         return TokenStats(self.logprobs, self.entropy, self.topk_logprobs[..., :k], self.topk_ids[..., :k], self.mask)
-
-    def detach(self) -> TokenStats:
-        return TokenStats(**{f.name: getattr(self, f.name).detach() for f in fields(self)})
-
-    def __getitem__(self, rows) -> TokenStats:
-        return TokenStats(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -110,6 +104,20 @@ class TokenStats:
                 outs.append(_head_stats(h, lm_head, y, top_k, temperature))
         logprobs, entropy, topk_lp, topk_ids = (torch.cat(parts, dim=1) for parts in zip(*outs))
         return cls(logprobs, entropy, topk_lp, topk_ids, mask.bool())
+
+
+def response_quantile_mask(entropy: Tensor, mask: Tensor, tau: float) -> Tensor:
+    """[B, T] bool: valid tokens whose detached entropy is strictly above the tau-quantile of ITS OWN response.
+
+    SimKO's forking tokens (w) and the diagnostics' high-entropy tokens. The quantile is ``torch.quantile``'s
+    linear one over the valid tokens of each row (padding is set to NaN and ignored by ``nanquantile``). A row with
+    no valid token has a NaN quantile and so no True.
+    """
+    entropy = entropy.detach()
+    mask = mask.bool()
+    masked_entropy = torch.where(mask, entropy, torch.full_like(entropy, float("nan")))
+    quantile = torch.nanquantile(masked_entropy, tau, dim=-1, keepdim=True, interpolation="linear")
+    return (entropy > quantile) & mask  # NaN compares False
 
 
 def _check_shapes(lead_shape, tokens: Tensor, mask: Tensor) -> None:

@@ -11,6 +11,7 @@ that changes the weights; a second run with the same arguments loads it in about
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import time
@@ -79,6 +80,28 @@ def build_tiny_model(
     return model.float().eval()
 
 
+# The arguments of build_tiny_model that shape the weights: load_tiny takes them as **architecture.
+ARCHITECTURE = (
+    "num_layers",
+    "hidden_size",
+    "num_heads",
+    "num_kv_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "rope_theta",
+)
+
+
+def _architecture(given: dict[str, Any]) -> dict[str, Any]:
+    """Every ARCHITECTURE argument, given or build_tiny_model's default, with the default's type: int()/float()
+    so that e.g. rope_theta=10000 from Python and 10000.0 from YAML give the same cache entry."""
+    unknown = sorted(set(given) - set(ARCHITECTURE))
+    if unknown:
+        raise TypeError(f"load_tiny got unexpected arguments {unknown}; architecture arguments: {list(ARCHITECTURE)}")
+    params = inspect.signature(build_tiny_model).parameters
+    return {k: type(params[k].default)(given.get(k, params[k].default)) for k in ARCHITECTURE}
+
+
 def cache_key(args: dict[str, Any]) -> str:
     """Short stable hash of the arguments that determine the weights."""
     text = json.dumps({"format": CACHE_FORMAT, **args}, sort_keys=True)
@@ -93,13 +116,6 @@ def arithmetic_source(task: dict[str, Any], seed: int, split: str):
 
 def load_tiny(
     cache_dir: str = DEFAULT_CACHE_DIR,
-    num_layers: int = 4,
-    hidden_size: int = 256,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    intermediate_size: int = 688,
-    max_position_embeddings: int = 128,
-    rope_theta: float = 10000.0,
     attn_implementation: str = "sdpa",
     warm_start_steps: int = 300,
     warm_start_lr: float = 1e-3,
@@ -114,6 +130,7 @@ def load_tiny(
     dtype: str = "float32",
     rebuild: bool = False,
     wait_timeout_s: float = 3600.0,
+    **architecture: Any,
 ):
     """``(model, tokenizer)``: the tiny model after ``warm_start_steps`` supervised steps, cached on disk.
 
@@ -123,20 +140,12 @@ def load_tiny(
     ``dtype`` and ``attn_implementation`` apply when loading: the warm start always runs in fp32 with SDPA
     attention, so they do not change the cache entry. Neither does ``warm_start_device``, although training on
     another device (or with another number of CPU threads) gives slightly different weights.
-    ``rebuild=True`` retrains even when the cache entry exists.
+    ``rebuild=True`` retrains even when the cache entry exists. ``**architecture``: the architecture arguments
+    of :func:`build_tiny_model` (``ARCHITECTURE``), its defaults where not given.
     """
     task = {**DEFAULT_TASK, **_plain(task or {})}
-    # int()/float() so that e.g. rope_theta=10000 from Python and 10000.0 from YAML give the same cache entry.
     weight_args = {
-        "architecture": {
-            "num_layers": int(num_layers),
-            "hidden_size": int(hidden_size),
-            "num_heads": int(num_heads),
-            "num_kv_heads": int(num_kv_heads),
-            "intermediate_size": int(intermediate_size),
-            "max_position_embeddings": int(max_position_embeddings),
-            "rope_theta": float(rope_theta),
-        },
+        "architecture": _architecture(architecture),
         "warm_start": {
             "steps": int(warm_start_steps),
             "lr": float(warm_start_lr),
@@ -151,7 +160,7 @@ def load_tiny(
     target = Path(cache_dir) / f"tiny-{cache_key(weight_args)}"
 
     def build(folder: Path) -> None:
-        tokenizer = build_char_tokenizer(model_max_length=max_position_embeddings)
+        tokenizer = build_char_tokenizer(model_max_length=weight_args["architecture"]["max_position_embeddings"])
         model = build_tiny_model(
             vocab_size=len(tokenizer),
             pad_token_id=tokenizer.pad_token_id,

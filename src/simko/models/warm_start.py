@@ -15,6 +15,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from simko.forward import position_ids_from_mask
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of positions without loss (prompt, padding), as transformers' loss expects
@@ -22,11 +24,6 @@ IGNORE_INDEX = -100  # label of positions without loss (prompt, padding), as tra
 
 class ExampleSource(Protocol):
     def example(self, index: int) -> dict[str, Any]: ...
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """0, 1, 2, ... over the real tokens of each row; left padding gets 0 (it is masked anyway)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def completion_batch(tokenizer, examples: list[dict[str, Any]], prompt_template: str) -> dict[str, Tensor]:
