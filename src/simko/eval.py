@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from simko.config import check_config_dir  # noqa: E402
 from simko.diagnostics import concentration_metrics  # noqa: E402
-from simko.engines import Sampling, build_engine  # noqa: E402
+from simko.engines import Sampling, build_engine, check_engine  # noqa: E402
 from simko.forward import rollout_token_stats  # noqa: E402
 from simko.metrics import PassAtK, default_ks, majority_at_n  # noqa: E402
 from simko.rewards import extract_final_answer, score_batch  # noqa: E402
@@ -64,6 +64,8 @@ def load_checkpoint_into(policy: torch.nn.Module, ckpt_path: str) -> None:
 
 @torch.no_grad()
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
+    engine_name = cfg.rollout.get("engine", "hf")  # the trainer's engine (rollout.engine) and its knobs
+    check_engine(engine_name, cfg.rollout.get(engine_name))  # e.g. vLLM missing: fail before the model loads
     torch.manual_seed(cfg.seed)
     policy, tokenizer = instantiate(cfg.model)
     if cfg.get("ckpt_path"):
@@ -83,7 +85,6 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     diag_sum: dict[str, float] = defaultdict(float)
     rows_out, answers_all, correct_all = [], [], []
     batch = max(1, int(cfg.eval.prompts_per_batch))
-    engine_name = cfg.rollout.get("engine", "hf")  # the trainer's engine (rollout.engine) and its knobs
     engine = build_engine(engine_name, policy, tokenizer, **(cfg.rollout.get(engine_name) or {}))
 
     progress = Progress(

@@ -22,6 +22,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from simko.config import check_config_dir  # noqa: E402
+from simko.engines import check_engine  # noqa: E402
 
 log = logging.getLogger(__name__)
 # One RL step = several manual optimizer steps; checkpoints are taken after the step, which is what we want.
@@ -41,6 +42,8 @@ def build(cfg: DictConfig):
     """Instantiate model, loss, data, module and trainer from a composed config."""
     L.seed_everything(cfg.seed, workers=True)
     loss = instantiate(cfg.loss)  # first: a bad loss config fails before any model is built
+    engine = cfg.rollout.get("engine", "hf")
+    check_engine(engine, cfg.rollout.get(engine))  # e.g. rollout.engine=vllm without vLLM: the install command
     policy, tokenizer = instantiate(cfg.model)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     module = instantiate(cfg.module, policy=policy, tokenizer=tokenizer, loss=loss, **cfg.rollout)

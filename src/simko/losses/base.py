@@ -139,8 +139,14 @@ class PolicyLoss:
         advantages: Tensor,
         rewards: Tensor | None = None,
         ref_logprobs: Tensor | None = None,
+        is_weights: Tensor | None = None,
     ) -> LossOutput:
-        """Loss of one (micro-)batch. ``advantages``/``rewards``: [B], one per response; ``old_logprobs`` [B, T]."""
+        """Loss of one (micro-)batch. ``advantages``/``rewards``: [B], one per response; ``old_logprobs`` [B, T].
+
+        ``is_weights`` [B, T] (detached): per-token importance weights from the sampler to ``old_logprobs``'s policy
+        (:class:`simko.correction.RolloutCorrection`); they multiply each token's PPO term (not the penalty, the KL
+        term or the extra loss), so they apply to every loss's surrogate alike. None: weight 1.
+        """
         mask = stats.mask
         if advantages.dim() != 1 or advantages.shape[0] != mask.shape[0]:
             raise ValueError(f"advantages must have shape [B]={mask.shape[0]}, got {tuple(advantages.shape)}")
@@ -157,6 +163,10 @@ class PolicyLoss:
         unclipped = -adv_used * ratio
         clipped = -adv_used * torch.clamp(ratio, 1.0 - self.clip_low, 1.0 + self.clip_high)
         per_token = torch.maximum(unclipped, clipped)
+        if is_weights is not None:
+            if is_weights.shape != mask.shape:
+                raise ValueError(f"is_weights must have shape {tuple(mask.shape)}, got {tuple(is_weights.shape)}")
+            per_token = per_token * is_weights.detach()
         penalty = self.token_penalty(stats, old_logprobs, adv_tok, metrics)
         if penalty is not None:
             per_token = per_token + penalty
