@@ -804,7 +804,8 @@ def markdown(r: dict) -> str:
             f"| {s['median_other_s']:.3f} | {s['mean_response_len']:.1f} | {peak} | {ratio} |"
         )
     for side, why in r["failed"].items():
-        rows.append(f"| {side_label(side, r)} | failed: {why.splitlines()[0][:300]}{why[why.rfind(' (at ') :]} |")
+        at = f" (at {why['at']})" if why["at"] else ""
+        rows.append(f"| {side_label(side, r)} | failed: {why['error'].splitlines()[0][:300]}{at} |")
     return head + "\n" + "\n".join(rows)
 
 
