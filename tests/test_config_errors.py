@@ -30,7 +30,7 @@ UNTRAINED_TINY = [
         (["loss=nsr", "+loss.advantage_kwargs.norm_std=false"], "advantage 'nsr' has no knob ['norm_std']"),
         (["loss.advantage_kwargs={k: 0}", "loss.advantage=passk"], "passk k must be an integer >= 1"),
         (["loss.entropy_coef=-0.1"], "entropy_coef must be >= 0"),
-        (["rollout.group_size=1"], "group_size must be >= 2"),
+        (["rollout.group_size=1"], "rollout.group_size=1: must be an integer >= 2"),
         (["rollout.engine=nope"], "unknown rollout engine 'nope' (rollout.engine); available: hf"),
         (["module.micro_batch_size=0"], "micro_batch_size must be >= 1"),
     ],

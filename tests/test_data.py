@@ -160,6 +160,117 @@ def test_missing_field_names_file_row_and_field(tmp_path, datasets_cache):
         LocalFileSource(path, question_field="problem", cache_dir=datasets_cache)  # column absent everywhere
 
 
+def good_lines(count: int) -> list[str]:
+    return [json.dumps({"question": f"{i}+1", "answer": str(i + 1)}) for i in range(count)]
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("empty.jsonl", b"", "the file is empty"),
+        ("blank.jsonl", b"\n  \n", "the file is empty"),
+        # before: "Expected object or value" / "An error occurred while generating the dataset", no file, no line
+        ("invalid.jsonl", ("\n".join(good_lines(6)) + '\n{"question": "7+1", "answer": \n').encode(), "line 7, column"),
+        # before: a bare UnicodeDecodeError
+        ("latin1.jsonl", ("\n".join(good_lines(2)) + '\n{"question": "caf\xe9"}\n').encode("latin-1"), "line 3"),
+        ("list.json", b'[{"question": "1+1", "answer": "2"},\n {"question": "2+2" "answer": "4"}]', "line 2, column"),
+        ("scalar.jsonl", b'{"question": "1+1", "answer": "2"}\n[1, 2]\n', "line 2"),
+        ("garbage.parquet", b"PAR1 this is not parquet", "could not be read"),
+    ],
+)
+def test_unreadable_files_name_the_file_and_line(tmp_path, datasets_cache, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as error:  # before: StopIteration() for an empty file
+        LocalFileSource(path, cache_dir=datasets_cache)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and expected in message, message
+
+
+def test_logic_file_sources_name_the_file_and_line(tmp_path, datasets_cache):
+    from simko.data.logic import CountdownFileSource
+
+    path = tmp_path / "countdown.jsonl"
+    path.write_text('{"nums": [1, 2, 3], "target": 6}\n{"nums": [1, 2], "target": \n')
+    with pytest.raises(ValueError, match=f"^{path}: line 2, column"):
+        CountdownFileSource(path, cache_dir=datasets_cache)
+
+
+# --- datasets: hf://NAME and dataset folders ---------------------------------------------------------------
+
+
+def test_hf_dataset_name_reads_through_load_dataset(tmp_path, datasets_cache):
+    # hf://NAME is datasets.load_dataset(NAME, config_name, split=split): a Hub name when online; here (offline) a
+    # local folder of data files, which is the same call.
+    folder = tmp_path / "toy_gsm8k"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"question": f"{i}+{i}?", "answer": f"#### {2 * i}"} for i in (1, 2)])
+    write_jsonl(folder / "test.jsonl", [{"question": "3+3?", "answer": "#### 6"}])
+    train = LocalFileSource(f"hf://{folder}", answer_format="gsm8k", cache_dir=datasets_cache)
+    test = LocalFileSource(f"hf://{folder}", split="test", answer_format="gsm8k", cache_dir=datasets_cache)
+    assert [e["answer"] for e in train.examples] == ["2", "4"] and test[0]["answer"] == "6"
+    assert test[0]["id"] == f"{folder}/test/0"
+    # The folder path itself (without hf://) reads the same way.
+    assert LocalFileSource(folder, split="test", answer_format="gsm8k", cache_dir=datasets_cache)[0] == {
+        **test[0],
+        "id": "toy_gsm8k/test/0",
+    }
+    with pytest.raises(ValueError, match="split='validation'"):
+        LocalFileSource(f"hf://{folder}", split="validation", cache_dir=datasets_cache)
+
+
+def test_hf_name_offline_says_why_without_downloading(datasets_cache):
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    with pytest.raises(ValueError, match=r"hf://openai/gsm8k: .*HF_HUB_OFFLINE is set"):
+        LocalFileSource("hf://openai/gsm8k", config_name="main", cache_dir=datasets_cache)
+
+
+def test_save_to_disk_folders(tmp_path, datasets_cache):
+    import datasets
+
+    rows = [{"problem": "1+2", "solution": "\\boxed{3}"}, {"problem": "2+2", "solution": "\\boxed{4}"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    splits = {"train": datasets.Dataset.from_list(rows[:1]), "test": datasets.Dataset.from_list(rows[1:])}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "two"))
+    fields = dict(question_field="problem", answer_field="solution", answer_format="boxed_solution")
+    assert [e["answer"] for e in LocalFileSource(tmp_path / "one", **fields).examples] == ["3", "4"]
+    assert LocalFileSource(tmp_path / "two", split="test", **fields)[0]["answer"] == "4"
+    with pytest.raises(ValueError, match=r"no split 'dev' .*\['test', 'train'\]"):
+        LocalFileSource(tmp_path / "two", split="dev", **fields)
+
+
+def test_split_on_a_plain_file_is_refused(tmp_path, datasets_cache):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"question": "1", "answer": "1"}])
+    with pytest.raises(ValueError, match="a file is read whole"):
+        LocalFileSource(path, split="test", cache_dir=datasets_cache)
+
+
+def test_file_data_configs_take_a_dataset_name(monkeypatch, tmp_path, datasets_cache):
+    """Any file-backed data config reads hf://NAME with one override of its path (and split / config_name)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    folder = tmp_path / "toy_gsm8k"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"question": f"{i}+1?", "answer": f"#### {i + 1}"} for i in range(4)])
+    write_jsonl(folder / "test.jsonl", [{"question": "9+1?", "answer": "#### 10"}])
+    monkeypatch.setenv("PROJECT_ROOT", str(REPO_ROOT))
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+        config = compose(
+            overrides=[
+                "+seed=0",
+                "+paths=default",
+                f"paths.cache_dir={datasets_cache}",
+                "+data=gsm8k_train",
+                f"data.train_source.path=hf://{folder}",
+                f"data.val_source.path=hf://{folder}",
+                "data.val_source.split=test",
+            ]
+        )
+    module = instantiate(config.data)
+    assert len(module.train_source) == 4 and module.val_examples()[0]["answer"] == "10"
+
+
 # --- procedural arithmetic -------------------------------------------------------------------------
 
 

@@ -163,6 +163,20 @@ def test_bad_config_prints_one_error_line_and_exits_2(train_args):
     assert "Traceback" not in proc.stderr  # one readable message, not a stack trace
 
 
+def test_ddp_world_size_error_is_printed_once(train_args):
+    # Before: each process raised it at its first batch (rc 1, the message and a traceback per process).
+    proc = run("simko.train", *train_args("ddp3", "trainer=ddp", "data.prompts_per_step=3"), check=False, timeout=300)
+    output = proc.stderr + proc.stdout
+    assert proc.returncode == 2 and "Traceback" not in output
+    assert output.count("prompts_per_step=3 is the global number of prompts per step") == 1, output
+
+
+def test_eval_bad_knob_is_one_message(tmp_path, cache_dir):
+    proc = run("simko.eval", "eval.top_p=0", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: eval.top_p=0: must be a number in (0, 1]" in proc.stderr
+
+
 def test_eval_writes_table_csv_and_plot(train_args, tmp_path, cache_dir):
     run("simko.train", *train_args("tr", "rl_steps=1"))
     ckpt = tmp_path / "tr" / "checkpoints" / "last.ckpt"
@@ -183,6 +197,7 @@ def test_eval_writes_table_csv_and_plot(train_args, tmp_path, cache_dir):
     assert all(0 <= v <= 1 for v in values) and values == sorted(values)
     per_problem = pd.read_csv(out / "per_problem.csv")
     assert len(per_problem) == 8 and (per_problem["n"] == 8).all()
+    assert per_problem["prompt"].str.endswith("=").all() and "sample_completion" in per_problem
     assert (out / "pass_at_k.png").stat().st_size > 1000
     assert "p_rank1" in summary["diagnostics"]
     plot = tmp_path / "cmp.png"

@@ -8,7 +8,8 @@ protocol by default: temperature 0.6, top-p 0.95), scores them with the examples
 process pool, and writes into the run folder:
 
 - ``pass_at_k.json``  mean unbiased pass@k for ``eval.ks`` (default 1, 2, 4, ..., n), mean@n, maj@n, diagnostics
-- ``per_problem.csv`` problem id, c (correct), n, the extracted answers
+- ``per_problem.csv`` problem id, c (correct), n, gold answer, the extracted answers, the prompt and one sample
+  completion (the first of the n, with ``sample_correct``)
 - ``pass_at_k.png``   the pass@k curve on a log-k axis
 
 It also records the probability-concentration diagnostics (mean p(rank k) of the model on its own samples).
@@ -29,15 +30,17 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: E402
 
+from simko.checks import ConfigError, build_data, check_against_model, check_eval_config  # noqa: E402
 from simko.config import check_config_dir  # noqa: E402
+from simko.console import progress_bar  # noqa: E402
 from simko.diagnostics import concentration_metrics  # noqa: E402
 from simko.engines import Sampling, build_engine, check_engine  # noqa: E402
 from simko.forward import rollout_token_stats  # noqa: E402
 from simko.metrics import PassAtK, default_ks, majority_at_n  # noqa: E402
 from simko.rewards import extract_final_answer, score_batch  # noqa: E402
 from simko.rollout import step_seed, tokenize_prompts  # noqa: E402
+from simko.train import exit_with_config_error  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +70,14 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     engine_name = cfg.rollout.get("engine", "hf")  # the trainer's engine (rollout.engine) and its knobs
     check_engine(engine_name, cfg.rollout.get(engine_name))  # e.g. vLLM missing: fail before the model loads
     torch.manual_seed(cfg.seed)
+    check_eval_config(cfg)
+    datamodule = build_data(cfg)  # before the model: a bad data path fails in seconds
     policy, tokenizer = instantiate(cfg.model)
     if cfg.get("ckpt_path"):
         load_checkpoint_into(policy, cfg.ckpt_path)
     policy.eval()
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule.set_tokenizer(tokenizer)
+    check_against_model(policy, datamodule)  # eval does not cut prompts: none may exceed the context
     problems = datamodule.val_examples()
     if cfg.eval.limit:
         problems = problems[: int(cfg.eval.limit)]
@@ -87,16 +93,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     batch = max(1, int(cfg.eval.prompts_per_batch))
     engine = build_engine(engine_name, policy, tokenizer, **(cfg.rollout.get(engine_name) or {}))
 
-    progress = Progress(
-        TextColumn("[bold]eval"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    with progress:
-        task = progress.add_task("eval", total=len(problems))
+    with progress_bar("eval", len(problems)) as advance:
         for start in range(0, len(problems), batch):
             chunk = problems[start : start + batch]
             sampling = Sampling(
@@ -117,19 +114,12 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
                     for key, value in concentration_metrics(stats, float(cfg.eval.diagnostics_tau)).items():
                         diag_sum[key] += value * len(idx)
             for i, ex in enumerate(chunk):
-                extracted = [extract_final_answer(c) for c in rollouts.completions[i * n : (i + 1) * n]]
+                completions = rollouts.completions[i * n : (i + 1) * n]
+                extracted = [extract_final_answer(c) for c in completions]
                 answers_all.append(extracted)
                 correct_all.append(correct[i].tolist())
-                rows_out.append(
-                    {
-                        "id": ex.get("id", start + i),
-                        "c": int(correct[i].sum()),
-                        "n": n,
-                        "answer": ex["answer"],
-                        "extracted": json.dumps(extracted, ensure_ascii=False),
-                    }
-                )
-            progress.advance(task, len(chunk))
+                rows_out.append(problem_row(ex.get("id", start + i), ex, completions, extracted, correct[i].tolist()))
+            advance(len(chunk))
     engine.close()
 
     result = metric.compute()
@@ -152,11 +142,31 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     return summary
 
 
+PER_PROBLEM_COLUMNS = ["id", "c", "n", "answer", "extracted", "prompt", "sample_completion", "sample_correct"]
+
+
+def problem_row(
+    problem_id, example: dict, completions: list[str], extracted: list[str], correct: list[bool]
+) -> dict[str, object]:
+    """One row of ``per_problem.csv``: the problem, its counts, the extracted answers of all n samples, and its
+    prompt with the first sample's completion (whether that sample was correct: ``sample_correct``)."""
+    return {
+        "id": problem_id,
+        "c": int(sum(correct)),
+        "n": len(completions),
+        "answer": example["answer"],
+        "extracted": json.dumps(extracted, ensure_ascii=False),
+        "prompt": example.get("prompt", example.get("question")),
+        "sample_completion": completions[0] if completions else "",
+        "sample_correct": int(bool(correct[0])) if correct else 0,
+    }
+
+
 def write_outputs(summary: dict, rows: list[dict], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "pass_at_k.json").write_text(json.dumps(summary, indent=2, default=str))
-    with open(out_dir / "per_problem.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["id", "c", "n", "answer", "extracted"])
+    with open(out_dir / "per_problem.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=PER_PROBLEM_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     from simko.plot import plot_pass_at_k
@@ -167,7 +177,10 @@ def write_outputs(summary: dict, rows: list[dict], out_dir: Path) -> None:
 @hydra.main(config_path=check_config_dir(), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     out_dir = Path(cfg.paths.output_dir)
-    summary = evaluate(cfg, out_dir)
+    try:
+        summary = evaluate(cfg, out_dir)
+    except ConfigError as err:  # a bad knob or bad data, found at start: one message, no traceback
+        exit_with_config_error(err)
     table = "  ".join(f"pass@{k}={v:.3f}" for k, v in summary["pass_at_k"].items())
     log.info("%d problems x n=%d: %s  maj@n=%.3f", summary["num_problems"], summary["n"], table, summary["maj@n"])
     log.info("wrote %s", out_dir)

@@ -195,6 +195,15 @@ class RLVRModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
 
     def on_fit_start(self) -> None:
+        # Train mode, as Lightning expects at fit start (HF loaders return eval-mode models), with dropout off, so
+        # that the update sees the function that sampled the rollouts (as TRL's disable_dropout). Qwen2 and Llama
+        # use self.training for dropout only, so this computes what eval mode computed before.
+        self.policy.train()
+        for m in self.policy.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+            if isinstance(getattr(m, "attention_dropout", None), float):
+                m.attention_dropout = 0.0
         if self._reference is not None:
             self._reference.to(self.device)
         self.engine.sync_weights(self.policy)  # resumed weights are loaded by now
@@ -277,6 +286,9 @@ class RLVRModule(LightningModule):
         self.rl_step = step + 1
         metrics = {k if k.startswith("rollout/") else f"train/{k}": v for k, v in metrics.items()}
         metrics.update({f"diag/{k}": v for k, v in diagnostics.items()})
+        # The step's rollouts as text, for logging samples (simko.callbacks.samples.RolloutSamples).
+        self.last_rollout = dict(step=step, examples=examples, completions=rollouts.completions, rewards=rewards,
+                                 advantages=advantages)  # fmt: skip
         self._log_step(rollouts, rewards, metrics, timings)
 
     def _diagnostics(self, stats: TokenStats) -> dict[str, float]:
@@ -342,4 +354,6 @@ class RLVRModule(LightningModule):
         self.val_pass_at_k.reset()
         for k, value in result.items():
             name = f"val/{k}" if isinstance(k, str) else f"val/pass@{k}"
-            self.log(name, value, prog_bar=k == 1, rank_zero_only=False)
+            # torchmetrics has already synced the value, so every rank holds the same one; sync_dist tells Lightning
+            # so (it warns otherwise), and the max of equal values is that value exactly.
+            self.log(name, value, prog_bar=k == 1, rank_zero_only=False, sync_dist=True, reduce_fx="max")

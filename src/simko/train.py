@@ -19,14 +19,18 @@ import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from hydra.errors import InstantiationException  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
 
+from simko.checks import build_data, build_loss, check_against_model, check_train_config, check_world_size  # noqa: E402
 from simko.config import check_config_dir  # noqa: E402
+from simko.console import progress_bar_enabled, quiet_library_warnings  # noqa: E402
 from simko.engines import check_engine  # noqa: E402
+from simko.logging_utils import log_run_outputs, log_run_start  # noqa: E402
 
 log = logging.getLogger(__name__)
 # One RL step = several manual optimizer steps; checkpoints are taken after the step, which is what we want.
 warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+quiet_library_warnings()
 
 # Errors a bad config or bad input raises while the run is being built: reported as one message, no traceback.
 CONFIG_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, InstantiationException)
@@ -41,18 +45,27 @@ def exit_with_config_error(err: BaseException) -> None:
 def build(cfg: DictConfig):
     """Instantiate model, loss, data, module and trainer from a composed config."""
     L.seed_everything(cfg.seed, workers=True)
-    loss = instantiate(cfg.loss)  # first: a bad loss config fails before any model is built
+    check_train_config(cfg)  # missing values, sampling and loss knobs: before anything is built
+    loss = build_loss(cfg)  # first: a bad loss config fails before any model is built
     engine = cfg.rollout.get("engine", "hf")
     check_engine(engine, cfg.rollout.get(engine))  # e.g. rollout.engine=vllm without vLLM: the install command
+    datamodule = build_data(cfg)  # files read and checked before the model; the tokenizer comes later
     policy, tokenizer = instantiate(cfg.model)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule.set_tokenizer(tokenizer)
+    check_against_model(policy, datamodule, loss, cfg.rollout.get("max_prompt_tokens"))
     module = instantiate(cfg.module, policy=policy, tokenizer=tokenizer, loss=loss, **cfg.rollout)
     if cfg.get("rl_steps"):
         with open_dict(cfg):  # Lightning counts optimizer updates; an RL step makes several
             cfg.trainer.max_steps = int(cfg.rl_steps) * module.ppo_epochs * module.num_mini_batches
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        enable_progress_bar=progress_bar_enabled(cfg.trainer, callbacks),
+    )
+    check_world_size(datamodule, trainer.world_size)  # here, before DDP starts its processes
     return module, datamodule, trainer
 
 
@@ -61,11 +74,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         module, datamodule, trainer = build(cfg)
     except CONFIG_ERRORS as err:
         exit_with_config_error(err)
-    if trainer.is_global_zero:
-        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+    log_run_start(trainer, cfg)  # the resolved config to every logger; one line on the console
     if cfg.get("validate_first") and not cfg.get("ckpt_path"):
-        trainer.validate(module, datamodule=datamodule)  # the starting point of the val/* curves (step 0)
+        # the starting point of the val/* curves (step 0); the progress bar logs the result in one line
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    log_run_outputs(trainer, cfg)  # where the run dir, the last checkpoint and the metrics are
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 

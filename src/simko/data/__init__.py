@@ -1,6 +1,7 @@
 """Prompt data for RLVR: sources of {id, question, answer, verifier} examples and the DataModule.
 
-* ``LocalFileSource``: JSONL / JSON list / parquet files (incl. the official SimKO verl parquet files);
+* ``LocalFileSource``: JSONL / JSON list / parquet files (incl. the official SimKO verl parquet files), Hugging Face
+  datasets (``hf://NAME``) and dataset folders;
 * ``ArithmeticSource``: procedural integer arithmetic for the tiny CPU model;
 * ``PromptDataModule``: deterministic per-step, rank-sharded, resumable prompt batches;
 * ``render_prompt``: instruction template + optional chat template -> the text fed to the model.

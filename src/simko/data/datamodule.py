@@ -12,6 +12,10 @@ The batch of step ``s`` is a pure function of (seed, s, rank, world_size):
 
 So resuming needs one number, the next step to train (see ``state_dict``), and changing the number of
 GPUs keeps the global sequence of prompts unchanged.
+
+The sources are built (files read and checked) when the datamodule is, before any model exists; the tokenizer
+comes later (``set_tokenizer``), and ``limit_prompt_tokens`` then checks every prompt of the file sources against
+the model's context at once, and procedural prompts as they are made.
 """
 
 from __future__ import annotations
@@ -111,7 +115,7 @@ class PromptDataModule(pl.LightningDataModule):
         prompt_template: ``str.format`` pattern over example fields (see ``render_prompt``).
         use_chat_template: wrap in the tokenizer's chat template; None = when it has one.
         seed: seed of the per-epoch permutations of file sources.
-        tokenizer: the policy's tokenizer, passed by the trainer when it builds the module.
+        tokenizer: the policy's tokenizer; usually set later with ``set_tokenizer`` (the data is built first).
         val_batch_size: prompts per validation batch on each rank (None = prompts_per_step / world).
     """
 
@@ -143,6 +147,45 @@ class PromptDataModule(pl.LightningDataModule):
         self.val_batch_size = val_batch_size
         self.next_step = 0
         self._permutations: dict[int, np.ndarray] = {}
+        # Set by limit_prompt_tokens: (max tokens, why) for prompts made on the fly (procedural sources).
+        self._prompt_limit: tuple[int, str] | None = None
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """The policy's tokenizer, which renders prompts (chat template) from here on."""
+        self.tokenizer = tokenizer
+
+    def limit_prompt_tokens(self, max_tokens: int, reason: str) -> None:
+        """Refuse any prompt longer than ``max_tokens`` tokens, naming the example and ``reason``.
+
+        File sources are checked entirely now (every train row and the val set); examples of procedural
+        sources are checked when they are rendered, before anything is generated from them.
+        """
+        self._prompt_limit = (int(max_tokens), reason)
+        if not _is_procedural(self.train_source):
+            examples = [self.train_source[i] for i in range(len(self.train_source))]
+            self._check_prompt_lengths([self._render(e) for e in examples], f"train_source {self.train_source!r}")
+        if self.val_source is not None and not _is_procedural(self.val_source):
+            examples = [self.val_source[i] for i in range(self._val_count())]
+            self._check_prompt_lengths([self._render(e) for e in examples], f"val_source {self.val_source!r}")
+
+    def _check_prompt_lengths(self, examples: list[dict[str, Any]], where: str) -> None:
+        if self._prompt_limit is None or not examples:
+            return
+        max_tokens, reason = self._prompt_limit
+        # verbose=False: no "longer than the specified maximum" warning from transformers; the error below says it.
+        ids = self.tokenizer([e["prompt"] for e in examples], add_special_tokens=False, verbose=False)["input_ids"]
+        for example, tokens in zip(examples, ids, strict=True):
+            if len(tokens) > max_tokens:
+                raise ValueError(
+                    f"the prompt of example {example.get('id')!r} ({where}) has {len(tokens)} tokens, more than "
+                    f"{reason}. Drop or shorten such rows, or shorten prompt_template."
+                )
+
+    def check_world_size(self, world_size: int) -> None:
+        """Fail now (in the launching process, before DDP starts its workers) if the batches cannot be sharded."""
+        self._prompts_per_rank(world_size)
+        if self.val_source is not None and self._val_count() % world_size:
+            raise ValueError(self._val_share_error(self._val_count(), world_size))
 
     # --- distributed layout ------------------------------------------------------------------------
 
@@ -169,7 +212,10 @@ class PromptDataModule(pl.LightningDataModule):
             rank, world_size = self.rank_and_world_size()
         per_rank = self._prompts_per_rank(world_size)
         first = step * self.prompts_per_step + rank * per_rank
-        return [self._render(self._train_example(position)) for position in range(first, first + per_rank)]
+        examples = [self._render(self._train_example(p)) for p in range(first, first + per_rank)]
+        if _is_procedural(self.train_source):  # file rows were all checked by limit_prompt_tokens
+            self._check_prompt_lengths(examples, f"train_source, RL step {step}")
+        return examples
 
     def _train_example(self, position: int) -> dict[str, Any]:
         """The example at a global position of the endless training stream."""
@@ -222,20 +268,29 @@ class PromptDataModule(pl.LightningDataModule):
         if rank is None or world_size is None:
             rank, world_size = self.rank_and_world_size()
         source = self.val_source
-        if _is_procedural(source):
-            examples = [dict(source.example(i)) for i in range(self.val_prompts)]
-        else:
-            count = len(source) if self.val_prompts is None else min(self.val_prompts, len(source))
-            examples = [source[i] for i in range(count)]
+        count = self._val_count()
+        examples = [dict(source.example(i)) if _is_procedural(source) else source[i] for i in range(count)]
         if len(examples) % world_size:
-            # Equal shares keep every rank running the same number of validation steps, so collective
-            # ops (metric sync) cannot hang on one rank.
-            raise ValueError(
-                f"the val set has {len(examples)} prompts, not divisible by the world size ({world_size}); "
-                f"set val_prompts to a multiple of {world_size}."
-            )
+            raise ValueError(self._val_share_error(len(examples), world_size))
         share = len(examples) // world_size
-        return [self._render(example) for example in examples[rank * share : (rank + 1) * share]]
+        rendered = [self._render(example) for example in examples[rank * share : (rank + 1) * share]]
+        if _is_procedural(source):  # file rows were all checked by limit_prompt_tokens
+            self._check_prompt_lengths(rendered, "val_source")
+        return rendered
+
+    def _val_count(self) -> int:
+        if _is_procedural(self.val_source):
+            return self.val_prompts
+        return len(self.val_source) if self.val_prompts is None else min(self.val_prompts, len(self.val_source))
+
+    @staticmethod
+    def _val_share_error(count: int, world_size: int) -> str:
+        # Equal shares keep every rank running the same number of validation steps, so collective ops (metric
+        # sync) cannot hang on one rank.
+        return (
+            f"the val set has {count} prompts, not divisible by the world size ({world_size}); "
+            f"set val_prompts to a multiple of {world_size}."
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_source is None:

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simko.data.sources import _load_rows
+from simko.data.sources import _load_rows, data_location, row_id_prefix
 from simko.data.split import hash_split
 from simko.rewards.logic import (
     countdown_answer,
@@ -202,7 +201,11 @@ class ReasoningGymSource:
 
 
 class _LogicFileSource:
-    """Examples built from the rows of one or more local files (parquet / JSONL), in file order."""
+    """Examples built from the rows of one or more local files (parquet / JSONL), in file order.
+
+    Each ``path`` may also be ``hf://NAME`` or a dataset folder, read as by ``LocalFileSource`` (``split`` and
+    ``config_name`` then select the part of each dataset).
+    """
 
     columns: tuple[str, ...] = ()
 
@@ -211,20 +214,23 @@ class _LogicFileSource:
         path: str | Path | Sequence[str | Path],
         limit: int | None = None,
         cache_dir: str | Path | None = None,
+        split: str | None = None,
+        config_name: str | None = None,
     ) -> None:
         paths = [path] if isinstance(path, (str, Path)) else list(path)
-        self.paths = [Path(os.path.abspath(Path(p).expanduser())) for p in paths]  # absolute, no ".."
+        self.paths = [data_location(p) for p in paths]
         self.examples: list[dict[str, Any]] = []
         for file in self.paths:
             # _load_rows fails with the expected path and the data-root setting when the file is missing.
-            for row_index, row in enumerate(_load_rows(file, self.columns, cache_dir)):
+            prefix = row_id_prefix(file, split)
+            for row_index, row in enumerate(_load_rows(file, self.columns, cache_dir, split, config_name)):
                 if limit is not None and len(self.examples) >= limit:
                     return
                 try:
                     example = self._example(row)
                 except (KeyError, TypeError, ValueError) as error:
                     raise ValueError(f"{file}: row {row_index}: {type(error).__name__}: {error}") from None
-                self.examples.append({"id": f"{file.parent.name}/{file.stem}/{row_index}", **example})
+                self.examples.append({"id": f"{prefix}/{row_index}", **example})
 
     def __len__(self) -> int:
         return len(self.examples)

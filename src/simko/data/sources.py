@@ -1,4 +1,4 @@
-"""Prompt sources read from local files (JSONL, JSON list, parquet).
+"""Prompt sources read from local files (JSONL, JSON list, parquet) or from Hugging Face datasets.
 
 A source turns every row of a file into an example, the plain dict the trainer consumes::
 
@@ -14,10 +14,22 @@ Two layouts are common:
   in ``prompt`` and the answer from ``reward_model.ground_truth`` (see ``_VERL_PRESET``).
 
 Field names may be dotted paths into nested values (``reward_model.ground_truth``, ``final_answer.0``).
+
+Where the rows come from (``path``):
+
+* a file: ``.jsonl`` / ``.json`` (JSON Lines or one JSON list) or ``.parquet``, read with ``datasets``' json and
+  parquet builders; a malformed file fails naming the file and the line (bad JSON, a byte that is not UTF-8) or
+  says that it is empty;
+* ``hf://NAME``: ``datasets.load_dataset(NAME, config_name, split=split)``, i.e. a dataset on the Hugging Face Hub
+  (``hf://openai/gsm8k`` with ``config_name=main``: downloaded into ``cache_dir`` when online, read from there
+  when offline) or a local folder of data files that ``load_dataset`` reads (``hf:///data/my_dataset``);
+* a local folder: one written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (read with
+  ``datasets.load_from_disk``), or a folder of data files (``load_dataset(folder)``, as ``hf://``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -29,6 +41,7 @@ log = logging.getLogger(__name__)
 
 ANSWER_FORMATS = ("plain", "gsm8k", "boxed_solution")
 
+HF_PREFIX = "hf://"
 DATA_ROOT_HINT = (
     "The data root is configured by `paths.data_dir` (environment variable SIMKO_DATA_DIR); point it at "
     "a copy of the shared data folder, whose SOURCES.md files say where each file comes from."
@@ -56,10 +69,11 @@ PRESETS = {"verl": _VERL_PRESET, "plain": _PLAIN_PRESET}
 
 
 class LocalFileSource:
-    """Examples read from one local JSONL / JSON-list / parquet file, in file order.
+    """Examples read from one local JSONL / JSON-list / parquet file (or a dataset, see below), in file order.
 
     Args:
-        path: the file (``.jsonl``/``.json`` or ``.parquet``).
+        path: the file (``.jsonl``/``.json`` or ``.parquet``); ``hf://NAME`` for ``datasets.load_dataset(NAME)``
+            (a Hub dataset name, or a local folder of data files); or a folder written by ``save_to_disk``.
         question_field, answer_field: dotted paths to the question and the gold answer; default to the
             preset's (``question``/``answer`` for flat files).
         id_field: dotted path to a row id; default ``"{folder}/{file stem}/{row index}"``.
@@ -71,6 +85,8 @@ class LocalFileSource:
         preset: ``"verl"`` for the verl parquet layout, ``"plain"``/None for flat rows.
         cache_dir: HF ``datasets`` cache folder (point it inside the run's logs so nothing lands in
             ``~/.cache``); None = the datasets default.
+        split: the split of a dataset (``hf://`` or a folder): ``train`` (default), ``test``, ``train[:100]``, ...
+        config_name: the dataset's configuration (``load_dataset``'s ``name``; GSM8K's is ``main``).
     """
 
     def __init__(
@@ -84,14 +100,17 @@ class LocalFileSource:
         limit: int | None = None,
         preset: str | None = None,
         cache_dir: str | Path | None = None,
+        split: str | None = None,
+        config_name: str | None = None,
     ) -> None:
         if preset is not None and preset not in PRESETS:
             raise ValueError(f"Unknown preset {preset!r}; expected one of {sorted(PRESETS)} or None.")
         if answer_format not in ANSWER_FORMATS:
             raise ValueError(f"Unknown answer_format {answer_format!r}; expected one of {ANSWER_FORMATS}.")
         defaults = PRESETS[preset or "plain"]
-        # abspath: absolute and without '..', so error messages and ids name the file plainly.
-        self.path = Path(os.path.abspath(Path(path).expanduser()))
+        self.path = data_location(path)
+        self.split = split
+        self.config_name = config_name
         self.question_field = question_field or defaults["question_field"]
         self.answer_field = answer_field or defaults["answer_field"]
         self.id_field = id_field
@@ -112,14 +131,16 @@ class LocalFileSource:
     # --- reading -----------------------------------------------------------------------------------
 
     def _read(self, limit: int | None, cache_dir: str | Path | None) -> list[dict[str, str]]:
-        rows = _load_rows(self.path, [self.question_field, self.answer_field, self.id_field], cache_dir)
+        fields = [self.question_field, self.answer_field, self.id_field]
+        rows = _load_rows(self.path, fields, cache_dir, split=self.split, config_name=self.config_name)
+        id_prefix = row_id_prefix(self.path, self.split)
         examples: list[dict[str, str]] = []
         empty_answers: list[int] = []
         for index, row in enumerate(rows):
             if limit is not None and len(examples) >= limit:
                 break
             try:
-                example = self._example(row, index)
+                example = self._example(row, index, id_prefix)
             except ValueError as error:
                 raise ValueError(f"{self.path}: row {index}: {error}") from None
             if not example["answer"]:
@@ -139,11 +160,11 @@ class LocalFileSource:
             raise ValueError(f"{self.path}: no usable rows (every answer in {self.answer_field!r} was empty).")
         return examples
 
-    def _example(self, row: Mapping[str, Any], index: int) -> dict[str, str]:
+    def _example(self, row: Mapping[str, Any], index: int, id_prefix: str) -> dict[str, str]:
         question = question_text(self._required(row, self.question_field))
         answer = self._gold_answer(self._required(row, self.answer_field))
         if self.id_field is None:
-            example_id = f"{self.path.parent.name}/{self.path.stem}/{index}"
+            example_id = f"{id_prefix}/{index}"
         else:
             example_id = scalar_text(self._required(row, self.id_field))
         return {"id": example_id, "question": question, "answer": answer, "verifier": self.verifier}
@@ -165,10 +186,73 @@ class LocalFileSource:
         return text.strip()
 
 
-def _load_rows(path: Path, fields: Sequence[str | None], cache_dir: str | Path | None) -> list[dict[str, Any]]:
-    """All rows of the file as Python dicts, restricted to the top-level columns the fields use."""
+def data_location(path: str | Path) -> Path | str:
+    """``hf://NAME`` as given (a dataset name); anything else as an absolute path without '..'."""
+    if str(path).startswith(HF_PREFIX):
+        name = str(path)[len(HF_PREFIX) :].rstrip("/")
+        if not name:
+            raise ValueError(f"{path!r}: name the dataset after {HF_PREFIX}, e.g. {HF_PREFIX}openai/gsm8k")
+        return f"{HF_PREFIX}{name}"
+    # abspath: absolute and without '..', so error messages and ids name the file plainly.
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+def row_id_prefix(location: Path | str, split: str | None) -> str:
+    """The default id of row ``i`` is ``{prefix}/{i}``: ``folder/stem`` of a file, ``name/split`` of a dataset."""
+    if isinstance(location, Path) and not location.is_dir():
+        return f"{location.parent.name}/{location.stem}"
+    name = location[len(HF_PREFIX) :] if isinstance(location, str) else location.name
+    return f"{name}/{split or 'train'}"
+
+
+def _load_rows(
+    path: Path | str,
+    fields: Sequence[str | None],
+    cache_dir: str | Path | None,
+    split: str | None = None,
+    config_name: str | None = None,
+) -> list[dict[str, Any]]:
+    """All rows of the file or dataset as Python dicts, restricted to the top-level columns the fields use."""
+    dataset = _load_dataset(path, None if cache_dir is None else str(cache_dir), split, config_name)
+    if len(dataset) == 0:
+        raise ValueError(f"{path}: no rows (the file or split is empty).")
+    top_level = {field.split(".", 1)[0] for field in fields if field}
+    missing = sorted(top_level - set(dataset.column_names))
+    if missing:
+        # A whole column is absent: report it for the first row, as a row-level error would.
+        raise ValueError(f"{path}: row 0 has no field {missing[0]!r} (columns: {sorted(dataset.column_names)}).")
+    try:
+        return dataset.select_columns(sorted(top_level)).to_list()
+    except UnicodeDecodeError as error:  # arrow keeps the bytes of a JSON string that is not UTF-8 until here
+        raise _read_error(path, error) from None
+
+
+def _load_dataset(path: Path | str, cache_dir: str | None, split: str | None, config_name: str | None):
+    import datasets  # imported here: heavy, and only file sources need it
+
+    if isinstance(path, str):  # hf://NAME
+        return _load_named_dataset(path, path[len(HF_PREFIX) :], cache_dir, split, config_name)
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # written by save_to_disk
+            if config_name is not None:
+                raise ValueError(f"{path}: a save_to_disk folder has no configurations; set config_name to null.")
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                name = split or "train"
+                if name not in loaded:
+                    raise ValueError(f"{path}: no split {name!r} (split=...); its splits: {sorted(loaded)}.")
+                loaded = loaded[name]
+            elif split is not None:
+                raise ValueError(f"{path}: a single saved Dataset has no splits; set split to null.")
+            return loaded
+        return _load_named_dataset(path, str(path), cache_dir, split, config_name)
     if not path.is_file():
         raise FileNotFoundError(f"Data file not found: {path}. {DATA_ROOT_HINT}")
+    if split is not None or config_name is not None:
+        raise ValueError(
+            f"{path}: split and config_name select part of a dataset (hf://NAME or a folder); a file is read whole: "
+            "set them to null."
+        )
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         builder = "parquet"
@@ -176,21 +260,69 @@ def _load_rows(path: Path, fields: Sequence[str | None], cache_dir: str | Path |
         builder = "json"  # the json builder reads both JSON Lines and a top-level JSON list
     else:
         raise ValueError(f"{path}: unsupported file type {suffix!r}; expected .jsonl, .json or .parquet.")
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+    except Exception as error:
+        raise _read_error(path, error) from None
 
-    import datasets  # imported here: heavy, and only file sources need it
 
-    dataset = datasets.load_dataset(
-        builder,
-        data_files=str(path),
-        split="train",
-        cache_dir=None if cache_dir is None else str(cache_dir),
-    )
-    top_level = {field.split(".", 1)[0] for field in fields if field}
-    missing = sorted(top_level - set(dataset.column_names))
-    if missing:
-        # A whole column is absent: report it for the first row, as a row-level error would.
-        raise ValueError(f"{path}: row 0 has no field {missing[0]!r} (columns: {sorted(dataset.column_names)}).")
-    return dataset.select_columns(sorted(top_level)).to_list()
+def _read_error(path: Path | str, error: Exception) -> ValueError:
+    """A file that ``datasets`` could not read, named with the line at fault (its own errors name neither)."""
+    problem = json_file_problem(path) if isinstance(path, Path) and path.suffix.lower() != ".parquet" else None
+    return ValueError(f"{path}: {problem or f'could not be read ({type(error).__name__}: {error}).'}")
+
+
+def _load_named_dataset(
+    where: Path | str, name: str, cache_dir: str | None, split: str | None, config_name: str | None
+):
+    """``datasets.load_dataset(name, config_name, split=split)``: a Hub dataset or a local folder of data files."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config_name, split=split or "train", cache_dir=cache_dir)
+    except Exception as error:
+        hint = ""
+        if datasets.config.HF_HUB_OFFLINE and isinstance(where, str):
+            hint = (
+                " (HF_HUB_OFFLINE is set: a Hub dataset is read only from the datasets cache, paths.cache_dir; "
+                "load it once online to fill it)"
+            )
+        raise ValueError(
+            f"{where}: datasets.load_dataset({name!r}, {config_name!r}, split={split or 'train'!r}) failed{hint}: "
+            f"{type(error).__name__}: {error}"
+        ) from None
+
+
+def json_file_problem(path: Path) -> str | None:
+    """Where a JSON / JSON Lines file is malformed ("line 7, column 12: ..."), or None when nothing is found."""
+    data = path.read_bytes()
+    if not data.strip():
+        return "the file is empty (no rows)."
+    for number, line in enumerate(data.split(b"\n"), 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return (
+                f"line {number}, column {error.start + 1}: byte 0x{line[error.start]:02x} is not UTF-8; "
+                "save the file as UTF-8."
+            )
+    text = data.decode("utf-8")
+    if text.lstrip().startswith("["):  # one JSON list
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as error:
+            return f"line {error.lineno}, column {error.colno}: invalid JSON ({error.msg})."
+        return None
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            return f"line {number}, column {error.colno}: invalid JSON ({error.msg})."
+        if not isinstance(value, dict):
+            return f"line {number}: a JSON Lines row must be an object {{...}}, got {type(value).__name__}."
+    return None
 
 
 # --- value helpers (pure functions, unit-tested) ----------------------------------------------------

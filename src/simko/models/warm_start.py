@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from simko.console import track
 from simko.forward import position_ids_from_mask
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def supervised_warm_start(
     )
     losses = []
     start = time.perf_counter()
-    for step in range(steps):
+    for step in track(range(steps), "warm start", info=lambda: f"loss {losses[-1]:.4f}", transient=True):
         examples = [source.example(step * batch_size + j) for j in range(batch_size)]
         batch = {k: v.to(device) for k, v in completion_batch(tokenizer, examples, prompt_template).items()}
         loss = model(**batch).loss

@@ -1,0 +1,1 @@
+"""Lightning callbacks of simko.train (configs/callbacks/*.yaml name them by module path)."""
