@@ -18,11 +18,8 @@ Needs ``make install-vllm``. Writes JSON to ``--out`` (logs/benchmarks/vllm_eval
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,11 +30,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+from vllm_common import environment, log, write_results  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def compose(overrides: list[str]):
@@ -166,26 +161,15 @@ def main(argv=None) -> None:
     ratio_total = med["hf"]["total_s"] / med["vllm"]["total_s"]
     ratio_gen = med["hf"]["generate_s"] / med["vllm"]["generate_s"]
     table.append(f"\nHF / vLLM: total {ratio_total:.2f}, generate {ratio_gen:.2f}")
-    print("\n".join(table))
-    import vllm
-
     payload = {
-        "command": " ".join(["benchmarks/vllm_eval.py", *(argv if argv is not None else sys.argv[1:])]),
-        "torch": torch.__version__,
-        "vllm": vllm.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        **environment("vllm_eval.py", argv),
         "overrides": overrides,
         "median": med,
         "generate_samples_per_s": sps,
         "ratio_hf_over_vllm": {"total": round(ratio_total, 3), "generate": round(ratio_gen, 3)},
         "records": records,
-        "table": "\n".join(table),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    log(f"wrote {out}")
+    write_results(payload, table, args.out)
 
 
 if __name__ == "__main__":

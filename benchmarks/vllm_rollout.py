@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -36,11 +34,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+from vllm_common import environment, log, write_results  # noqa: E402
+
 GSM8K_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def load(model: str, cache_dir: str):
@@ -148,25 +144,14 @@ def main(argv=None) -> None:
             f"| {res['shape']} | {m['hf']:.2f} ({t['hf']:.0f}) | {m['vllm']:.2f} ({t['vllm']:.0f}) "
             f"| {res['ratio_hf_over_vllm']:.2f} | {res['round_ratio_median']:.2f} |"
         )
-    print("\n".join(table))
-    import vllm
-
     payload = {
-        "command": " ".join(["benchmarks/vllm_rollout.py", *(argv if argv is not None else sys.argv[1:])]),
-        "torch": torch.__version__,
-        "vllm": vllm.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        **environment("vllm_rollout.py", argv),
         "threads": args.threads,
         "vllm_startup_s": round(startup, 2),
         "weight_push_s": [round(s, 4) for s in syncs],
         "results": results,
-        "table": "\n".join(table),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    log(f"wrote {out}")
+    write_results(payload, table, args.out)
 
 
 if __name__ == "__main__":
