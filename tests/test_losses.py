@@ -832,7 +832,10 @@ def test_readme_functional_api_float32_matches_analytic_gradient():
 
 # ============================================================================ micro-batch weights (update.py)
 class _Rows:
-    """The two things of Rollouts that simko.update.accumulate_gradients reads: ``response_mask`` and ``rows``."""
+    """What of Rollouts simko.update.accumulate_gradients reads: ``response_mask``, ``rows`` and
+    ``sampler_logprobs`` (None: the policy sampled, as the HF engine)."""
+
+    sampler_logprobs = None
 
     def __init__(self, mask):
         self.response_mask = mask

@@ -36,7 +36,7 @@ from simko.checks import ConfigError, build_data, check_against_model, check_eva
 from simko.config import check_config_dir, import_modules  # noqa: E402
 from simko.console import progress_bar  # noqa: E402
 from simko.diagnostics import concentration_metrics  # noqa: E402
-from simko.engines import Sampling, build_engine  # noqa: E402
+from simko.engines import Sampling, build_engine, check_engine  # noqa: E402
 from simko.forward import rollout_token_stats  # noqa: E402
 from simko.metrics import PassAtK, default_ks, majority_at_n  # noqa: E402
 from simko.rewards import final_answer, score_batch  # noqa: E402
@@ -60,6 +60,8 @@ def load_checkpoint_into(policy: torch.nn.Module, ckpt_path: str) -> None:
 @torch.no_grad()
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     import_modules(cfg.get("imports"))  # user modules (e.g. verifiers) before anything is built
+    engine_name = cfg.rollout.get("engine", "hf")  # the trainer's engine (rollout.engine) and its knobs
+    check_engine(engine_name, cfg.rollout.get(engine_name))  # e.g. vLLM missing: fail before the model loads
     torch.manual_seed(cfg.seed)
     check_eval_config(cfg)
     datamodule = build_data(cfg)  # before the model: a bad data path fails in seconds
@@ -82,7 +84,6 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     diag_sum: dict[str, float] = defaultdict(float)
     rows_out, answers_all, correct_all = [], [], []
     batch = max(1, int(cfg.eval.prompts_per_batch))
-    engine_name = cfg.rollout.get("engine", "hf")  # the trainer's engine (rollout.engine) and its knobs
     engine = build_engine(engine_name, policy, tokenizer, **(cfg.rollout.get(engine_name) or {}))
 
     with progress_bar("eval", len(problems)) as advance:

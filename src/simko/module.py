@@ -24,8 +24,9 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from simko import distributed
+from simko.correction import RolloutCorrection
 from simko.diagnostics import concentration_metrics
-from simko.engines import RolloutEngine, Sampling, available_engines, build_engine
+from simko.engines import RolloutEngine, Sampling, available_engines, build_engine, check_engine
 from simko.forward import rollout_token_stats
 from simko.losses import PolicyLoss, TokenStats
 from simko.metrics import PassAtK, default_ks
@@ -44,6 +45,9 @@ class RLVRModule(LightningModule):
         group_size: G, rollouts per prompt (>= 2: group advantages need it).
         max_new_tokens, temperature, top_p, max_prompt_tokens: rollout sampling.
         engine: the rollout engine's name (:mod:`simko.engines`, ``rollout.engine``); built in :meth:`setup`.
+        correction: truncated importance sampling from the engine's sampler to the trainer's old policy
+            (``rollout.correction``: ``mode``, ``cap``, ``cap_min``; :class:`simko.correction.RolloutCorrection`);
+            off by default. The mismatch (``rollout/*``) is logged whenever the engine reports its log-probs.
         ppo_epochs: passes over each rollout batch.
         num_mini_batches: optimizer steps per pass (rows are split evenly, whole groups kept together).
         micro_batch_size: rows per forward/backward (gradient accumulation inside a mini-batch).
@@ -78,6 +82,7 @@ class RLVRModule(LightningModule):
         top_p: float = 1.0,
         max_prompt_tokens: int | None = None,
         engine: str = "hf",
+        correction: RolloutCorrection | dict | None = None,
         ppo_epochs: int = 1,
         num_mini_batches: int = 1,
         micro_batch_size: int = 16,
@@ -127,6 +132,10 @@ class RLVRModule(LightningModule):
         self.max_prompt_tokens = max_prompt_tokens
         self.engine_name = engine
         self.engine_knobs = dict(engine_knobs.get(engine) or {})
+        check_engine(engine, self.engine_knobs)  # e.g. vLLM not installed: fail now, with the install command
+        if not isinstance(correction, RolloutCorrection):
+            correction = RolloutCorrection(**dict(correction or {}))
+        self.correction = correction
         self._engine: RolloutEngine | None = None
         self.ppo_epochs = ppo_epochs
         self.num_mini_batches = num_mini_batches
@@ -267,6 +276,7 @@ class RLVRModule(LightningModule):
             backward=self.manual_backward,
             no_sync=partial(distributed.no_sync, self.trainer.strategy),
             diagnose=self._diagnostics if diag_k else None,
+            correction=self.correction,
             where=f" at RL step {step}",
         )
         t_sync = time.perf_counter()
@@ -274,7 +284,7 @@ class RLVRModule(LightningModule):
         timings["time/update"] = t_sync - t_update
         timings["time/weight_sync"] = time.perf_counter() - t_sync
         self.rl_step = step + 1
-        metrics = {f"train/{k}": v for k, v in metrics.items()}
+        metrics = {k if k.startswith("rollout/") else f"train/{k}": v for k, v in metrics.items()}
         metrics.update({f"diag/{k}": v for k, v in diagnostics.items()})
         # The step's rollouts as text, for logging samples (simko.callbacks.samples.RolloutSamples).
         self.last_rollout = dict(step=step, examples=examples, completions=rollouts.completions, rewards=rewards,
@@ -311,7 +321,7 @@ class RLVRModule(LightningModule):
         for key, value in log.items():
             # Counts are summed over ranks, everything else averaged.
             reduce = "sum" if key in ("solved_all", "solved_none") or key.startswith("verifier/") else "mean"
-            name = key if key.startswith(("train/", "time/", "diag/", "verifier/")) else f"train/{key}"
+            name = key if key.startswith(("train/", "time/", "diag/", "verifier/", "rollout/")) else f"train/{key}"
             self.log(
                 name,
                 float(value),

@@ -36,6 +36,7 @@ from simko.checkpointing import (  # noqa: E402
 from simko.checks import build_data, build_loss, check_against_model, check_train_config, check_world_size  # noqa: E402
 from simko.config import check_config_dir, import_modules  # noqa: E402
 from simko.console import progress_bar_enabled, quiet_library_warnings  # noqa: E402
+from simko.engines import check_engine  # noqa: E402
 from simko.logging_utils import log_run_outputs, log_run_start  # noqa: E402
 from simko.rewards import check_verifier_names  # noqa: E402
 from simko.runs import resolve_ckpt_path  # noqa: E402
@@ -61,6 +62,8 @@ def build(cfg: DictConfig, resume_step: int | None = None):
     L.seed_everything(cfg.seed, workers=True)
     check_train_config(cfg)  # missing values, sampling and loss knobs: before anything is built
     loss = build_loss(cfg)  # first: a bad loss config fails before any model is built
+    engine = cfg.rollout.get("engine", "hf")
+    check_engine(engine, cfg.rollout.get(engine))  # e.g. rollout.engine=vllm without vLLM: the install command
     datamodule = build_data(cfg)  # files read and checked before the model; the tokenizer comes later
     policy, tokenizer = instantiate(cfg.model)
     datamodule.set_tokenizer(tokenizer)

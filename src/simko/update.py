@@ -23,6 +23,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import Tensor
 
+from simko.correction import MismatchMeter, RolloutCorrection
 from simko.losses import PolicyLoss, TokenStats
 from simko.rollout import Rollouts
 
@@ -86,6 +87,8 @@ def accumulate_gradients(
     no_sync: Callable[[], AbstractContextManager] = nullcontext,
     diagnose: Callable[[TokenStats], dict[str, float]] | None = None,
     diagnostics: dict[str, float] | None = None,
+    correction: RolloutCorrection | None = None,
+    mismatch: MismatchMeter | None = None,
     where: str = "",
 ) -> None:
     """Accumulate into the parameters' ``.grad`` the gradient of ``loss_fn`` over the rollout ``rows`` (one
@@ -96,6 +99,10 @@ def accumulate_gradients(
     ``diagnose`` needs them). ``diagnose(stats)`` (weighted into ``diagnostics``) sees each micro-batch's
     statistics. ``backward`` runs on each scaled loss, inside ``no_sync()`` for all but the last micro-batch
     (DDP: one gradient all-reduce per mini-batch). A non-finite loss raises before anything is applied.
+
+    When the engine reported ``rollouts.sampler_logprobs``: ``mismatch`` (if given) accumulates the sampler-trainer
+    mismatch of these rows (old log-probs vs the sampler's), and an enabled ``correction`` hands the loss its
+    importance weights (``is_weights``) and adds ``rollout/is_weight_mean`` / ``rollout/is_capped_frac``.
     """
     top_k = loss_fn.top_k if stats_top_k is None else stats_top_k
     micro, weights, total_weight = micro_batches(rows, micro_batch_size, rollouts.response_mask, loss_fn, advantages)
@@ -105,12 +112,23 @@ def accumulate_gradients(
             for k, v in diagnose(stats).items():
                 diagnostics[k] += v * w / total_weight
         R = stats.mask.shape[1]
+        old = old_logprobs[idx, :R] if old_logprobs is not None else stats.logprobs.detach()
+        is_weights = None
+        if rollouts.sampler_logprobs is not None:
+            sampler = rollouts.sampler_logprobs[idx, :R]
+            if mismatch is not None:
+                mismatch.add(old, sampler, stats.mask)
+            if correction is not None and correction.enabled:
+                is_weights = correction.weights(old, sampler, stats.mask)
+                for k, v in correction.weight_metrics(is_weights, old, sampler, stats.mask).items():
+                    metrics[f"rollout/{k}"] += v * w / total_weight
         out = loss_fn(
             stats.with_top_k(loss_fn.top_k),
-            old_logprobs=old_logprobs[idx, :R] if old_logprobs is not None else stats.logprobs.detach(),
+            old_logprobs=old,
             advantages=advantages[idx],
             rewards=rewards[idx],
             ref_logprobs=ref_logprobs[idx, :R] if ref_logprobs is not None else None,
+            is_weights=is_weights,
         )
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
@@ -141,6 +159,7 @@ def update_policy(
     backward: Callable[[Tensor], None] = Tensor.backward,
     no_sync: Callable[[], AbstractContextManager] = nullcontext,
     diagnose: Callable[[TokenStats], dict[str, float]] | None = None,
+    correction: RolloutCorrection | None = None,
     where: str = "",
 ) -> tuple[dict[str, float], dict[str, float]]:
     """All ``ppo_epochs x num_mini_batches`` optimizer updates of one RL step.
@@ -149,6 +168,11 @@ def update_policy(
     frozen reference's forward when the loss has a KL term. ``diagnose`` sees the statistics of the first
     mini-batch, under the policy that sampled the rollouts. Returns (loss metrics and ``grad_norm`` averaged over
     the updates, diagnostics).
+
+    When the engine reported ``rollouts.sampler_logprobs``, the metrics also hold the sampler-trainer mismatch of
+    the whole batch (``rollout/logp_abs_diff``, ``rollout/ratio_outside_frac``, ``rollout/seq_kl``,
+    ``rollout/seq_kl_k1``; :mod:`simko.correction`), measured against the old log-probs (the policy that
+    sampled), and ``correction`` (off by default) reweights every token's PPO term by its importance weight.
     """
     # Old log-probs are needed only if some token is used after the policy has moved.
     needs_old = ppo_epochs * num_mini_batches > 1
@@ -158,6 +182,11 @@ def update_policy(
     batches = minibatch_rows(rollouts.num_rows, rollouts.group_size, ppo_epochs, num_mini_batches, generator, device)
     metrics: dict[str, float] = defaultdict(float)
     diagnostics: dict[str, float] = defaultdict(float)
+    mismatch = MismatchMeter() if rollouts.sampler_logprobs is not None else None
+    if mismatch is not None and old_logprobs is not None:  # the old log-probs of every row exist already
+        mismatch.add(old_logprobs, rollouts.sampler_logprobs, rollouts.response_mask)
+    # Otherwise there is one update (ppo_epochs x num_mini_batches == 1): its micro-batches see every row once.
+    in_loop = mismatch if old_logprobs is None else None
     for n, rows in enumerate(batches):
         zero_grad()
         accumulate_gradients(
@@ -176,7 +205,12 @@ def update_policy(
             no_sync=no_sync,
             diagnose=diagnose if n == 0 else None,
             diagnostics=diagnostics,
+            correction=correction,
+            mismatch=in_loop if n == 0 else None,
             where=where,
         )
         metrics["grad_norm"] += optimizer_step()
-    return {k: v / max(len(batches), 1) for k, v in metrics.items()}, dict(diagnostics)
+    out = {k: v / max(len(batches), 1) for k, v in metrics.items()}
+    if mismatch is not None:
+        out.update({f"rollout/{k}": v for k, v in mismatch.result().items()})
+    return out, dict(diagnostics)

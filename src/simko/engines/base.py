@@ -73,6 +73,16 @@ def available_engines() -> list[str]:
     return sorted({m.name for m in pkgutil.iter_modules([str(here)]) if m.name != "base"} | set(ENGINES))
 
 
+def check_engine(name: str, knobs: dict | None = None) -> None:
+    """Fail at start, before any model is built, when engine ``name`` cannot run here or ``knobs`` are not its
+    own: the engine class's optional ``check(**knobs)`` (vLLM: installed? the knob names)."""
+    if name not in ENGINES and name in available_engines():
+        importlib.import_module(f"simko.engines.{name}")
+    check = getattr(ENGINES.get(name), "check", None)
+    if check is not None:
+        check(**dict(knobs or {}))
+
+
 def build_engine(name: str, policy: torch.nn.Module, tokenizer, synced_gpus: bool = False, **knobs) -> RolloutEngine:
     """The engine registered as ``name`` (importing ``simko.engines.<name>`` first if needed)."""
     if name not in ENGINES and name in available_engines():

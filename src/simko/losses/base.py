@@ -190,11 +190,16 @@ class PolicyLoss:
         advantages: Tensor,
         rewards: Tensor | None = None,
         ref_logprobs: Tensor | None = None,
+        is_weights: Tensor | None = None,
     ) -> LossOutput:
         """Loss of one (micro-)batch. ``advantages``/``rewards``: [B], one per response; ``old_logprobs`` [B, T].
 
         With ``subset`` other than ``all``, every per-row input is reduced to the responses of :meth:`loss_rows`
         first, and the rest of the loss never sees the others.
+
+        ``is_weights`` [B, T] (detached): per-token importance weights from the sampler to ``old_logprobs``'s policy
+        (:class:`simko.correction.RolloutCorrection`); they multiply each token's PPO term (not the penalty, the KL
+        term or the extra loss), so they apply to every loss's surrogate alike. None: weight 1.
         """
         mask = stats.mask
         if advantages.dim() != 1 or advantages.shape[0] != mask.shape[0]:
@@ -203,6 +208,8 @@ class PolicyLoss:
             raise ValueError(f"old_logprobs must have shape {tuple(mask.shape)}, got {tuple(old_logprobs.shape)}")
         if self.needs_reference and ref_logprobs is None:
             raise ValueError(f"loss {self.name!r} has kl_coef={self.kl_coef} > 0 and needs ref_logprobs")
+        if is_weights is not None and is_weights.shape != mask.shape:
+            raise ValueError(f"is_weights must have shape {tuple(mask.shape)}, got {tuple(is_weights.shape)}")
         if rewards is None:
             rewards = (advantages > 0).float()
         rows = self.loss_rows(advantages)
@@ -214,12 +221,15 @@ class PolicyLoss:
                 rewards[rows],
             )
             ref_logprobs = ref_logprobs[rows] if ref_logprobs is not None else None
+            is_weights = is_weights[rows] if is_weights is not None else None
             mask = stats.mask
         old_logprobs = old_logprobs.detach()
         adv_tok = advantages.detach().float()[:, None].expand_as(stats.logprobs)
 
         ratio, adv_used, metrics = self.surrogate(stats, old_logprobs, adv_tok, rewards.detach().float())
         per_token, clip_events = self.objective(ratio, adv_used, stats)
+        if is_weights is not None:
+            per_token = per_token * is_weights.detach()
         penalty = self.token_penalty(stats, old_logprobs, adv_tok, metrics)
         if penalty is not None:
             per_token = per_token + penalty
