@@ -29,7 +29,17 @@ from simko.engines import RolloutEngine, Sampling, available_engines, build_engi
 from simko.forward import rollout_token_stats
 from simko.losses import PolicyLoss, TokenStats
 from simko.metrics import PassAtK, default_ks
-from simko.rollout import Rollouts, step_seed, tokenize_prompts
+from simko.rollout import Rollouts, eos_ids, step_seed, tokenize_prompts
+from simko.sampling_filters import (
+    SUMMED_METRICS,
+    DynamicSampling,
+    OverlongPenalty,
+    StepBatch,
+    assemble_step_batch,
+    check_refill_source,
+    knob_group,
+    refill_seed,
+)
 from simko.update import update_policy
 
 
@@ -62,6 +72,12 @@ class RLVRModule(LightningModule):
         scheduler: optional partial ``torch.optim.lr_scheduler`` constructor (stepped per optimizer step).
         diagnostics_top_k: log mean p(rank k) for k = 1..this (0 disables the concentration diagnostics).
         diagnostics_tau: entropy quantile (per response) above which a token counts as high-entropy there.
+        dynamic_sampling: DAPO's dynamic sampling (``enabled``, ``max_extra_generations``, ``tolerance``;
+            :class:`simko.sampling_filters.DynamicSampling`); zero-variance groups are logged either way.
+        mask_truncated: truncated completions (no EOS within max_new_tokens) get no loss (TRL's
+            ``mask_truncated_completions``).
+        overlong: DAPO's soft overlong punishment (``buffer``, ``penalty_factor``;
+            :class:`simko.sampling_filters.OverlongPenalty`); ``buffer: null`` is off.
         **engine_knobs: the knobs of each engine by its name (``rollout.<engine>``); the chosen engine's are
             passed to its constructor.
     """
@@ -93,6 +109,9 @@ class RLVRModule(LightningModule):
         scheduler: Callable[..., Any] | None = None,
         diagnostics_top_k: int = 10,
         diagnostics_tau: float = 0.8,
+        dynamic_sampling: DynamicSampling | dict | None = None,
+        mask_truncated: bool = False,
+        overlong: OverlongPenalty | dict | None = None,
         **engine_knobs: dict,
     ):
         super().__init__()
@@ -140,6 +159,10 @@ class RLVRModule(LightningModule):
         vocab = policy.get_output_embeddings().weight.shape[0]
         self.diagnostics_top_k = min(diagnostics_top_k, vocab)
         self.diagnostics_tau = diagnostics_tau
+        self.dynamic_sampling = knob_group(DynamicSampling, dynamic_sampling)
+        self.mask_truncated = bool(mask_truncated)
+        self.overlong = knob_group(OverlongPenalty, overlong)
+        self.overlong.check(max_new_tokens)
         self.verifiers = dict(verifiers or {})
         self._verifier = verifier
         # The frozen reference exists only when the loss needs it (a KL term) and is never registered as a
@@ -156,6 +179,8 @@ class RLVRModule(LightningModule):
     def setup(self, stage: str) -> None:
         """The strategy is known: build the rollout engine (kept from validate() into fit())."""
         self._sharded = distributed.is_sharded(self.trainer.strategy)
+        if stage == "fit":
+            check_refill_source(self.dynamic_sampling, self.trainer.datamodule)
         if self._engine is None:
             self._engine = self._build_engine(synced_gpus=self.trainer.world_size > 1 and self._sharded)
 
@@ -219,12 +244,21 @@ class RLVRModule(LightningModule):
 
     # ------------------------------------------------------------------ rollouts and token statistics
     def rollout(
-        self, examples: list[dict], step: int, group_size: int, temperature: float, top_p: float, seed_offset: int = 0
+        self,
+        examples: list[dict],
+        step: int,
+        group_size: int,
+        temperature: float,
+        top_p: float,
+        seed_offset: int = 0,
+        seed: int | None = None,
     ) -> tuple[Rollouts, Tensor, dict[str, float]]:
-        """Generate and score; returns rollouts, rewards [N] and timings."""
+        """Generate and score; returns rollouts, rewards [N] and timings. ``seed``: the sampling seed (default: the
+        step's, from ``step_seed``)."""
         t0 = time.perf_counter()
         prompt_ids = tokenize_prompts(self.tokenizer, [ex["prompt"] for ex in examples], self.max_prompt_tokens)
-        seed = step_seed(self.seed + seed_offset, step, self.global_rank)
+        if seed is None:
+            seed = step_seed(self.seed + seed_offset, step, self.global_rank)
         sampling = Sampling(max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         rollouts = self.engine.generate(prompt_ids, group_size, sampling)
         t1 = time.perf_counter()
@@ -245,15 +279,16 @@ class RLVRModule(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         examples, step = batch["examples"], int(batch["step"])
         G = self.group_size
-        rollouts, rewards, timings = self.rollout(examples, step, G, self.temperature, self.top_p)
+        rollouts, scores, timings = self.rollout(examples, step, G, self.temperature, self.top_p)
+        trained = self.step_batch(examples, step, rollouts, scores, timings)
 
         t_update = time.perf_counter()
-        advantages = self.loss_fn.compute_advantages(rewards.view(-1, G)).reshape(-1)
+        advantages = self.loss_fn.compute_advantages(trained.rewards.view(-1, G)).reshape(-1)
         diag_k = self.diagnostics_top_k
         metrics, diagnostics = update_policy(
             self.loss_fn,
-            rollouts,
-            rewards,
+            trained.rollouts,
+            trained.scores,  # the verifier's rewards: what a loss calls correct (SimKO)
             advantages,
             token_stats=partial(self.token_stats, self.policy),
             optimizer_step=self._optimizer_step,
@@ -274,12 +309,42 @@ class RLVRModule(LightningModule):
         timings["time/update"] = t_sync - t_update
         timings["time/weight_sync"] = time.perf_counter() - t_sync
         self.rl_step = step + 1
-        metrics = {f"train/{k}": v for k, v in metrics.items()}
+        metrics = {f"train/{k}": v for k, v in {**metrics, **trained.metrics}.items()}
         metrics.update({f"diag/{k}": v for k, v in diagnostics.items()})
-        # The step's rollouts as text, for logging samples (simko.callbacks.samples.RolloutSamples).
-        self.last_rollout = dict(step=step, examples=examples, completions=rollouts.completions, rewards=rewards,
-                                 advantages=advantages)  # fmt: skip
-        self._log_step(rollouts, rewards, metrics, timings)
+        # The step's trained rollouts as text, for logging samples (simko.callbacks.samples.RolloutSamples).
+        self.last_rollout = dict(step=step, examples=trained.examples, completions=trained.rollouts.completions,
+                                 rewards=trained.rewards, advantages=advantages)  # fmt: skip
+        self._log_step(rollouts, scores, metrics, timings)  # reward, lengths: the step's first generation
+
+    def step_batch(
+        self, examples: list[dict], step: int, rollouts: Rollouts, scores: Tensor, timings: dict[str, float]
+    ) -> StepBatch:
+        """The trained batch (:func:`simko.sampling_filters.assemble_step_batch`): zero-variance groups, dynamic
+        sampling's extra rounds (their time added to ``timings``), truncation masks and the overlong penalty."""
+
+        def draw(round_: int) -> tuple[Rollouts, Tensor, list[dict]]:
+            more = self.trainer.datamodule.refill_examples(step, round_)
+            seed = refill_seed(self.seed, step, self.global_rank, round_)
+            more_rollouts, more_scores, more_timings = self.rollout(
+                more, step, self.group_size, self.temperature, self.top_p, seed=seed
+            )
+            for key, value in more_timings.items():
+                timings[key] += value
+            return more_rollouts, more_scores, more
+
+        return assemble_step_batch(
+            rollouts,
+            scores,
+            examples,
+            max_new_tokens=self.max_new_tokens,
+            tokenizer=self.tokenizer,
+            eos_token_ids=eos_ids(self.policy, self.tokenizer),
+            dynamic_sampling=self.dynamic_sampling,
+            mask_truncated=self.mask_truncated,
+            overlong=self.overlong,
+            draw=draw,
+            any_rank=lambda short: self.trainer.strategy.reduce_boolean_decision(short, all=False),
+        )
 
     def _diagnostics(self, stats: TokenStats) -> dict[str, float]:
         """Concentration diagnostics (diag/*) of the first mini-batch, under the policy that sampled it."""
@@ -310,7 +375,8 @@ class RLVRModule(LightningModule):
         }
         for key, value in log.items():
             # Counts are summed over ranks, everything else averaged.
-            reduce = "sum" if key in ("solved_all", "solved_none") or key.startswith("verifier/") else "mean"
+            summed = key in ("solved_all", "solved_none") or key.removeprefix("train/") in SUMMED_METRICS
+            reduce = "sum" if summed or key.startswith("verifier/") else "mean"
             name = key if key.startswith(("train/", "time/", "diag/", "verifier/")) else f"train/{key}"
             self.log(
                 name,
