@@ -116,8 +116,9 @@ def test_mask_truncated_takes_the_loss_off_truncated_rows_only():
     masked = assemble_step_batch(
         rollouts, scores, examples, max_new_tokens=8, tokenizer=TOK, eos_token_ids=EOS, mask_truncated=True
     )
-    assert masked.rollouts.response_mask.any(1).tolist() == [False, True, True, False]
-    assert torch.equal(masked.rollouts.response_mask[1:3], rollouts.response_mask[1:3])
+    assert masked.rollouts.loss_mask.any(1).tolist() == [False, True, True, False]
+    assert torch.equal(masked.rollouts.loss_mask[1:3], rollouts.response_mask[1:3])
+    assert torch.equal(masked.rollouts.response_mask, rollouts.response_mask)  # the diagnostics see every row
     assert torch.equal(masked.rewards, scores)  # still in the group's baseline (TRL)
     assert masked.metrics["masked_truncated"] == 2.0
 
@@ -178,7 +179,7 @@ def test_dynamic_sampling_keeps_the_first_informative_groups_in_draw_order():
         assert _group(batch.rollouts, i) == _group(parts[p][0], g)
     assert batch.scores.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0, 1.0]
     assert [ex["prompt"] for ex in batch.examples] == ["p0.1", "p1.1", "p2.0"]
-    assert batch.rollouts.response_mask.any(1).all()  # every kept row trains
+    assert batch.rollouts.loss_rows is None  # every kept row trains
     assert batch.metrics == pytest.approx(
         dict(
             zero_var_groups=2,
@@ -203,13 +204,13 @@ def test_dynamic_sampling_budget_bounds_the_rounds_and_masks_the_unfilled_slots(
     assert calls == [1]
     # kept: (0, 1), (1, 1); one slot left: the first zero-variance group in draw order, (0, 0), without loss
     assert [ex["prompt"] for ex in batch.examples] == ["p0.0", "p0.1", "p1.1"]
-    assert batch.rollouts.response_mask.any(1).tolist() == [False, False, True, True, True, True]
+    assert batch.rollouts.loss_rows.tolist() == [False, False, True, True, True, True]
     assert batch.metrics["kept_groups"] == 2 and batch.metrics["unfilled_groups"] == 1
     assert batch.metrics["dynamic_sampling_rounds"] == 1
 
     dropped_only, calls = _assemble(parts, SCORES, dynamic_sampling=DynamicSampling(True, max_extra_generations=0))
     assert calls == []
-    assert dropped_only.rollouts.response_mask.any(1).tolist() == [False, False, True, True, False, False]
+    assert dropped_only.rollouts.loss_rows.tolist() == [False, False, True, True, False, False]
     assert dropped_only.metrics["unfilled_groups"] == 2
 
 
@@ -396,3 +397,27 @@ def test_dynamic_sampling_needs_a_refill_stream(tmp_path):
         check_refill_source(DynamicSampling(enabled=True), object())
     check_refill_source(DynamicSampling(enabled=True, max_extra_generations=0), object())
     check_refill_source(DynamicSampling(), object())
+
+
+def test_rows_without_loss_are_still_in_the_diagnostics():
+    from simko.diagnostics import concentration_metrics
+
+    model = random_qwen2(seed=4)
+    rollouts, _ = _part(0, num_groups=2)
+    loss = build_loss("grpo")
+    stats = lambda rows_, k: rollout_token_stats(model, rows_, k, 1.0)
+    seen = []
+
+    def diagnose(s):
+        seen.append(s.mask.sum().item())
+        return concentration_metrics(s, 0.8)
+
+    out = {}
+    for keep in (torch.ones(4, dtype=torch.bool), torch.tensor([False, False, False, True])):
+        diagnostics, metrics = defaultdict(float), defaultdict(float)
+        accumulate_gradients(loss, mask_rows(rollouts, keep), torch.arange(4), stats, torch.ones(4), torch.ones(4), 2,
+                             metrics, stats_top_k=3, diagnose=diagnose, diagnostics=diagnostics)  # fmt: skip
+        out[int(keep.sum())] = (dict(diagnostics), metrics["num_tokens"])
+    per_micro = [rollouts.response_mask[:2].sum().item(), rollouts.response_mask[2:].sum().item()]
+    assert seen == per_micro * 2  # two micro-batches of 2 rows, the first without loss in the second run
+    assert out[4][0] == pytest.approx(out[1][0]) and out[1][1] == rollouts.response_mask[3].sum().item()

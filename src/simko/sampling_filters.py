@@ -24,8 +24,9 @@
    with ``overlong_buffer``): a reward term that falls linearly from 0 at ``max_new_tokens - buffer`` tokens to
    ``-penalty_factor`` at ``max_new_tokens``, added to the verifier reward before the advantages.
 
-Rows without loss keep their place in the batch with an all-False ``response_mask`` (:func:`mask_rows`), so they
-contribute no token to the loss, its aggregation weights, the KL term or the diagnostics.
+Rows without loss keep their place in the batch (:func:`mask_rows`: ``Rollouts.loss_rows``): they contribute no
+token to the loss, its aggregation weights or the KL term, and are still seen by the diagnostics (``diag/*`` describe
+every sampled token).
 """
 
 from __future__ import annotations
@@ -169,10 +170,13 @@ def check_refill_source(dynamic_sampling: DynamicSampling, datamodule) -> None:
 
 
 def mask_rows(rollouts: Rollouts, keep: Tensor) -> Rollouts:
-    """The same rollouts with the rows where ``keep`` [N] is False carrying no loss token."""
+    """The same rollouts with the rows where ``keep`` [N] is False carrying no loss (``Rollouts.loss_rows``)."""
     if bool(keep.all()):
         return rollouts
-    return replace(rollouts, response_mask=rollouts.response_mask & keep[:, None].to(rollouts.response_mask.device))
+    keep = keep.to(rollouts.response_mask.device)
+    if rollouts.loss_rows is not None:
+        keep = keep & rollouts.loss_rows
+    return replace(rollouts, loss_rows=keep)
 
 
 def take_groups(parts: list[Rollouts], picks: list[tuple[int, int]], tokenizer, eos_token_ids: list[int]) -> Rollouts:
@@ -212,7 +216,7 @@ def take_groups(parts: list[Rollouts], picks: list[tuple[int, int]], tokenizer, 
 class StepBatch:
     """What the update of one RL step trains on.
 
-    rollouts: the trained groups (rows without loss have an all-False ``response_mask``); scores: their verifier
+    rollouts: the trained groups (rows without loss: ``loss_rows``); scores: their verifier
     rewards [N]; rewards: scores plus the overlong penalty [N] (what the advantages see); examples: their prompts'
     examples; metrics: ``train/*`` of the filters.
     """
