@@ -38,6 +38,7 @@ from simko.diagnostics import concentration_metrics  # noqa: E402
 from simko.engines import Sampling, build_engine  # noqa: E402
 from simko.forward import rollout_token_stats  # noqa: E402
 from simko.metrics import PassAtK, default_ks, majority_at_n  # noqa: E402
+from simko.models.lora import load_adapter_checkpoint, load_model  # noqa: E402
 from simko.rewards import extract_final_answer, score_batch  # noqa: E402
 from simko.rollout import step_seed, tokenize_prompts  # noqa: E402
 from simko.train import exit_with_config_error  # noqa: E402
@@ -55,7 +56,11 @@ def load_checkpoint_into(policy: torch.nn.Module, ckpt_path: str) -> None:
             f"checkpoint {path} is a directory (a distributed checkpoint); train with "
             "trainer.strategy.save_distributed_checkpoint=false or consolidate it first"
         )
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("lora"):  # a LoRA run's checkpoint: its adapter config and weights, merged into the base
+        load_adapter_checkpoint(policy, checkpoint, f"checkpoint {path}")
+        return
+    state = checkpoint["state_dict"]
     policy_state = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
     if not policy_state:
         raise ValueError(f"checkpoint {path} holds no 'policy.*' weights: not written by simko.train?")
@@ -70,7 +75,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     check_eval_config(cfg)
     datamodule = build_data(cfg)  # before the model: a bad data path fails in seconds
-    policy, tokenizer = instantiate(cfg.model)
+    policy, tokenizer = load_model(cfg.model, apply=False)  # a LoRA adapter comes from the checkpoint
     if cfg.get("ckpt_path"):
         load_checkpoint_into(policy, cfg.ckpt_path)
     policy.eval()

@@ -29,6 +29,7 @@ from simko.engines import RolloutEngine, Sampling, available_engines, build_engi
 from simko.forward import rollout_token_stats
 from simko.losses import PolicyLoss, TokenStats
 from simko.metrics import PassAtK, default_ks
+from simko.models import lora
 from simko.rollout import Rollouts, eos_ids, step_seed, tokenize_prompts
 from simko.sampling_filters import (
     SUMMED_METRICS,
@@ -166,9 +167,14 @@ class RLVRModule(LightningModule):
         self.verifiers = dict(verifiers or {})
         self._verifier = verifier
         # The frozen reference exists only when the loss needs it (a KL term) and is never registered as a
-        # submodule: it is not trained, not sharded and not written into checkpoints.
+        # submodule: it is not trained, not sharded and not written into checkpoints. A LoRA policy needs no copy:
+        # its reference is the policy with the adapters disabled (simko.models.lora.base_model_stats).
         self._reference: torch.nn.Module | None = None
-        if loss.needs_reference:
+        if lora.is_lora(policy):
+            # Checkpoints hold the adapter only. FSDP2 loads them inside the strategy, before on_load_checkpoint
+            # could put the base weights back; the adapter's config is checked there (lora.restore_base_weights).
+            self.strict_loading = False
+        if loss.needs_reference and not lora.is_lora(policy):
             ref = copy.deepcopy(policy).eval().requires_grad_(False)
             object.__setattr__(self, "_reference", ref)
         self.rl_step = 0
@@ -196,7 +202,8 @@ class RLVRModule(LightningModule):
         return self._engine
 
     def _build_engine(self, synced_gpus: bool) -> RolloutEngine:
-        return build_engine(self.engine_name, self.policy, self.tokenizer, synced_gpus=synced_gpus, **self.engine_knobs)
+        policy = lora.engine_view(self.policy)  # LoRA: the engine reads merged weights
+        return build_engine(self.engine_name, policy, self.tokenizer, synced_gpus=synced_gpus, **self.engine_knobs)
 
     def configure_model(self) -> None:
         """FSDP2 (ModelParallelStrategy): shard every transformer block, then the whole policy as the root."""
@@ -222,13 +229,15 @@ class RLVRModule(LightningModule):
                 m.attention_dropout = 0.0
         if self._reference is not None:
             self._reference.to(self.device)
-        self.engine.sync_weights(self.policy)  # resumed weights are loaded by now
+        self.engine.sync_weights(lora.engine_view(self.policy))  # resumed weights are loaded by now
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rl_step"] = self.rl_step
+        lora.drop_base_weights(checkpoint, self.policy)  # LoRA: the adapter only, and its config
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.rl_step = checkpoint.get("rl_step", 0)
+        lora.restore_base_weights(checkpoint, self.policy)  # LoRA: the base weights back, for the strict load
 
     def score(self, completions: list[str], answers: list[str], names: list[str]) -> list[float]:
         if self._verifier is not None:
@@ -297,7 +306,7 @@ class RLVRModule(LightningModule):
             ppo_epochs=self.ppo_epochs,
             num_mini_batches=self.num_mini_batches,
             micro_batch_size=self.micro_batch_size,
-            reference_stats=partial(self.token_stats, self._reference) if self._reference is not None else None,
+            reference_stats=self._reference_stats(),
             stats_top_k=max(self.loss_fn.top_k, diag_k),
             backward=self.manual_backward,
             no_sync=partial(distributed.no_sync, self.trainer.strategy),
@@ -305,7 +314,7 @@ class RLVRModule(LightningModule):
             where=f" at RL step {step}",
         )
         t_sync = time.perf_counter()
-        self.engine.sync_weights(self.policy)  # the next RL step samples from the updated policy
+        self.engine.sync_weights(lora.engine_view(self.policy))  # the next RL step samples from the updated policy
         timings["time/update"] = t_sync - t_update
         timings["time/weight_sync"] = time.perf_counter() - t_sync
         self.rl_step = step + 1
@@ -345,6 +354,14 @@ class RLVRModule(LightningModule):
             draw=draw,
             any_rank=lambda short: self.trainer.strategy.reduce_boolean_decision(short, all=False),
         )
+
+    def _reference_stats(self):
+        """The frozen reference's token statistics for a KL term (a copy of the policy, or a LoRA policy's base)."""
+        if self._reference is not None:
+            return partial(self.token_stats, self._reference)
+        if self.loss_fn.needs_reference:
+            return lora.base_model_stats(partial(self.token_stats, self.policy), self.policy)
+        return None
 
     def _diagnostics(self, stats: TokenStats) -> dict[str, float]:
         """Concentration diagnostics (diag/*) of the first mini-batch, under the policy that sampled it."""

@@ -25,6 +25,7 @@ from simko.checks import build_data, build_loss, check_against_model, check_trai
 from simko.config import check_config_dir  # noqa: E402
 from simko.console import progress_bar_enabled, quiet_library_warnings  # noqa: E402
 from simko.logging_utils import log_run_outputs, log_run_start  # noqa: E402
+from simko.models.lora import load_model  # noqa: E402
 
 log = logging.getLogger(__name__)
 # One RL step = several manual optimizer steps; checkpoints are taken after the step, which is what we want.
@@ -47,7 +48,7 @@ def build(cfg: DictConfig):
     check_train_config(cfg)  # missing values, sampling and loss knobs: before anything is built
     loss = build_loss(cfg)  # first: a bad loss config fails before any model is built
     datamodule = build_data(cfg)  # files read and checked before the model; the tokenizer comes later
-    policy, tokenizer = instantiate(cfg.model)
+    policy, tokenizer = load_model(cfg.model)  # the loader, then LoRA when model.lora is set
     datamodule.set_tokenizer(tokenizer)
     check_against_model(policy, datamodule, loss, cfg.rollout.get("max_prompt_tokens"))
     module = instantiate(cfg.module, policy=policy, tokenizer=tokenizer, loss=loss, **cfg.rollout)
