@@ -233,3 +233,13 @@ def test_load_model_takes_model_lora_off_the_loader_config():
     assert lora.lora_config(adapted)["r"] == 2 and lora.lora_config(adapted)["target_modules"] == "all-linear"
     with pytest.raises(ValueError, match="model.lora.r=0"):  # checked before the loader runs
         lora.load_model(cfg({"r": 0}, target="nowhere.to.be.found"))
+
+
+def test_train_config_refuses_a_bad_lora_knob_at_start(compose_train, monkeypatch):
+    from simko.checks import ConfigError, check_train_config
+    from simko.config import PROJECT_ROOT
+
+    monkeypatch.setenv("PROJECT_ROOT", str(PROJECT_ROOT))
+    check_train_config(compose_train("model.lora={r:4}"))
+    with pytest.raises(ConfigError, match=r"model.lora.dropout=0.1: must be 0"):
+        check_train_config(compose_train("model.lora={dropout:0.1}"))

@@ -25,12 +25,15 @@ rollouts (``RLVRModule.on_fit_start``), which would silently turn a LoRA dropout
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 ADAPTER = "default"  # peft's adapter name; one adapter per policy
 KNOBS = {
@@ -114,6 +117,10 @@ def apply_lora(model: torch.nn.Module, lora: Mapping) -> torch.nn.Module:
     except ValueError as error:  # peft: no module matched the targets
         raise ValueError(f"model.lora.target_modules={lora['target_modules']!r}: {error}") from None
     model._simko_lora = dict(lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("LoRA r=%d alpha=%g on %s: %s of %s parameters trainable (%.2f%%)", lora["r"], lora["alpha"],
+             lora["target_modules"], f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))  # fmt: skip
     return model
 
 
@@ -303,11 +310,7 @@ def load_adapter_checkpoint(policy: torch.nn.Module, checkpoint: Mapping, where:
     lora = {k: v for k, v in checkpoint["lora"].items() if k in KNOBS}
     base = checkpoint["lora"].get("base_model")
     if base and base != str(getattr(policy, "name_or_path", base)):
-        import logging
-
-        logging.getLogger(__name__).warning(
-            "%s: the adapter was trained on %s, the model config loaded %s", where, base, policy.name_or_path
-        )
+        log.warning("%s: the adapter was trained on %s, the model config loaded %s", where, base, policy.name_or_path)
     apply_lora(policy, lora)
     state = {k.removeprefix("policy."): v for k, v in checkpoint["state_dict"].items() if k.startswith("policy.")}
     missing, unexpected = policy.load_state_dict(state, strict=False)
