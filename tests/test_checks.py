@@ -152,10 +152,15 @@ def test_file_prompt_longer_than_the_context_fails_at_start(compose_cfg, tmp_pat
 
 def test_procedural_prompt_longer_than_the_context_fails_before_generation(compose_cfg):
     # Procedural prompts are made step by step: each batch is checked when it is rendered, before any rollout.
-    template = "data.prompt_template='" + "x" * 130 + "{question}='"
-    module, datamodule, trainer = build(compose_cfg(*SMALL_UNTRAINED_TINY, template))
+    template = "x" * 130 + "{question}="
+    # At start: build() renders the first batch (its verifier names are checked there), so it fails right away.
     with pytest.raises(ValueError, match=r"'arithmetic/train/0/0' \(train_source, RL step 0\) has 1[34]\d tokens"):
-        datamodule.examples_for_step(0)
+        build(compose_cfg(*SMALL_UNTRAINED_TINY, f"data.prompt_template='{template}'"))
+    # And any later batch or the val set, when it is rendered.
+    module, datamodule, trainer = build(compose_cfg(*SMALL_UNTRAINED_TINY))
+    datamodule.prompt_template = template
+    with pytest.raises(ValueError, match=r"'arithmetic/train/0/64' \(train_source, RL step 1\) has 1[34]\d tokens"):
+        datamodule.examples_for_step(1)
     with pytest.raises(ValueError, match="arithmetic/val/0/0"):
         datamodule.val_examples()
 

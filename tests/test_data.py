@@ -18,7 +18,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from helpers import DATA_DIR, shared_file  # noqa: E402
 from simko.data import ArithmeticSource, LocalFileSource, PromptDataModule, render_prompt  # noqa: E402
-from simko.data.sources import get_path, gsm8k_final_answer, last_boxed_content, strip_instruction  # noqa: E402
+from simko.data.sources import get_path, gsm8k_final_answer, strip_instruction  # noqa: E402
+from simko.rewards import extract_boxed  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIMKO_BOXED_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
@@ -132,8 +133,8 @@ def test_json_list_dotted_paths_and_numbers(tmp_path, datasets_cache):
 def test_value_helpers():
     assert get_path({"a": {"b": [1, {"c": "x"}]}}, "a.b.1.c") == "x"
     assert get_path({"a": {}}, "a.b") is None
-    assert last_boxed_content("x \\boxed{a{b}c} y") == "a{b}c"
-    assert last_boxed_content("none") is None
+    assert extract_boxed("x \\boxed{a{b}c} y") == "a{b}c"  # the gold of a boxed_solution field
+    assert extract_boxed("none") is None
     assert strip_instruction("Question:\nWhat?\nAnswer:\nLet's think step by step.\n") == "What?"
     assert (
         strip_instruction("What?\nPlease reason step by step, and put your final answer within \\boxed{}.") == "What?"

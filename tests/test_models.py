@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -207,6 +211,61 @@ def test_other_ranks_wait_for_the_cache(tmp_path, monkeypatch):
         )
     (tmp_path / "present").mkdir()
     assert cache_module.build_once(tmp_path / "present", lambda f: pytest.fail("rank 1 built")) == tmp_path / "present"
+
+
+# cache.py loaded by its path, so the builder process does not import torch (seconds on a busy machine).
+SLOW_BUILDER = f"""
+import importlib.util, sys, time
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("cache", {cache_module.__file__!r})
+cache = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cache)
+build_once = cache.build_once
+def build(folder):
+    print("building", flush=True)
+    time.sleep(float(sys.argv[2]))
+    (folder / "ok").write_text("from the subprocess")
+build_once(Path(sys.argv[1]), build)
+"""
+
+
+def _start_builder(target: Path, seconds: float) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_BUILDER, str(target), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "building"  # it holds the lock now
+    return proc
+
+
+def test_a_second_builder_and_other_ranks_wait_on_the_lock(tmp_path, monkeypatch):
+    target = tmp_path / "entry"
+    proc = _start_builder(target, 2.0)
+    start = time.monotonic()
+    assert cache_module.build_once(target, lambda f: pytest.fail("built twice")) == target
+    assert (target / "ok").read_text() == "from the subprocess" and time.monotonic() - start > 0.5
+    assert proc.wait(timeout=60) == 0
+    other = tmp_path / "other"
+    proc = _start_builder(other, 1.0)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank that never builds waits on the lock, with a long poll step
+    assert cache_module.build_once(other, lambda f: pytest.fail("rank 1 built"), poll_s=60.0) == other
+    assert proc.wait(timeout=60) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry", "other"]  # no lock or temporary file left
+
+
+def test_a_killed_build_leaves_nothing_the_next_build_keeps(tmp_path):
+    target = tmp_path / "tiny-abc"
+    proc = _start_builder(target, 600.0)
+    proc.kill()  # like SIGKILL during a warm start: its temporary folder and lock file stay behind
+    proc.wait()
+    assert any(".tmp-" in p.name for p in tmp_path.iterdir())
+    host = socket.gethostname()
+    live = tmp_path / f".tiny-live.tmp-{os.getpid()}@{host}-0123abcd"  # a live builder's folder: kept
+    remote = tmp_path / f".tiny-remote.tmp-{proc.pid}@not-{host}-0123abcd"  # another host's: kept
+    old_style = tmp_path / f".tiny-old.tmp-{proc.pid}-0123abcd"  # named before the host part: its pid is gone
+    for folder in (live, remote, old_style):
+        folder.mkdir()
+    cache_module.build_once(target, lambda folder: (folder / "ok").write_text("1"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, remote.name])
 
 
 # --- local checkpoints -------------------------------------------------------------------------------------

@@ -3,16 +3,21 @@
 Worker pools are module-scoped fixtures (start-up is the expensive part); hangs use timeout_s=1.
 """
 
+import ctypes
+import gc
 import operator
 import os
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 from simko.rewards import (
+    FINAL_ANSWER_WINDOW,
     VERIFIERS,
     ExactMatchVerifier,
     FunctionVerifier,
@@ -20,11 +25,17 @@ from simko.rewards import (
     MathVerifier,
     Verifier,
     build_verifier,
+    check_verifier_names,
     extract_boxed,
     extract_final_answer,
+    final_answer,
+    final_answer_text,
     register_verifier,
     score_batch,
 )
+from simko.rewards.extract import has_box_command, last_answer_tag
+
+REPO = Path(__file__).resolve().parents[1]
 
 HANG = r"\boxed{9^{9^{9^{9^{9}}}}}"  # sympy evaluates the power tower in C: no signal stops it, only a kill
 
@@ -61,6 +72,14 @@ def misbehaving_reward(completions, answers):
     if answer == "nan":
         return [float("nan")]
     return [float(completions[0] == answer)]
+
+
+def in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def slow_start() -> None:
+    time.sleep(2.0)
 
 
 @register_verifier("test_length", isolated=False)
@@ -115,6 +134,54 @@ def test_extract_boxed(text, expected):
 )
 def test_extract_final_answer(text, expected):
     assert extract_final_answer(text) == expected
+
+
+def test_extract_boxed_nesting_and_the_answer_window():
+    assert extract_boxed(r"\boxed{a \boxed{b}}") == "b"  # the box opened last
+    assert extract_boxed(r"\boxed{a} } \boxed{b") == "a"  # a stray "}" closes nothing
+    assert extract_boxed("\\boxed{" * 20_000 + r"\boxed{42}") == "42"
+    # Only the last FINAL_ANSWER_WINDOW characters are read: a box before them is not the final answer.
+    assert extract_boxed(r"\boxed{7}" + "x" * (FINAL_ANSWER_WINDOW - 10)) == "7"
+    assert extract_boxed(r"\boxed{7}" + "x" * FINAL_ANSWER_WINDOW) is None
+
+
+# Degenerate completions a policy can write, 100k+ characters each. Extraction and the in-process verifiers run in
+# the trainer's process, outside any timeout: each must stay linear. The old extract_boxed took 1.4 s on 14k
+# characters of unclosed boxes and grew quadratically (~70 s here); the knights_knaves claim regex took 12 s on a
+# name followed by 20k spaces.
+ADVERSARIAL = {
+    "unclosed boxes": "\\boxed{" * 15_000,
+    "open braces": "\\boxed{" + "{" * 100_000,
+    "closed braces": "\\boxed{" + "{}" * 50_000,
+    "unclosed tags": "<answer>" * 12_500,
+    "answer lines": "Answer " * 15_000,
+    "long box then spaces": "\\boxed{" + "1" * 100_000 + "}" + " " * 100_000,
+    "name then spaces": "<answer>Emma" + " " * 100_000 + "x</answer>",
+    "paragraph breaks": "\n " * 50_000 + "Emma is a",
+}
+KK_GOLD_ONE = '{"roles": {"Emma": "knight"}}'
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_adversarial_completions_are_scored_in_linear_time(name):
+    text = ADVERSARIAL[name]
+    checks = [
+        lambda: extract_boxed(text),
+        lambda: has_box_command(text),
+        lambda: last_answer_tag(text),
+        lambda: extract_final_answer(text),
+        lambda: final_answer_text(text, multiline=True),
+        lambda: build_verifier("exact")(text, "5"),
+        lambda: build_verifier("countdown")(text, '{"numbers": [1, 2], "target": 3}'),
+        lambda: build_verifier("knights_knaves")(text, KK_GOLD_ONE),
+        lambda: build_verifier("mini_sudoku")(text, '{"puzzle": [[0, 0], [0, 0]]}'),
+        lambda: MathVerifier(require_boxed=True)(text, "5"),  # decided before any worker is needed
+    ]
+    for i, check in enumerate(checks):
+        start = time.perf_counter()
+        check()
+        elapsed = time.perf_counter() - start
+        assert elapsed < 0.5, f"check {i} took {elapsed:.2f} s on {name!r}"
 
 
 # ---------------------------------------------------------------- MathVerifier
@@ -191,6 +258,48 @@ def test_math_hang_is_killed_and_pool_recovers(math_verifier, monkeypatch):
     assert math_verifier(r"\boxed{0.25}", r"\frac14") == 1.0  # replacements work
 
 
+def test_math_batch_budget_bounds_a_batch_of_hangs(math_verifier, monkeypatch):
+    # Without a budget, 6 hangs on 2 workers with a 5 s timeout take 15 s: hangs x timeout_s / workers.
+    monkeypatch.setattr(math_verifier, "batch_timeout_s", 1.5)
+    timeouts_before = math_verifier.num_timeouts
+    start = time.monotonic()
+    scores = math_verifier.score([HANG] * 6, ["1"] * 6)
+    elapsed = time.monotonic() - start
+    assert scores == [0.0] * 6 and math_verifier.num_timeouts == timeouts_before + 6
+    assert elapsed < 1.5 + 2.0, elapsed
+    assert math_verifier(r"\boxed{0.25}", r"\frac14") == 1.0  # the killed workers were replaced
+
+
+def test_batch_budget_scores_the_rest_zero_and_kills_hung_workers():
+    with build_verifier("test_misbehaving", timeout_s=60.0, batch_timeout_s=2.0, num_workers=2) as v:
+        v.start()
+        pids = v.pool.pids
+        start = time.monotonic()
+        scores = v.score(["a", "y", "y", "y", "y", "c"], ["a", "hang", "hang", "hang", "hang", "c"])
+        elapsed = time.monotonic() - start
+        assert scores == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # "c" waited behind the hangs: out of budget too
+        assert (v.num_timeouts, v.num_errors) == (5, 0)
+        assert elapsed < 2.0 + 2.0, elapsed
+        assert not _wait_gone(pids)  # the workers stuck in the hangs are killed and reaped
+        assert v("q", "q") == 1.0  # and replaced
+
+
+def test_a_batch_after_the_budget_ran_out_is_not_delayed():
+    # Calls cancelled at the budget must not wait in the pool's pipe: each would cost a worker kill when taken
+    # (200 of them delayed the next batch by 85 s).
+    with build_verifier("test_misbehaving", timeout_s=60.0, batch_timeout_s=1.0, num_workers=2) as v:
+        assert v.score(["y"] * 50, ["hang"] * 50) == [0.0] * 50
+        start = time.monotonic()
+        assert v.score(["a", "b"], ["a", "b"]) == [1.0, 1.0]
+        assert time.monotonic() - start < 5.0
+
+
+def test_batch_timeout_must_be_positive():
+    with pytest.raises(ValueError, match="batch_timeout_s"):
+        MathVerifier(batch_timeout_s=0)
+    assert FunctionVerifier(misbehaving_reward, batch_timeout_s=None).batch_timeout_s is None
+
+
 # ---------------------------------------------------------------- KillablePool
 
 
@@ -206,7 +315,18 @@ def test_pool_results_errors_timeouts_crashes(pool):
 
     results = pool.map(os._exit, [(3,)], timeout_s=5.0)
     assert results[0].status == "error" and "exit code 3" in results[0].message
+    results = pool.map(ctypes.string_at, [(0,)], timeout_s=5.0)  # a segfault
+    assert results[0].status == "error" and "exit code -11" in results[0].message
+    assert pool.map(in_main_thread, [()], timeout_s=5.0)[0].value is True  # signal.alarm works there
     assert [r.value for r in pool.map(operator.add, [(1, 2), (3, 4)], timeout_s=5.0)] == [3, 7]
+
+
+def test_worker_start_up_is_not_charged_to_the_first_task():
+    p = KillablePool(num_workers=1, initializer=slow_start)
+    try:
+        assert p.map(operator.add, [(1, 2)], timeout_s=0.5, budget_s=0.5)[0].value == 3
+    finally:
+        p.close()
 
 
 def test_pool_rejects_fork():
@@ -239,6 +359,52 @@ def test_workers_stop_at_interpreter_exit():
     assert out.returncode == 0, out.stderr
     pids = [int(p) for p in out.stdout.split()]
     assert len(pids) == 2 and not _wait_gone(pids)
+
+
+def test_workers_stop_when_the_pool_is_garbage_collected():
+    p = KillablePool(num_workers=2)
+    assert p.map(operator.add, [(1, 2)], timeout_s=5.0)[0].value == 3
+    pids = p.pids
+    del p
+    gc.collect()
+    assert len(pids) == 2 and not _wait_gone(pids)
+
+
+def test_unpicklable_call_fails_alone(pool):
+    results = pool.map(operator.add, [(1, 2), (lambda: 0, 1), (3, 4)], timeout_s=5.0)
+    assert [r.status for r in results] == ["ok", "error", "ok"]
+
+
+# A main program read from standard input (`python - <<EOF`) and an interactive one (`python -i`, like a notebook):
+# the workers must start without trying to re-run __main__, and a verifier function defined in such a __main__
+# is refused at once, saying what to do. Statements are flat (no blocks) so the interactive reader takes them too.
+STDIN_SCRIPT = f"""
+import sys; sys.path.insert(0, {str(REPO)!r})
+from simko.rewards import FunctionVerifier, MathVerifier, build_verifier
+import examples.my_verifiers
+v = MathVerifier(timeout_s=5.0, num_workers=1)
+print("math", v.score([r"\\boxed{{\\frac12}}", r"\\boxed{{3}}"], ["0.5", "4"]))
+v.close()
+d = build_verifier("digits", num_workers=1)
+print("digits", d.score(["46", "47"], ["46", "46"]))
+d.close()
+def mine(completions, answers): return [1.0]
+
+try: FunctionVerifier(mine)
+except TypeError as e: print("refused:", e)
+
+"""
+
+
+@pytest.mark.parametrize("args", [["-"], ["-i", "-q"]], ids=["stdin", "interactive"])
+def test_verifiers_work_when_main_is_read_from_stdin(args):
+    out = subprocess.run(
+        [sys.executable, *args], input=STDIN_SCRIPT, capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert "math [1.0, 0.0]" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert "digits [1.0, 0.5]" in out.stdout  # a function of a user module runs in the workers
+    assert "refused: verifier function 'mine' is defined in __main__" in out.stdout
+    assert "Move it into a module file" in out.stdout
 
 
 # ---------------------------------------------------------------- ExactMatchVerifier
@@ -332,3 +498,22 @@ def test_score_batch_mixes_verifiers_and_keeps_order(math_verifier):
         score_batch(["a"], ["a"], ["nope"])
     with pytest.raises(ValueError):
         score_batch(["a"], ["a", "b"], ["exact"])
+
+
+def test_final_answer_is_what_each_verifier_compares(math_verifier):
+    text = "<answer>(1) Emma is a knight</answer>\nso \\boxed{7}\nanswer: 8"
+    assert final_answer(text, "exact") == "7"  # box first
+    assert final_answer(text, "knights_knaves") == "(1) Emma is a knight"  # tag first
+    assert final_answer(text, "countdown") == "(1) Emma is a knight"
+    assert final_answer(text, "math", {"math": math_verifier}) == "7"
+    assert final_answer("The answer is $7$.", "math") is None  # no box: math-verify's own extraction, in a worker
+    assert final_answer("x\n\nrow 1\nrow 2", "mini_sudoku") == "row 1\nrow 2"
+    assert final_answer("x\n\n3 + 4", "countdown") == "3 + 4"
+    with pytest.raises(ValueError, match="unknown verifier"):
+        final_answer("x", "nope")
+
+
+def test_check_verifier_names_says_how_to_plug_in_a_verifier():
+    check_verifier_names(["math", "exact", "mine"], {"mine": ExactMatchVerifier()})
+    with pytest.raises(ValueError, match=r"unknown verifier\(s\) \['my_task'\].*imports=\[my_pkg.my_verifiers\]"):
+        check_verifier_names(["math", "my_task"])

@@ -32,14 +32,14 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from simko.checks import ConfigError, build_data, check_against_model, check_eval_config  # noqa: E402
-from simko.config import check_config_dir  # noqa: E402
+from simko.config import check_config_dir, import_modules  # noqa: E402
 from simko.console import progress_bar  # noqa: E402
 from simko.diagnostics import concentration_metrics  # noqa: E402
 from simko.engines import Sampling, build_engine  # noqa: E402
 from simko.forward import rollout_token_stats  # noqa: E402
 from simko.metrics import PassAtK, default_ks, majority_at_n  # noqa: E402
 from simko.models.lora import load_adapter_checkpoint, load_model  # noqa: E402
-from simko.rewards import extract_final_answer, score_batch  # noqa: E402
+from simko.rewards import final_answer, score_batch  # noqa: E402
 from simko.rollout import step_seed, tokenize_prompts  # noqa: E402
 from simko.train import exit_with_config_error  # noqa: E402
 
@@ -72,6 +72,7 @@ def load_checkpoint_into(policy: torch.nn.Module, ckpt_path: str) -> None:
 
 @torch.no_grad()
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
+    import_modules(cfg.get("imports"))  # user modules (e.g. verifiers) before anything is built
     torch.manual_seed(cfg.seed)
     check_eval_config(cfg)
     datamodule = build_data(cfg)  # before the model: a bad data path fails in seconds
@@ -119,7 +120,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
                         diag_sum[key] += value * len(idx)
             for i, ex in enumerate(chunk):
                 completions = rollouts.completions[i * n : (i + 1) * n]
-                extracted = [extract_final_answer(c) for c in completions]
+                extracted = [final_answer(c, ex["verifier"], verifiers) for c in completions]  # what its verifier reads
                 answers_all.append(extracted)
                 correct_all.append(correct[i].tolist())
                 rows_out.append(problem_row(ex.get("id", start + i), ex, completions, extracted, correct[i].tolist()))

@@ -22,10 +22,11 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from simko.checks import build_data, build_loss, check_against_model, check_train_config, check_world_size  # noqa: E402
-from simko.config import check_config_dir  # noqa: E402
+from simko.config import check_config_dir, import_modules  # noqa: E402
 from simko.console import progress_bar_enabled, quiet_library_warnings  # noqa: E402
 from simko.logging_utils import log_run_outputs, log_run_start  # noqa: E402
 from simko.models.lora import load_model  # noqa: E402
+from simko.rewards import check_verifier_names  # noqa: E402
 
 log = logging.getLogger(__name__)
 # One RL step = several manual optimizer steps; checkpoints are taken after the step, which is what we want.
@@ -44,6 +45,7 @@ def exit_with_config_error(err: BaseException) -> None:
 
 def build(cfg: DictConfig):
     """Instantiate model, loss, data, module and trainer from a composed config."""
+    import_modules(cfg.get("imports"))  # user modules (e.g. verifiers) before anything is built
     L.seed_everything(cfg.seed, workers=True)
     check_train_config(cfg)  # missing values, sampling and loss knobs: before anything is built
     loss = build_loss(cfg)  # first: a bad loss config fails before any model is built
@@ -52,6 +54,8 @@ def build(cfg: DictConfig):
     datamodule.set_tokenizer(tokenizer)
     check_against_model(policy, datamodule, loss, cfg.rollout.get("max_prompt_tokens"))
     module = instantiate(cfg.module, policy=policy, tokenizer=tokenizer, loss=loss, **cfg.rollout)
+    examples = datamodule.examples_for_step(0, rank=0, world_size=1) + datamodule.val_examples(rank=0, world_size=1)
+    check_verifier_names([ex["verifier"] for ex in examples], module.verifiers)  # a typo fails now, not at step 1
     if cfg.get("rl_steps"):
         with open_dict(cfg):  # Lightning counts optimizer updates; an RL step makes several
             cfg.trainer.max_steps = int(cfg.rl_steps) * module.ppo_epochs * module.num_mini_batches

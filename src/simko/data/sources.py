@@ -37,6 +37,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from simko.rewards.extract import extract_boxed
+
 log = logging.getLogger(__name__)
 
 ANSWER_FORMATS = ("plain", "gsm8k", "boxed_solution")
@@ -182,7 +184,7 @@ class LocalFileSource:
         if self.answer_format == "gsm8k":
             return gsm8k_final_answer(text)
         if self.answer_format == "boxed_solution":
-            return last_boxed_content(text) or ""
+            return extract_boxed(text) or ""
         return text.strip()
 
 
@@ -375,7 +377,7 @@ def _answer_from_ground_truth_dict(ground_truth: Mapping[str, Any], field: str) 
         if ground_truth.get(key) not in (None, ""):
             return ground_truth[key]
     if ground_truth.get("solution"):
-        return last_boxed_content(str(ground_truth["solution"])) or ""
+        return extract_boxed(str(ground_truth["solution"])) or ""
     if "target" in ground_truth or "answer" in ground_truth:
         return ""  # present but empty: dropped by the caller
     raise ValueError(f"field {field!r} is a dict without 'target', 'answer' or 'solution': {sorted(ground_truth)}")
@@ -397,20 +399,3 @@ def gsm8k_final_answer(solution: str) -> str:
     if "####" not in solution:
         return ""
     return solution.rsplit("####", 1)[1].strip().replace(",", "")
-
-
-def last_boxed_content(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` in ``text`` (balanced braces), or None if there is none."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    position = start + len("\\boxed{")
-    depth = 1
-    for end in range(position, len(text)):
-        if text[end] == "{":
-            depth += 1
-        elif text[end] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[position:end].strip()
-    return None  # unbalanced braces

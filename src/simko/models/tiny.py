@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the tokenizer, the architecture code or the warm-start recipe change in a way the arguments do
 # not show, so that old cache entries are not reused.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the warm-up of the warm start starts at lr 0 (transformers' cosine schedule)
 METADATA_FILE = "simko_warm_start.json"
 
 # simko.data.ArithmeticSource arguments of the warm-start data (besides seed and split). They should match the

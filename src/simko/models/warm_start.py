@@ -8,12 +8,12 @@ tokens only. A short run is enough to reach a middling accuracy, which leaves RL
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from simko.console import track
 from simko.forward import position_ids_from_mask
@@ -55,14 +55,6 @@ def completion_batch(tokenizer, examples: list[dict[str, Any]], prompt_template:
     }
 
 
-def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
-    """lr multiplier: linear warm-up to 1, then cosine decay to ``floor``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def supervised_warm_start(
     model,
     tokenizer,
@@ -83,8 +75,9 @@ def supervised_warm_start(
     """
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, steps, min(warmup_steps, steps))
+    # Linear warm-up from 0, then cosine decay to 10 % of lr.
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=min(warmup_steps, steps), num_training_steps=steps, min_lr_rate=0.1
     )
     losses = []
     start = time.perf_counter()

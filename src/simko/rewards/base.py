@@ -2,11 +2,13 @@
 
     v.score(completions, answers) -> list[float]   # one reward per completion, batched
     v(completion, answer) -> float                  # one item
+    v.final_answer(completion) -> str | None        # the part of the completion this verifier compares
     v.num_timeouts, v.num_errors                    # items that cost a 0.0 because the check hung or failed
     v.start(), v.close() / with v: ...              # start / release worker processes, if any
 
-A subclass implements ``_score(completions, answers)`` (lists of equal, non-zero length). A failed check is never
-an exception in the trainer: it is a 0.0 reward and a counter, so one degenerate completion can't stop a run.
+A subclass implements ``_score(completions, answers)`` (lists of equal, non-zero length) and, when its rule
+differs from the default (``extract_final_answer``), ``final_answer``. A failed check is never an exception in
+the trainer: it is a 0.0 reward and a counter, so one degenerate completion can't stop a run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from simko.rewards.extract import extract_final_answer
 from simko.rewards.pool import TaskResult
 
 logger = logging.getLogger(__name__)
@@ -49,6 +52,13 @@ class Verifier:
 
     def _score(self, completions: list[str], answers: list[str]) -> list[float]:
         raise NotImplementedError
+
+    def final_answer(self, completion: str) -> str | None:
+        """The final answer of ``completion`` as this verifier reads it (None: it has none), for maj@n and logs.
+
+        Default: ``extract_final_answer`` (last box, else ``<answer>`` tag, else ``answer: X``, else the text).
+        """
+        return extract_final_answer(completion)
 
     def start(self) -> None:
         """Start worker processes now, if the verifier has any (else they start on the first ``score``)."""
@@ -86,6 +96,11 @@ class Verifier:
                 message,
             )
         return 0.0
+
+
+def check_batch_timeout(batch_timeout_s: float | None) -> None:
+    if batch_timeout_s is not None and not batch_timeout_s > 0:
+        raise ValueError(f"batch_timeout_s must be > 0 or None (no limit), got {batch_timeout_s}")
 
 
 def to_reward(value: Any) -> float:

@@ -1,10 +1,11 @@
 """ExactMatchVerifier: 1.0 if the completion's final answer is the gold string, for procedural tasks.
 
-Final answer: ``extract_final_answer`` (last ``\\boxed{}``, else last ``<answer>...</answer>``, else the rest of the
-line after the last ``answer:``, else the whole completion). Both sides are normalised the same way: whitespace
-runs collapsed, surrounding ``$``, ``**`` and a trailing period dropped, case folded unless ``case_sensitive``. If
-both then read as plain numbers (``46``, ``46.0``, ``-3.5``, ``1,234``, ``7/2``) they are compared exactly as
-fractions, so ``46`` == ``46.0`` and ``0.5`` == ``1/2`` but ``0.333`` != ``1/3``.
+Final answer: ``extract_final_answer``, the base class's ``final_answer`` (last ``\\boxed{}``, else last
+``<answer>...</answer>``, else the rest of the line after the last ``answer:``, else the whole completion). Both
+sides are normalised the same way: whitespace runs collapsed, surrounding ``$``, ``**`` and a trailing period
+dropped, case folded unless ``case_sensitive``. If both then read as plain numbers (``46``, ``46.0``, ``-3.5``,
+``1,234``, ``7/2``) they are compared exactly as fractions, so ``46`` == ``46.0`` and ``0.5`` == ``1/2`` but
+``0.333`` != ``1/3``.
 
 It only runs string operations on bounded input (no ``eval``, no sympy, no exponent notation), so it runs in the
 trainer's process without a pool; ``num_timeouts`` stays 0.
@@ -16,7 +17,6 @@ import re
 from fractions import Fraction
 
 from simko.rewards.base import Verifier
-from simko.rewards.extract import extract_final_answer
 
 _DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
@@ -43,7 +43,7 @@ class ExactMatchVerifier(Verifier):
         scores = []
         for completion, answer in zip(completions, answers):
             try:
-                scores.append(1.0 if self.matches(extract_final_answer(completion), answer) else 0.0)
+                scores.append(1.0 if self.matches(self.final_answer(completion), answer) else 0.0)
             except Exception as e:  # e.g. a non-string item: that item's 0.0, not the run
                 scores.append(self._failed("error", f"{type(e).__name__}: {e}"))
         return scores

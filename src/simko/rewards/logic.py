@@ -11,9 +11,9 @@ completion), written by the ``*_answer`` functions below, which the data sources
 * mini_sudoku:    ``{"puzzle": [[0, 0, 2, 0], ...]}`` (0 = empty cell); any completed grid that keeps the clues and
   has every row, column and box a permutation of 1..n is right (generated puzzles have one solution anyway).
 
-Final answer in a completion (``final_answer_text``): the last ``<answer>...</answer>``, else the last complete
-``\\boxed{...}``, else the last non-empty line (countdown) or the last paragraph (the multi-line answers of K&K and
-sudoku). Partial credit is never given: a solve for pass@k is a 1.0.
+Final answer in a completion (``simko.rewards.extract.final_answer_text``): the last ``<answer>...</answer>``, else
+the last complete ``\\boxed{...}``, else the last non-empty line (countdown) or the last paragraph (the multi-line
+answers of K&K and sudoku). Partial credit is never given: a solve for pass@k is a 1.0.
 
 Safety: all checks are bounded string work plus, for Countdown, an AST-whitelist evaluator on at most
 ``MAX_EXPRESSION_CHARS`` characters in exact fractions (never ``eval``/sympy: reasoning-gym's countdown scorer ran
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 
 from simko.rewards.base import Verifier
-from simko.rewards.extract import extract_boxed
+from simko.rewards.extract import final_answer_text
 from simko.rewards.registry import register_verifier
 
 # Longest Countdown expression that is parsed at all: 6 two-digit numbers with operators, spaces and a few levels
@@ -59,40 +59,6 @@ _BINARY_OPERATIONS = {
     ast.Mult: lambda a, b: a * b,
     ast.Div: lambda a, b: a / b,  # Fraction / Fraction: exact; raises ZeroDivisionError on 0
 }
-_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
-
-
-# --- final answer -------------------------------------------------------------------------------------------
-
-
-def final_answer_text(completion: str, multiline: bool = False) -> str:
-    """The part of ``completion`` holding the final answer (see the module docstring for the rule)."""
-    tagged = last_answer_tag(completion)
-    if tagged is not None:
-        return tagged
-    boxed = extract_boxed(completion)
-    if boxed is not None:
-        return boxed
-    text = completion.strip()
-    if multiline:
-        return _PARAGRAPH_BREAK.split(text)[-1].strip()
-    return text.rsplit("\n", 1)[-1].strip()
-
-
-def last_answer_tag(text: str) -> str | None:
-    """Content of the last complete ``<answer>...</answer>`` (case-insensitive), or None.
-
-    Found with two reverse searches instead of a lazy regex: linear even on a long completion full of
-    unclosed ``<answer>`` tags.
-    """
-    lowered = text.lower()
-    end = lowered.rfind("</answer>")
-    if end < 0:
-        return None
-    start = lowered.rfind("<answer>", 0, end)
-    if start < 0:
-        return None
-    return text[start + len("<answer>") : end].strip()
 
 
 class _ExactLogicVerifier(Verifier):
@@ -110,6 +76,11 @@ class _ExactLogicVerifier(Verifier):
             except Exception as error:  # noqa: BLE001 - see the class docstring
                 scores.append(self._failed("error", f"{type(error).__name__}: {error}"))
         return scores
+
+    multiline = True  # the final answer is the last paragraph (else the last line) when there is no tag or box
+
+    def final_answer(self, completion: str) -> str:
+        return final_answer_text(completion, multiline=self.multiline)
 
     def is_correct(self, completion: str, answer: str) -> bool:
         raise NotImplementedError
@@ -194,10 +165,11 @@ class CountdownVerifier(_ExactLogicVerifier):
     """1.0 if the final answer is an expression reaching the target with each given number exactly once."""
 
     name = "countdown"
+    multiline = False
 
     def is_correct(self, completion: str, answer: str) -> bool:
         numbers, target = parse_countdown_answer(answer)
-        return is_countdown_solution(final_answer_text(completion), numbers, target)
+        return is_countdown_solution(self.final_answer(completion), numbers, target)
 
 
 # --- Knights and Knaves -------------------------------------------------------------------------------------
@@ -238,7 +210,9 @@ def parse_role_claims(text: str, names: Sequence[str], words: dict[str, str]) ->
     claims = {}
     for name in names:
         # [^\S\n]: spaces within one line: a name ending one line and a role word starting the next are no claim.
-        pattern = rf"\b{re.escape(name)}\b[^\S\n]*(?:is\b|:|-|=)?[^\S\n]*(?:an?[^\S\n]+)?({alternatives})s?\b"
+        # Each run of spaces belongs to exactly one part of the pattern, so a long run costs linear time (two
+        # optional-space parts side by side were quadratic: 12 s on a name followed by 20k spaces).
+        pattern = rf"\b{re.escape(name)}\b[^\S\n]*(?:(?:is\b|:|-|=)[^\S\n]*)?(?:an?[^\S\n]+)?({alternatives})s?\b"
         roles = {word_to_role[m.lower()] for m in re.findall(pattern, text, flags=re.IGNORECASE)}
         if len(roles) != 1:
             return None
@@ -256,7 +230,7 @@ class KnightsKnavesVerifier(_ExactLogicVerifier):
         roles: dict[str, str] = gold["roles"]
         if not roles or not set(roles.values()) <= set(ROLES):
             raise ValueError(f"knights_knaves gold needs roles in {ROLES}, got {answer!r:.200}")
-        claims = parse_role_claims(final_answer_text(completion, multiline=True), list(roles), gold.get("words", {}))
+        claims = parse_role_claims(self.final_answer(completion), list(roles), gold.get("words", {}))
         return claims == roles
 
 
@@ -306,7 +280,7 @@ class MiniSudokuVerifier(_ExactLogicVerifier):
 
     def is_correct(self, completion: str, answer: str) -> bool:
         puzzle = json.loads(answer)["puzzle"]
-        grid = parse_grid(final_answer_text(completion, multiline=True), len(puzzle))
+        grid = parse_grid(self.final_answer(completion), len(puzzle))
         return grid is not None and is_sudoku_solution(grid, puzzle)
 
 

@@ -1,10 +1,11 @@
 """MathVerifier: 1.0 if the completion's final answer equals the gold answer mathematically (math-verify).
 
 Final answer: the content of the last complete ``\\boxed{...}`` (``extract_boxed``). Without any box, we fall back
-to math-verify's own extraction over the whole completion (``LatexExtractionConfig`` + ``ExprExtractionConfig``:
-the last LaTeX block or plain number/expression), because small models often answer without a box and a strict
-format rule would give them almost no signal; ``require_boxed=True`` turns the fallback off. A box that is opened
-but never closed (a completion cut off mid-answer) scores 0.0 without a fallback.
+to math-verify's own extraction (``LatexExtractionConfig`` + ``ExprExtractionConfig``: the last LaTeX block or plain
+number/expression) over the completion's answer window (its last ``FINAL_ANSWER_WINDOW`` characters), because small
+models often answer without a box and a strict format rule would give them almost no signal; ``require_boxed=True``
+turns the fallback off. A box that is opened but never closed (a completion cut off mid-answer) scores 0.0 without a
+fallback.
 
 Equivalence: ``math_verify.verify(parse(gold), parse(pred))``, both sides wrapped as ``$...$`` (this parses
 ``10\\%`` where a ``\\boxed{}`` wrapper does not; on MATH-500 both wrappings agree on every gold). It handles
@@ -13,7 +14,8 @@ units and ``\\text{}``. A gold given as a whole solution works too: its last box
 
 Every math-verify call runs in a worker process of a KillablePool with a wall-clock ``timeout_s``: verify can hang
 for ever in C code that no signal interrupts (sympy evaluating ``9^{9^{9^{9^{9}}}}``; Math-Verify issue #65), so
-math-verify's own ``signal.alarm`` timeouts are switched off and the pool's kill is the one timeout.
+math-verify's own ``signal.alarm`` timeouts are switched off and the pool's kill is the one timeout. A batch has a
+wall-clock budget too (``batch_timeout_s``): checks not finished by then score 0.0 and count as timeouts.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from __future__ import annotations
 import functools
 import logging
 
-from simko.rewards.base import Verifier
-from simko.rewards.extract import extract_boxed, has_box_command
+from simko.rewards.base import Verifier, check_batch_timeout
+from simko.rewards.extract import answer_window, extract_boxed, has_box_command
 from simko.rewards.pool import KillablePool
 
 
@@ -31,6 +33,8 @@ class MathVerifier(Verifier):
 
     Args:
         timeout_s: wall-clock seconds per item; a slower check is killed and scores 0.0 (``num_timeouts``).
+        batch_timeout_s: wall-clock seconds for one ``score`` call (None: no limit); checks not finished by then
+            score 0.0, count in ``num_timeouts``, and their workers are killed.
         num_workers: worker processes, started on the first ``score`` and reused.
         require_boxed: score 0.0 when the completion has no ``\\boxed{}`` instead of falling back to math-verify's
             extraction of the final answer.
@@ -45,11 +49,14 @@ class MathVerifier(Verifier):
         num_workers: int = 2,
         require_boxed: bool = False,
         start_method: str | None = None,
+        batch_timeout_s: float | None = 60.0,
     ):
         super().__init__()
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        check_batch_timeout(batch_timeout_s)
         self.timeout_s = timeout_s
+        self.batch_timeout_s = batch_timeout_s
         self.require_boxed = require_boxed
         self.pool = KillablePool(num_workers, start_method=start_method, preload=("math_verify",), initializer=warm_up)
 
@@ -59,7 +66,7 @@ class MathVerifier(Verifier):
         for i, (completion, answer) in enumerate(zip(completions, answers)):
             try:
                 gold = _gold_text(answer)
-                pred = extract_boxed(completion)
+                pred = self.final_answer(completion)
                 if pred is None and (self.require_boxed or has_box_command(completion) or not completion.strip()):
                     continue  # no final answer to check: 0.0 without a round trip to a worker
             except Exception as e:  # e.g. None instead of a string: that item's 0.0, not the run
@@ -68,12 +75,17 @@ class MathVerifier(Verifier):
             if pred and _same_text(pred, gold):
                 scores[i] = 1.0  # identical strings are equal; also covers golds math-verify cannot parse
                 continue
-            # Send only what the worker needs: the boxed answer, or the whole text for the fallback extraction.
-            jobs.append((pred, completion if pred is None else None, gold))
+            # Send only what the worker needs: the boxed answer, or the answer window for the fallback extraction.
+            jobs.append((pred, answer_window(completion) if pred is None else None, gold))
             job_items.append(i)
-        for i, result in zip(job_items, self.pool.map(is_equivalent, jobs, self.timeout_s)):
+        results = self.pool.map(is_equivalent, jobs, self.timeout_s, budget_s=self.batch_timeout_s)
+        for i, result in zip(job_items, results):
             scores[i] = self._reward(result)
         return scores
+
+    def final_answer(self, completion: str) -> str | None:
+        """The last complete box (None without one: the fallback extraction is math-verify's, in a worker)."""
+        return extract_boxed(completion)
 
     def start(self) -> None:
         self.pool.start()

@@ -1,35 +1,66 @@
-"""A small process pool that can kill one hung task.
+"""Verifier worker processes: pebble's ``ProcessPool`` plus the few guarantees a trainer needs from it.
 
-Why not ``concurrent.futures.ProcessPoolExecutor`` or ``multiprocessing.Pool``: neither can stop a task that is
-already running. A timed-out future stays "running", its worker stays busy forever, and the only remedy is to tear
-down the whole pool. A verifier that hangs on one degenerate completion (sympy expanding ``9^{9^{9^{9^{9}}}}``, a
-scorer that ``eval``s model text) must cost that one completion a 0.0 reward, never the run.
+A verifier that hangs on one degenerate completion (sympy expanding ``9^{9^{9^{9^{9}}}}``, a scorer that ``eval``s
+model text) must cost that completion a 0.0 reward, never the run. ``concurrent.futures`` cannot stop a running
+task; pebble's ``ProcessPool.schedule(fn, args, timeout=...)`` can: it kills the worker of a task past its timeout
+and starts a new one, and a worker that dies (segfault, ``os._exit``) fails only its own task. Tasks run in the
+worker's main thread, so libraries that time themselves with ``signal.alarm`` work. ``KillablePool`` adds:
 
-So: every worker owns a private pipe and runs one task at a time. The parent sends a task, notes its deadline, and
-waits on all pipes and process sentinels at once. A reply before the deadline is the result; a worker past its
-deadline is SIGKILLed and replaced; a worker that dies (segfault, ``os._exit``) is an error and is replaced. A
-private pipe per worker (instead of one shared queue) is what makes killing safe: a worker killed while holding a
-shared queue's lock would deadlock all the others.
+- ``map(fn, args_list, timeout_s, budget_s)``: one ``TaskResult`` per call ("ok" / "timeout" / "error"), in order,
+  never an exception for a call that failed; and a wall-clock budget for the whole batch, after which the calls
+  not finished score as "timeout" and their workers are killed (without it, a batch with many hangs takes
+  hangs x timeout_s / workers). It keeps one call in flight per worker: pebble writes scheduled calls into its
+  pipe at once, and a call cancelled there would still be taken later and its worker killed then (after a
+  200-hang batch ran out of budget, the next batch of 10 quick calls took 85 s that way).
+- Start method forkserver (spawn where there is none); ``fork`` is refused: it would clone a parent that holds
+  torch's thread pools (and maybe CUDA). The fork server imports ``preload`` once, so replacing a killed worker
+  is cheap. Workers import ``preload`` and run ``initializer`` before they take a task, and a task's timeout
+  counts from when a worker takes it: start-up is never charged to a task, nor to a batch's budget when the
+  batch begins.
+- SIGTERM ends a worker at once. pebble stops a worker with SIGTERM, waits up to 3 s, then SIGKILLs, one worker
+  after the other in its manager thread; its SIGTERM handler is Python code, which cannot run while a task is
+  inside a C loop. Measured (6 tasks of ``sum(range(10**13))``, timeout 0.5 s, 2 workers): 20.1 s with pebble's
+  handler, 2.1 s with the default action (``SIG_DFL``), which the worker initializer restores.
+- Each call is pickled here and unpickled inside the task, so a call the worker cannot unpickle (a function in
+  a ``__main__`` the worker cannot import) fails alone, as an error, instead of killing the worker between tasks.
+- A main program read from standard input (``python - <<EOF``) has ``__main__.__file__ == "<stdin>"``, which
+  multiprocessing would try to run as a file in every new worker (FileNotFoundError, exit code 1). While a
+  worker starts, such an unreadable ``__file__`` is hidden, so the worker leaves ``__main__`` alone.
+- A pool that cannot start (a preload import fails, the initializer raises) raises RuntimeError on first use;
+  a pool that broke later (all workers died between tasks) is replaced on the next call.
+- Workers stop on ``close()``, when the pool is garbage-collected, and at interpreter exit; they are reaped
+  (no zombies).
 
-Tasks run in the worker's main thread, so libraries that time themselves with ``signal.alarm`` (math-verify) work.
-Workers start lazily, are reused across calls, and stop on ``close()``, on garbage collection or at exit.
+Cost against the hand-written pool this replaces (measured on the busy 2-core machine): a kill and its
+replacement take ~0.3 s instead of ~0.2 s (pebble checks deadlines and replaces workers every 0.1 s), a batch of
+400 math-verify checks the same (within noise), 512 checks of which 40 hang (timeout 5 s, 2 workers) 114.9 s
+instead of 110.5 s without a batch budget (``benchmarks/verifiers.py``).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import multiprocessing
+import multiprocessing.context
+import os
+import pickle
 import signal
+import sys
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing.connection import wait
 from typing import Any
 
-_READY = "ready"
+from pebble import ProcessExpired, ProcessPool
+
+log = logging.getLogger(__name__)
+
 # Modules every pool asked to preload, so the (one, process-wide) fork server imports them all once, whichever
 # pool starts it; pools are usually all built before the first one starts a worker.
 _FORKSERVER_PRELOAD: dict[str, None] = {"__main__": None}  # "__main__" is the standard library's default
@@ -37,92 +68,15 @@ _FORKSERVER_PRELOAD: dict[str, None] = {"__main__": None}  # "__main__" is the s
 
 @dataclass
 class TaskResult:
-    # "ok" | "error" (fn raised, or the worker died) | "timeout" (killed at the deadline, or fn raised TimeoutError)
+    # "ok" | "error" (fn raised, or the worker died) | "timeout" (killed at the deadline or at the batch budget,
+    # or fn raised TimeoutError)
     status: str
     value: Any = None
     message: str = ""
 
 
 def default_start_method() -> str:
-    # "fork" would clone a parent that holds torch's thread pools (and maybe CUDA): unsafe. "forkserver" forks each
-    # worker from a clean server process that imported the heavy modules once, so replacing a killed worker is cheap.
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-
-
-def _worker_main(conn, preload: Sequence[str], initializer: Callable[[], Any] | None) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops us through close()
-    for module in preload:
-        importlib.import_module(module)
-    if initializer is not None:
-        initializer()
-    conn.send(_READY)  # the first task's deadline starts only now: import time is not the task's fault
-    while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):  # the parent is gone
-            return
-        if task is None:
-            return
-        fn, args = task
-        try:
-            reply = TaskResult("ok", fn(*args))
-        except TimeoutError as e:
-            reply = TaskResult("timeout", message=f"{type(e).__name__}: {e}"[:500])
-        except BaseException as e:  # noqa: BLE001 - a scorer may raise anything, SystemExit included
-            reply = TaskResult("error", message=f"{type(e).__name__}: {e}"[:500])
-        try:
-            conn.send(reply)
-        except Exception as e:  # an unpicklable return value; pickling fails before any byte is written
-            conn.send(TaskResult("error", message=f"result could not be sent back: {type(e).__name__}: {e}"[:500]))
-
-
-class _Worker:
-    def __init__(self, ctx, preload: Sequence[str], initializer, startup_timeout_s: float):
-        self.conn, child_conn = ctx.Pipe()
-        self.process = ctx.Process(
-            target=_worker_main, args=(child_conn, preload, initializer), name="simko-verifier", daemon=True
-        )
-        self.process.start()
-        child_conn.close()  # keep no copy of the child's end, so that recv() raises EOFError when it dies
-        self.ready = False
-        self.task: int | None = None  # index of the task in flight
-        self.deadline = time.monotonic() + startup_timeout_s  # start-up deadline, then the task's
-        self.exitcode: int | None = None
-        self.stopped = False
-
-    @property
-    def busy(self) -> bool:
-        return self.task is not None or not self.ready
-
-    def kill(self) -> int | None:
-        """SIGKILL if still running, reap (no zombie), release the pipe. Returns the exit code. Idempotent."""
-        if not self.stopped:
-            self.stopped = True
-            if self.process.is_alive():
-                self.process.kill()
-            self.process.join()
-            self.exitcode = self.process.exitcode
-            self.process.close()
-            self.conn.close()
-        return self.exitcode
-
-
-def _stop_workers(workers: list[_Worker], grace_s: float = 1.0) -> None:
-    """Ask every worker to exit, give them ``grace_s`` together, then kill what is left. Empties the list."""
-    for w in workers:
-        if not w.ready or w.task is not None:
-            w.kill()  # still importing, or mid-task (an interrupted map): it would not read the request in time
-            continue
-        try:
-            w.conn.send(None)
-        except (OSError, ValueError):  # already dead, or already stopped
-            pass
-    deadline = time.monotonic() + grace_s
-    for w in workers:
-        if not w.stopped:
-            w.process.join(max(0.0, deadline - time.monotonic()))
-        w.kill()
-    workers.clear()
 
 
 class KillablePool:
@@ -133,7 +87,8 @@ class KillablePool:
         start_method: ``"forkserver"`` (default where available) or ``"spawn"``; ``"fork"`` is refused.
         preload: modules to import in each worker (and in the fork server) before it takes tasks.
         initializer: a picklable no-argument function each worker runs once before it takes tasks (a warm-up).
-        startup_timeout_s: how long a new worker may take to get ready before ``map`` gives up with RuntimeError.
+        startup_timeout_s: how long a new pool may take to run its first tasks before ``map`` gives up with
+            RuntimeError.
 
     Not thread-safe to share between callers at the same time: ``map`` holds a lock for its whole duration.
     """
@@ -149,7 +104,7 @@ class KillablePool:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         start_method = start_method or default_start_method()
-        if start_method not in ("forkserver", "spawn"):
+        if start_method not in _CONTEXTS:
             raise ValueError(
                 f"start_method must be 'forkserver' or 'spawn' (fork is unsafe next to torch), got {start_method!r}"
             )
@@ -159,113 +114,214 @@ class KillablePool:
         _FORKSERVER_PRELOAD.update(dict.fromkeys(self.preload))
         self.initializer = initializer
         self.startup_timeout_s = startup_timeout_s
-        self._workers: list[_Worker] = []
+        self._pool: ProcessPool | None = None
+        self._finalizer: weakref.finalize | None = None
         self._lock = threading.Lock()
-        # Runs on close(), when the pool is garbage-collected, or at interpreter exit, whichever comes first.
-        self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
 
     @property
     def pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers]
+        """Process ids of the current workers ([] before the first call and after ``close``)."""
+        if self._pool is None:
+            return []
+        # pebble keeps no public list of its workers: this is its worker manager's pid -> process table.
+        return list(self._pool._pool_manager.worker_manager.workers)
 
     def start(self) -> None:
-        """Start the workers now and wait until they are ready (``map`` does this lazily)."""
+        """Start the workers now and wait until they run tasks (``map`` does this lazily)."""
         with self._lock:
-            self._run(None, [], timeout_s=0.0, until_ready=True)
+            self._running_pool()
 
-    def map(self, fn: Callable[..., Any], args_list: Sequence[tuple], timeout_s: float) -> list[TaskResult]:
-        """``[fn(*args) for args in args_list]`` as TaskResults, in order; each call gets ``timeout_s`` seconds.
+    def map(
+        self, fn: Callable[..., Any], args_list: Sequence[tuple], timeout_s: float, budget_s: float | None = None
+    ) -> list[TaskResult]:
+        """``[fn(*args) for args in args_list]`` as TaskResults, in order.
 
+        Each call gets ``timeout_s`` seconds from when a worker takes it. ``budget_s`` bounds the whole batch: calls
+        not finished ``budget_s`` seconds after a worker took the first one are "timeout"s and their workers are
+        killed (waiting for workers that are still starting, e.g. replacements of killed ones, is not charged).
         ``fn`` and the args must be picklable (a module-level function, not a lambda).
         """
         args_list = list(args_list)
         if not args_list:
             return []  # nothing to do: don't start workers for it
         with self._lock:
+            pool = self._running_pool()
+            results: list[TaskResult | None] = [None] * len(args_list)
+            todo = deque(range(len(args_list)))
+            # At most one call in flight per worker: pebble writes scheduled calls into its pipe at once, and a call
+            # cancelled there (at the budget) would still be taken later, and its worker killed then.
+            in_flight: dict[Future, int] = {}
+            deadline = None
             try:
-                return self._run(fn, args_list, timeout_s)
-            except BaseException:
-                # Interrupted (Ctrl-C, unpicklable task): busy workers would answer the next call with stale
-                # results, so kill them; they are replaced on the next call.
-                idle = []
-                for w in self._workers:
-                    if w.busy:
-                        w.kill()
-                    else:
-                        idle.append(w)
-                self._workers[:] = idle
-                raise
+                while todo or in_flight:
+                    while todo and len(in_flight) < self.num_workers:
+                        index = todo.popleft()
+                        in_flight[_schedule(pool, fn, args_list[index], timeout_s)] = index
+                    if deadline is None and budget_s is not None:
+                        _wait_until_taken(next(iter(in_flight)), self.startup_timeout_s)  # taken in order
+                        deadline = time.monotonic() + budget_s
+                    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    done, _ = wait(in_flight, timeout=timeout, return_when=FIRST_COMPLETED)
+                    if not done:
+                        break  # out of budget
+                    for future in done:
+                        results[in_flight.pop(future)] = _result(future)
+            finally:  # out of budget, or interrupted (Ctrl-C): nothing may keep running behind the caller's back
+                for future in in_flight:
+                    future.cancel()  # a running pebble task is cancelled by killing its worker
+            if in_flight or todo:
+                log.warning(
+                    "verifier batch budget of %g s ran out: %d of %d checks not finished score 0.0 "
+                    "(counted as timeouts; their workers are killed)",
+                    budget_s, len(in_flight) + len(todo), len(args_list),
+                )  # fmt: skip
+            if any(r is not None and r.message.startswith("BrokenProcessPool") for r in results):
+                self._discard()  # started again on the next call
+            return [_budget_result(budget_s) if r is None else r for r in results]
 
     def close(self) -> None:
         """Stop all workers (no zombies left). A later ``map`` starts fresh ones."""
         with self._lock:
-            self._finalizer()
-            self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
+            self._discard()
 
-    def _run(self, fn, args_list: list[tuple], timeout_s: float, until_ready: bool = False) -> list[TaskResult]:
-        results: list[TaskResult | None] = [None] * len(args_list)
-        todo = deque(range(len(args_list)))
-        while len(self._workers) < self.num_workers:
-            self._workers.append(self._new_worker())
-        while True:
-            for slot in range(len(self._workers)):
-                self._collect(slot, results)
-            now = time.monotonic()
-            for w in self._workers:
-                if w.ready and w.task is None and todo:
-                    task = todo.popleft()
-                    try:
-                        w.conn.send((fn, args_list[task]))
-                    except OSError:  # it died while idle: retry the task elsewhere; _collect replaces it
-                        todo.appendleft(task)
-                        continue
-                    w.task, w.deadline = task, now + timeout_s
-            running = [w for w in self._workers if w.task is not None]
-            starting = [w for w in self._workers if not w.ready]
-            if not todo and not running and not (until_ready and starting):
-                # Done. A replacement still starting finishes in the background; its "ready" waits in its pipe.
-                return results  # type: ignore[return-value]
-            watched = running + starting
-            if not watched:
-                continue  # a worker died idle just now: the next _collect replaces it
-            soonest = min(w.deadline for w in watched)
-            wait([w.conn for w in watched] + [w.process.sentinel for w in watched], timeout=max(0.0, soonest - now))
-
-    def _collect(self, slot: int, results: list[TaskResult | None]) -> None:
-        """Take a worker's reply if it has one; kill and replace it if it died or ran past its deadline."""
-        w = self._workers[slot]
-        try:
-            if w.conn.poll():
-                reply = w.conn.recv()
-                if reply == _READY:
-                    w.ready = True
-                else:
-                    results[w.task] = reply
-                    w.task = None
-                return
-            failure = None if w.process.is_alive() else "error"
-        except (EOFError, OSError):
-            failure = "error"  # the pipe closed: the worker died
-        if failure is None and w.busy and time.monotonic() > w.deadline:
-            failure = "timeout"
-        if failure is None:
-            return
-        exitcode = w.kill()
-        if not w.ready:
-            del self._workers[slot]
-            why = "timed out" if failure == "timeout" else f"exit code {exitcode}"
+    def _running_pool(self) -> ProcessPool:
+        if self._pool is not None and self._pool.active:
+            return self._pool
+        self._discard()
+        context = _CONTEXTS[self.start_method]()
+        if self.start_method == "forkserver":
+            # Only takes effect if the fork server is not running yet; each worker imports `preload` itself anyway.
+            context.set_forkserver_preload(list(_FORKSERVER_PRELOAD))
+        pool = ProcessPool(
+            self.num_workers, initializer=_start_worker, initargs=(self.preload, self.initializer), context=context
+        )
+        self._pool = pool
+        # Runs on close(), when this object is garbage-collected, or at interpreter exit, whichever comes first.
+        self._finalizer = weakref.finalize(self, _shut_down, pool)
+        probes = [pool.schedule(os.getpid) for _ in range(self.num_workers)]
+        done, _ = wait(probes, timeout=self.startup_timeout_s)
+        failure = next((f.exception() for f in done if f.exception() is not None), None)
+        if failure is not None or len(done) < len(probes):
+            self._discard()
+            why = f"{type(failure).__name__}: {failure}" if failure else f"not ready after {self.startup_timeout_s} s"
             raise RuntimeError(
                 f"a verifier worker failed to start ({why}); preload={self.preload}, "
                 f"start_method={self.start_method!r}: see its traceback above"
             )
-        if w.task is not None:
-            message = "killed at the deadline" if failure == "timeout" else f"worker died with exit code {exitcode}"
-            results[w.task] = TaskResult(failure, message=message)
-        self._workers[slot] = self._new_worker()
+        return pool
 
-    def _new_worker(self) -> _Worker:
-        ctx = multiprocessing.get_context(self.start_method)
-        if self.start_method == "forkserver":
-            # Only takes effect if the fork server is not running yet; each worker imports `preload` itself anyway.
-            ctx.set_forkserver_preload(list(_FORKSERVER_PRELOAD))
-        return _Worker(ctx, self.preload, self.initializer, self.startup_timeout_s)
+    def _discard(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()  # stops and reaps the workers; runs at most once
+        self._pool, self._finalizer = None, None
+
+
+def _schedule(pool: ProcessPool, fn: Callable[..., Any], args: tuple, timeout_s: float) -> Future:
+    try:
+        payload = pickle.dumps((fn, tuple(args)))
+    except Exception as e:  # this call can't be sent: it fails alone
+        future: Future = Future()
+        future.set_exception(e)
+        return future
+    return pool.schedule(_call_pickled, (payload,), timeout=timeout_s)
+
+
+def _wait_until_taken(future: Future, timeout_s: float) -> None:
+    """Return once a worker runs ``future``'s task (or it is done), or after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not (future.running() or future.done()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def _call_pickled(payload: bytes) -> Any:
+    """In a worker: unpickle one call and run it (so an unpicklable call is this task's error, not the worker's)."""
+    fn, args = pickle.loads(payload)
+    return fn(*args)
+
+
+def _result(future: Future) -> TaskResult:
+    error = future.exception()
+    if error is None:
+        return TaskResult("ok", future.result())
+    if isinstance(error, TimeoutError):  # pebble's deadline, or fn raised TimeoutError itself
+        message = "killed at the deadline" if error.args[:1] == ("Task timeout",) else f"TimeoutError: {error}"
+        return TaskResult("timeout", message=message[:500])
+    if isinstance(error, ProcessExpired):
+        return TaskResult("error", message=f"worker died with exit code {error.exitcode}")
+    return TaskResult("error", message=f"{type(error).__name__}: {error}"[:500])
+
+
+def _budget_result(budget_s: float | None) -> TaskResult:
+    return TaskResult("timeout", message=f"not finished within the batch budget of {budget_s:g} s")
+
+
+def _start_worker(preload: Sequence[str], initializer: Callable[[], Any] | None) -> None:
+    """pebble's worker initializer: SIGTERM ends the worker at once (see the module docstring), then warm up."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for module in preload:
+        importlib.import_module(module)
+    if initializer is not None:
+        initializer()
+
+
+def _shut_down(pool: ProcessPool) -> None:
+    pool.stop()
+    pool.join()  # joins pebble's threads; each worker is terminated and reaped
+
+
+# --- starting workers next to a __main__ they cannot import ---------------------------------------------------
+
+_MAIN_LOCK = threading.Lock()
+
+
+def main_is_importable() -> bool:
+    """True if a new worker process can import this program's ``__main__`` (a script file or ``python -m``).
+
+    False for a program read from standard input, ``python -c`` and interactive sessions (notebooks): functions
+    defined there cannot be sent to a worker process.
+    """
+    main = sys.modules.get("__main__")
+    if getattr(main, "__spec__", None) is not None:
+        return True
+    path = getattr(main, "__file__", None)
+    return path is not None and os.path.isfile(os.path.join(multiprocessing.process.ORIGINAL_DIR or "", path))
+
+
+@contextmanager
+def _unreadable_main_path_hidden() -> Iterator[None]:
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None or main_is_importable():
+        yield
+        return
+    with _MAIN_LOCK:  # several pools may start workers at once, from their pebble threads
+        del main.__file__
+        try:
+            yield
+        finally:
+            main.__file__ = path
+
+
+class _ForkServerProcess(multiprocessing.context.ForkServerProcess):
+    @staticmethod
+    def _Popen(process_obj):
+        with _unreadable_main_path_hidden():
+            return multiprocessing.context.ForkServerProcess._Popen(process_obj)
+
+
+class _SpawnProcess(multiprocessing.context.SpawnProcess):
+    @staticmethod
+    def _Popen(process_obj):
+        with _unreadable_main_path_hidden():
+            return multiprocessing.context.SpawnProcess._Popen(process_obj)
+
+
+class _ForkServerContext(multiprocessing.context.ForkServerContext):
+    Process = _ForkServerProcess
+
+
+class _SpawnContext(multiprocessing.context.SpawnContext):
+    Process = _SpawnProcess
+
+
+_CONTEXTS = {"forkserver": _ForkServerContext, "spawn": _SpawnContext}

@@ -12,12 +12,14 @@ Add a verifier without touching the trainer:
     class MyVerifier(Verifier): ...
 
 Then name it in a dataset's ``verifier`` column / the config, and ``build_verifier(name, **kwargs)`` builds it.
+From the command line, list the module that registers it under the config's top-level ``imports`` key
+(``python -m simko.train imports=[my_pkg.my_verifiers] ...``): it is imported before anything is built.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from simko.rewards.base import Verifier
 from simko.rewards.exact import ExactMatchVerifier
@@ -89,9 +91,7 @@ def score_batch(
     groups: dict[str, list[int]] = {}
     for i, name in enumerate(verifier_names):
         groups.setdefault(name, []).append(i)
-    unknown = sorted(set(groups) - set(VERIFIERS) - set(verifiers or {}))
-    if unknown:  # before scoring anything: a typo in a dataset column should fail the first step, loudly
-        raise ValueError(f"unknown verifier(s) {unknown}; registered verifiers: {', '.join(sorted(VERIFIERS))}")
+    check_verifier_names(groups, verifiers)  # before scoring anything
     scores = [0.0] * len(completions)
     for name, items in groups.items():
         verifier = verifiers[name] if verifiers and name in verifiers else shared_verifier(name)
@@ -99,6 +99,34 @@ def score_batch(
         for i, score in zip(items, group_scores):
             scores[i] = score
     return scores
+
+
+def check_verifier_names(names: Iterable[str], verifiers: Mapping[str, Verifier] | None = None) -> None:
+    """Raise ValueError unless every name is a registered verifier or a key of ``verifiers``.
+
+    The trainer calls it at start with the verifier names of the first train batch and of the val set, so a typo in
+    a dataset column, or a user verifier whose module was not imported, fails before the first step.
+    """
+    unknown = sorted(set(names) - set(VERIFIERS) - set(verifiers or {}))
+    if unknown:
+        known = sorted(set(VERIFIERS) | set(verifiers or {}))
+        raise ValueError(
+            f"unknown verifier(s) {unknown} named by the data; known verifiers: {', '.join(known)}. A verifier of "
+            "your own must be registered before the run starts: list the module that registers it under the "
+            "config key `imports` (e.g. imports=[my_pkg.my_verifiers]), or give an instance in module.verifiers"
+        )
+
+
+def final_answer(completion: str, verifier_name: str, verifiers: Mapping[str, Verifier] | None = None) -> str | None:
+    """The final answer of ``completion`` as the verifier ``verifier_name`` reads it (what it compares; None: none).
+
+    ``verifiers`` as in ``score_batch``: an instance there is asked, else the shared default instance.
+    """
+    verifier = verifiers[verifier_name] if verifiers and verifier_name in verifiers else None
+    if verifier is None:
+        check_verifier_names([verifier_name])
+        verifier = shared_verifier(verifier_name)
+    return verifier.final_answer(completion)
 
 
 def shared_verifier(name: str) -> Verifier:
