@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import copy
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
-from helpers import digit_tokenizer, random_qwen2
+from helpers import digit_tokenizer, fit_in_process, random_qwen2
 from simko.engines import HFEngine, register_engine
 from simko.forward import rollout_token_stats
 from simko.losses import build_loss
@@ -131,8 +130,6 @@ class WeightRecorder(HFEngine):
 
 
 def test_the_engine_receives_merged_weights_that_follow_the_update(tmp_path):
-    from simko.data import ArithmeticSource, PromptDataModule
-
     base, model = _lora_model(perturb=False)
     module = RLVRModule(
         model,
@@ -145,13 +142,8 @@ def test_the_engine_receives_merged_weights_that_follow_the_update(tmp_path):
         verifier=lambda completions, answers, names: [float(len(c) % 2) for c in completions],
         diagnostics_top_k=0,
     )
-    data = PromptDataModule(ArithmeticSource(seed=0, split="train"), prompts_per_step=3, prompt_template="{question}=",
-                            use_chat_template=False, tokenizer=TOK)  # fmt: skip
     WeightRecorder.received = []
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         default_root_dir=tmp_path)  # fmt: skip
-    trainer.fit(module, datamodule=data)
+    fit_in_process(module, tmp_path, max_steps=2, prompts_per_step=3)
     received = WeightRecorder.received
     assert len(received) == 4  # construction, fit start, after each of the 2 RL steps
     names = list(base.state_dict())

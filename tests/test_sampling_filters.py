@@ -7,12 +7,11 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 
-import lightning.pytorch as pl
 import pandas as pd
 import pytest
 import torch
 
-from helpers import digit_tokenizer, random_qwen2
+from helpers import digit_tokenizer, fit_in_process, random_qwen2
 from simko.forward import rollout_token_stats
 from simko.losses import build_loss
 from simko.module import RLVRModule
@@ -328,8 +327,6 @@ def test_refill_stream_is_a_pure_function_of_seed_step_round(kind):
 def _train(tmp_path, steps=2, **module_kw):
     from lightning.pytorch.loggers import CSVLogger
 
-    from simko.data import ArithmeticSource, PromptDataModule
-
     tok, model = TOK, random_qwen2(seed=1)
     generated = []
 
@@ -350,25 +347,7 @@ def _train(tmp_path, steps=2, **module_kw):
         diagnostics_top_k=0,
         **module_kw,
     )
-    data = PromptDataModule(
-        ArithmeticSource(seed=0, split="train"),
-        prompts_per_step=4,
-        prompt_template="{question}=",
-        use_chat_template=False,
-        tokenizer=tok,
-    )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        log_every_n_steps=1,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, datamodule=data)
+    fit_in_process(module, tmp_path, steps, prompts_per_step=4, logger=CSVLogger(tmp_path))
     frame = pd.read_csv(next(tmp_path.rglob("metrics.csv")))
     return frame[frame["train/reward"].notna()].reset_index(drop=True), copy.deepcopy(model.state_dict()), generated
 

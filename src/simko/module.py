@@ -1,6 +1,7 @@
 """The RLVR LightningModule: one ``training_step`` is one RL step.
 
-    prompts -> G rollouts each (the rollout engine, ``rollout.engine``) -> verifier rewards -> group advantages
+    prompts -> G rollouts each (the rollout engine, ``rollout.engine``) -> verifier rewards -> the trained batch
+    (simko.sampling_filters: dynamic sampling, truncation masks, overlong penalty) -> group advantages
     -> ppo_epochs x mini-batches of optimizer updates (simko.update) -> sync the engine's weights
 
 Optimization is manual: one RL step makes ``ppo_epochs * num_mini_batches`` optimizer steps, so Lightning's
