@@ -87,6 +87,7 @@ def main() -> None:
                     f"experiment=toy_{loss}",
                     f"seed={seed}",
                     f"hydra.run.dir={run_dir}",
+                    "ckpt_path=last",  # a run killed earlier continues in its folder (a new one just starts)
                     "callbacks.progress=null",
                     *train_extra,
                 )

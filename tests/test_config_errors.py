@@ -33,6 +33,12 @@ UNTRAINED_TINY = [
         (["rollout.group_size=1"], "rollout.group_size=1: must be an integer >= 2"),
         (["rollout.engine=nope"], "unknown rollout engine 'nope' (rollout.engine); available: hf"),
         (["module.micro_batch_size=0"], "micro_batch_size must be >= 1"),
+        (["trainer.max_steps=2"], "Set rl_steps=2 instead"),
+        (["rl_steps=0"], "rl_steps (the run length in RL steps) must be an integer >= 1"),
+        (
+            ["data.prompts_per_step=4", "module.num_mini_batches=8"],
+            "module.num_mini_batches=8 is larger than the 4 prompt groups",
+        ),
     ],
 )
 def test_bad_config_fails_at_start_with_a_clear_message(compose_train, overrides, message):

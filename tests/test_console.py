@@ -211,10 +211,10 @@ def test_run_logs_config_and_samples_everywhere_with_an_rl_step_bar(console_cach
     assert str(run_dir / "checkpoints" / "last.ckpt") in out
     for noise in NOISE:
         assert noise not in out, noise
-    # resumed at step 1: the bar counts on from there
-    ckpt = run_dir / "checkpoints" / "step000001.ckpt"
-    proc = run("simko.train", *_args(console_cache, tmp_path, "resumed", f"ckpt_path={ckpt}"))
-    assert re.search(r"RL step +\S+ 2/2", proc.stdout + proc.stderr), proc.stdout[-2000:]
+    # continued from step 2 (last.ckpt, the full state) to step 3: the bar counts on from there
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    proc = run("simko.train", *_args(console_cache, tmp_path, "resumed", f"ckpt_path={ckpt}", "rl_steps=3"))
+    assert re.search(r"RL step +\S+ 3/3", proc.stdout + proc.stderr), proc.stdout[-2000:]
 
 
 @pytest.mark.integration
@@ -276,7 +276,7 @@ def test_wandb_offline_run_holds_config_name_group_tags_and_samples(console_cach
         if not a.startswith("hydra.run")
     ]
     sweep = tmp_path / "sweep"
-    run("simko.train", "-m", "seed=3", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=0", *args)
+    run("simko.train", "-m", "seed=3", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}", *args)
     (run_file,) = (sweep / "0" / "wandb").glob("offline-run-*/run-*.wandb")
     records = list(_wandb_records(run_file))
     (meta,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]

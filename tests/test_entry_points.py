@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from helpers import loss_configs
+from simko.checkpointing import read_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -71,9 +72,15 @@ def metrics(run_dir: Path) -> pd.DataFrame:
 
 
 def test_train_grpo_writes_metrics_and_checkpoints(train_args, tmp_path):
-    run("simko.train", *train_args("grpo", "loss=grpo", "rl_steps=3"))
+    run("simko.train", *train_args("grpo", "loss=grpo", "rl_steps=3", "logger=many"))
     frame = metrics(tmp_path / "grpo")
     assert list(frame.index) == [1.0, 2.0, 3.0]
+    # One row per RL step (0: validate_first); validation (every 2 steps in debug=fast) on the row of its step.
+    raw = pd.read_csv(tmp_path / "grpo" / "csv" / "metrics.csv")
+    assert list(raw["step"]) == [0, 1, 2, 3]
+    assert list(raw["step"][raw["val/pass@1"].notna()]) == [0, 2]
+    assert (raw["train/rl_step"].dropna() == raw["step"][1:]).all() and raw["train/lr"][1:].notna().all()
+    assert len(list((tmp_path / "grpo" / "tensorboard").glob("events.out.tfevents.*"))) == 1
     for col in (
         "train/reward",
         "train/policy_loss",
@@ -92,24 +99,30 @@ def test_train_grpo_writes_metrics_and_checkpoints(train_args, tmp_path):
     ):
         assert col in frame and frame[col].notna().all(), col
     assert ((frame["train/reward"] >= 0) & (frame["train/reward"] <= 1)).all()
-    ckpts = sorted(p.name for p in (tmp_path / "grpo" / "checkpoints").glob("*.ckpt"))
+    ckpts = sorted(p.name for p in (tmp_path / "grpo" / "checkpoints").iterdir())
     assert ckpts == ["last.ckpt", "step000001.ckpt", "step000002.ckpt", "step000003.ckpt"]
+    last = read_checkpoint(tmp_path / "grpo" / "checkpoints" / "last.ckpt")
+    snapshot = read_checkpoint(tmp_path / "grpo" / "checkpoints" / "step000003.ckpt")
+    assert last["rl_step"] == snapshot["rl_step"] == 3 and "optimizer_states" in last
+    assert "optimizer_states" not in snapshot  # weights only
+    assert all(torch.equal(last["state_dict"][k], v) for k, v in snapshot["state_dict"].items())
     val = pd.read_csv(tmp_path / "grpo" / "csv" / "metrics.csv")
     assert val["val/pass@1"].notna().any() and val["val/pass@2"].notna().any()
 
 
 def test_resume_continues_exactly(train_args, tmp_path):
-    """Resume from step 2 of 4: steps 3-4 and the final weights equal the uninterrupted run's."""
+    """Resume from step 2 of 4 into a new folder (a branch): steps 3-4 and the final weights equal the
+    uninterrupted run's. (Continuing a killed run in its own folder: tests/test_runs.py.)"""
     run("simko.train", *train_args("full", "rl_steps=4"))
     run("simko.train", *train_args("first", "rl_steps=2"))
-    ckpt = tmp_path / "first" / "checkpoints" / "step000002.ckpt"
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
     run("simko.train", *train_args("resumed", "rl_steps=4", f"ckpt_path={ckpt}"))
     full, resumed = metrics(tmp_path / "full"), metrics(tmp_path / "resumed")
     assert list(resumed.index) == [3.0, 4.0]
     cols = ["train/reward", "train/loss", "train/grad_norm", "train/response_len"]
     pd.testing.assert_frame_equal(full.loc[[3.0, 4.0], cols], resumed[cols], rtol=1e-5)
-    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    a = read_checkpoint(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    b = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 4 and b["rl_step"] == 4
     for key in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=1e-5, atol=1e-6)
@@ -124,8 +137,8 @@ def test_train_two_cpu_processes_ddp_equals_fsdp2(train_args, tmp_path):
         assert list(metrics(tmp_path / trainer).index) == [1.0, 2.0]
     cols = ["train/reward", "train/loss", "train/grad_norm", "train/response_len", "diag/p_rank1"]
     pd.testing.assert_frame_equal(metrics(tmp_path / "ddp")[cols], metrics(tmp_path / "fsdp2")[cols], rtol=1e-4)
-    a = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    b = torch.load(tmp_path / "fsdp2" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    a = read_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.ckpt")["state_dict"]
+    b = read_checkpoint(tmp_path / "fsdp2" / "checkpoints" / "last.ckpt")["state_dict"]
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
@@ -179,7 +192,7 @@ def test_eval_bad_knob_is_one_message(tmp_path, cache_dir):
 
 def test_eval_writes_table_csv_and_plot(train_args, tmp_path, cache_dir):
     run("simko.train", *train_args("tr", "rl_steps=1"))
-    ckpt = tmp_path / "tr" / "checkpoints" / "last.ckpt"
+    ckpt = tmp_path / "tr" / "checkpoints" / "step000001.ckpt"  # a weights-only snapshot (last.ckpt: reproduce test)
     out = tmp_path / "ev"
     run(
         "simko.eval",

@@ -2,6 +2,8 @@
 
 The configs are a top-level folder of the repository (``configs/``), next to ``src/``; the package is installed
 editable (``pip install -e .``). ``SIMKO_CONFIG_DIR`` points elsewhere, e.g. at a copy with your own groups.
+
+It also registers the ``${simko_run_id:}`` resolver that names the default run folders (``configs/hydra``).
 """
 
 from __future__ import annotations
@@ -9,13 +11,23 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 PROJECT_ROOT = Path(os.environ.get("PROJECT_ROOT", Path(__file__).resolve().parents[2]))
 CONFIG_DIR = Path(os.environ.get("SIMKO_CONFIG_DIR", PROJECT_ROOT / "configs"))
 
 # ${oc.env:PROJECT_ROOT} in configs/paths/default.yaml resolves to the repository root unless the user set it.
 os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
+
+# The default run folder name: date, time to the millisecond and the process id, fixed once per process. Two runs
+# started in the same second (or millisecond) get different folders; the run-dir guard (simko.runs) refuses a
+# folder another run already owns in any case.
+_now = datetime.now()
+RUN_ID = f"{_now:%Y-%m-%d_%H-%M-%S}-{_now.microsecond // 1000:03d}_{os.getpid()}"
+OmegaConf.register_new_resolver("simko_run_id", lambda: RUN_ID, replace=True)
 
 
 def check_config_dir() -> str:

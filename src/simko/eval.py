@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from simko.checkpointing import CheckpointError, policy_state_dict, read_checkpoint  # noqa: E402
 from simko.checks import ConfigError, build_data, check_against_model, check_eval_config  # noqa: E402
 from simko.config import check_config_dir, import_modules  # noqa: E402
 from simko.console import progress_bar  # noqa: E402
@@ -47,23 +48,14 @@ log = logging.getLogger(__name__)
 
 
 def load_checkpoint_into(policy: torch.nn.Module, ckpt_path: str) -> None:
-    """Load the policy weights of a Lightning checkpoint written by ``simko.train``."""
+    """Load the policy weights of a checkpoint written by ``simko.train`` (``last.ckpt`` or a weights-only
+    ``stepNNNNNN.ckpt``), weights-only: a file that would execute code when unpickled is refused, not run."""
     path = Path(ckpt_path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (ckpt_path=...)")
-    if path.is_dir():
-        raise ValueError(
-            f"checkpoint {path} is a directory (a distributed checkpoint); train with "
-            "trainer.strategy.save_distributed_checkpoint=false or consolidate it first"
-        )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     if checkpoint.get("lora"):  # a LoRA run's checkpoint: its adapter config and weights, merged into the base
         load_adapter_checkpoint(policy, checkpoint, f"checkpoint {path}")
         return
-    state = checkpoint["state_dict"]
-    policy_state = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
-    if not policy_state:
-        raise ValueError(f"checkpoint {path} holds no 'policy.*' weights: not written by simko.train?")
+    policy_state = policy_state_dict(checkpoint, path)
     missing, unexpected = policy.load_state_dict(policy_state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
     if missing or unexpected:
@@ -185,6 +177,8 @@ def main(cfg: DictConfig) -> None:
     try:
         summary = evaluate(cfg, out_dir)
     except ConfigError as err:  # a bad knob or bad data, found at start: one message, no traceback
+        exit_with_config_error(err)
+    except CheckpointError as err:  # unreadable, truncated or untrusted: one message naming the file
         exit_with_config_error(err)
     table = "  ".join(f"pass@{k}={v:.3f}" for k, v in summary["pass_at_k"].items())
     log.info("%d problems x n=%d: %s  maj@n=%.3f", summary["num_problems"], summary["n"], table, summary["maj@n"])

@@ -2,16 +2,23 @@
 
 Everything is built from ``configs/train.yaml`` with ``hydra.utils.instantiate``:
 
-    python -m simko.train loss=simko data=arithmetic trainer.max_steps=20
+    python -m simko.train loss=simko data=arithmetic rl_steps=20
     python -m simko.train -m loss=grpo,simko seed=0,1,2
+    python -m simko.train hydra.run.dir=logs/train/runs/<run> ckpt_path=last     # continue that run
+
+The run length is ``rl_steps`` (RL steps); ``trainer.max_steps`` (Lightning's count of optimizer updates) is set
+from it and refused when given. A run writes only into its own folder (``simko.runs``); checkpoints are atomic and
+loaded weights-only (``simko.checkpointing``); metrics are one row per RL step (``simko.steplog``).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
-import warnings
+from contextlib import contextmanager
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -21,19 +28,25 @@ from hydra.errors import InstantiationException  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
+from simko.checkpointing import (  # noqa: E402
+    checkpoint_step,
+    install_atomic_checkpoint_io,
+    read_checkpoint,
+)
 from simko.checks import build_data, build_loss, check_against_model, check_train_config, check_world_size  # noqa: E402
 from simko.config import check_config_dir, import_modules  # noqa: E402
 from simko.console import progress_bar_enabled, quiet_library_warnings  # noqa: E402
 from simko.logging_utils import log_run_outputs, log_run_start  # noqa: E402
 from simko.models.lora import load_model  # noqa: E402
 from simko.rewards import check_verifier_names  # noqa: E402
+from simko.runs import resolve_ckpt_path  # noqa: E402
+from simko.steplog import RLStepLogging  # noqa: E402
 
 log = logging.getLogger(__name__)
-# One RL step = several manual optimizer steps; checkpoints are taken after the step, which is what we want.
-warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
 quiet_library_warnings()
 
-# Errors a bad config or bad input raises while the run is being built: reported as one message, no traceback.
+# Errors a bad config or bad input raises while the run is being built (a CheckpointError is a ValueError):
+# reported as one message, no traceback.
 CONFIG_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, InstantiationException)
 
 
@@ -43,7 +56,7 @@ def exit_with_config_error(err: BaseException) -> None:
     raise SystemExit(2)
 
 
-def build(cfg: DictConfig):
+def build(cfg: DictConfig, resume_step: int | None = None):
     """Instantiate model, loss, data, module and trainer from a composed config."""
     import_modules(cfg.get("imports"))  # user modules (e.g. verifiers) before anything is built
     L.seed_everything(cfg.seed, workers=True)
@@ -56,31 +69,106 @@ def build(cfg: DictConfig):
     module = instantiate(cfg.module, policy=policy, tokenizer=tokenizer, loss=loss, **cfg.rollout)
     examples = datamodule.examples_for_step(0, rank=0, world_size=1) + datamodule.val_examples(rank=0, world_size=1)
     check_verifier_names([ex["verifier"] for ex in examples], module.verifiers)  # a typo fails now, not at step 1
-    if cfg.get("rl_steps"):
-        with open_dict(cfg):  # Lightning counts optimizer updates; an RL step makes several
-            cfg.trainer.max_steps = int(cfg.rl_steps) * module.ppo_epochs * module.num_mini_batches
+    set_run_length(cfg, module)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    callbacks.append(RLStepLogging())  # every logger indexes by RL step; train/lr on the step's row
+    loggers = build_loggers(cfg, resume_step)
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
         enable_progress_bar=progress_bar_enabled(cfg.trainer, callbacks),
     )
+    install_atomic_checkpoint_io(trainer)
+    check_mini_batches(module, datamodule, trainer.world_size)
     check_world_size(datamodule, trainer.world_size)  # here, before DDP starts its processes
     return module, datamodule, trainer
 
 
+def set_run_length(cfg: DictConfig, module) -> None:
+    """``rl_steps`` is the run length; Lightning's ``max_steps`` (optimizer updates) is derived from it."""
+    rl_steps = cfg.get("rl_steps")
+    if isinstance(rl_steps, bool) or not isinstance(rl_steps, int) or rl_steps < 1:
+        raise ValueError(f"rl_steps (the run length in RL steps) must be an integer >= 1, got {rl_steps!r}")
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if max_steps not in (None, -1):
+        raise ValueError(
+            f"trainer.max_steps={max_steps} is not how the run length is set here: Lightning counts optimizer "
+            f"updates ({module.ppo_epochs * module.num_mini_batches} per RL step with module.ppo_epochs="
+            f"{module.ppo_epochs} x module.num_mini_batches={module.num_mini_batches}) and train.py derives it "
+            f"from rl_steps. Set rl_steps={max_steps} instead."
+        )
+    with open_dict(cfg):
+        cfg.trainer.max_steps = rl_steps * module.ppo_epochs * module.num_mini_batches
+
+
+def check_mini_batches(module, datamodule, world_size: int) -> None:
+    """Every mini-batch needs a prompt group; with fewer groups an RL step would make fewer updates than
+    ``num_mini_batches`` and the run would go on for more RL steps than ``rl_steps``."""
+    groups = datamodule.prompts_per_step // max(world_size, 1)
+    if module.num_mini_batches > groups:
+        raise ValueError(
+            f"module.num_mini_batches={module.num_mini_batches} is larger than the {groups} prompt groups each "
+            f"process gets per RL step (data.prompts_per_step={datamodule.prompts_per_step} over {world_size} "
+            f"process(es)): every mini-batch needs at least one group. Use module.num_mini_batches <= {groups}."
+        )
+
+
+def build_loggers(cfg: DictConfig, resume_step: int | None) -> list:
+    loggers = []
+    for conf in (cfg.get("logger") or {}).values():
+        if conf is None:
+            continue
+        extra = {}
+        if resume_step is not None and str(conf.get("_target_", "")).endswith("TensorBoardLogger"):
+            extra["purge_step"] = resume_step + 1  # TensorBoard drops what a killed attempt logged after it
+        loggers.append(instantiate(conf, **extra))
+    return loggers
+
+
+def resume_checkpoint(cfg: DictConfig) -> tuple[Path | None, int | None]:
+    """The checkpoint this run resumes from (``ckpt_path``; ``last`` = this run folder's) and its RL step.
+
+    Read weights-only first, so a truncated, empty, foreign or malicious file fails here with one message naming
+    it, before anything is built.
+    """
+    path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    if path is None:
+        return None, None
+    return path, checkpoint_step(read_checkpoint(path))
+
+
+@contextmanager
+def loggers_kept_open(trainer):
+    """``trainer.validate`` finalizes the loggers at its end, and TensorBoard then starts a second event file for
+    ``fit``; keep them open (flushed) across ``validate_first``, so a run has one."""
+    for logger in trainer.loggers:
+        logger.finalize = lambda status, logger=logger: logger.save()
+    try:
+        yield
+    finally:
+        for logger in trainer.loggers:
+            del logger.finalize
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     try:
-        module, datamodule, trainer = build(cfg)
+        ckpt, resume_step = resume_checkpoint(cfg)
+        module, datamodule, trainer = build(cfg, resume_step)
     except CONFIG_ERRORS as err:
         exit_with_config_error(err)
     log_run_start(trainer, cfg)  # the resolved config to every logger; one line on the console
-    if cfg.get("validate_first") and not cfg.get("ckpt_path"):
-        # the starting point of the val/* curves (step 0); the progress bar logs the result in one line
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        if cfg.get("validate_first") and ckpt is None:
+            # the starting point of the val/* curves (step 0); the progress bar logs the result in one line
+            with loggers_kept_open(trainer):
+                trainer.validate(module, datamodule=datamodule, verbose=False)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        print(f"error: the disk is full: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     log_run_outputs(trainer, cfg)  # where the run dir, the last checkpoint and the metrics are
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 

@@ -1,0 +1,313 @@
+"""Run folders, resume and failure behaviour of ``python -m simko.train`` / ``simko.eval`` (subprocesses), and the
+pieces behind them (run-dir claims, the per-step metrics file) in-process."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from simko.checkpointing import CheckpointError, read_checkpoint
+from simko.runs import MARKER, RunClaim, RunDirError, plan_run
+from simko.steplog import StepCSVLogger, supersede_rows_after
+from test_checkpointing import bad_files, write_malicious
+from test_entry_points import SMALL_TINY, metrics, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def args(cache, tmp_path):
+    def make(run_dir: str | None, *extra: str) -> list[str]:
+        out = ["debug=fast", f"paths.cache_dir={cache}", f"paths.log_dir={tmp_path}", "callbacks.progress=null"]
+        if run_dir is not None:
+            out.append(f"hydra.run.dir={tmp_path / run_dir}")
+        return [*out, *SMALL_TINY, *extra]
+
+    return make
+
+
+def refused(proc, *needles: str) -> None:
+    """A start-up refusal: non-zero exit, one readable message with every needle, no traceback."""
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def start_paused(cmd_args: list[str], point: str, log: Path) -> None:
+    """Run simko.train until it pauses at ``point`` (simko.faults), then SIGKILL it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", SIMKO_PAUSE_AT=point)
+    with open(log, "w") as out:
+        cmd = [sys.executable, "-m", "simko.train", *cmd_args]
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.PIPE, text=True)
+        try:
+            for line in proc.stderr:
+                out.write(line)
+                if line.startswith("SIMKO-PAUSE"):
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            proc.wait(timeout=600)
+        finally:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------------- run folders
+
+
+@pytest.mark.integration
+def test_a_second_run_into_the_same_folder_is_refused(args, tmp_path):
+    run("simko.train", *args("shared", "rl_steps=2"))
+    folder = tmp_path / "shared"
+    config = (folder / ".hydra" / "config.yaml").read_bytes()
+    rows = (folder / "csv" / "metrics.csv").read_bytes()
+    ckpts = sorted(p.name for p in (folder / "checkpoints").iterdir())
+    proc = run("simko.train", *args("shared", "rl_steps=3", "seed=1"), check=False)
+    refused(proc, str(folder), "belongs to another run", "ckpt_path=last")
+    assert (folder / ".hydra" / "config.yaml").read_bytes() == config  # Hydra never got to overwrite it
+    assert (folder / "csv" / "metrics.csv").read_bytes() == rows
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ckpts
+
+
+@pytest.mark.integration
+def test_sweep_folders_are_claimed_too(args, tmp_path):
+    sweep = ["-m", "loss.name=bogus", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    common = [a for a in args(None) if not a.startswith("hydra.run.dir")]
+    first = run("simko.train", *sweep, *common, check=False)
+    assert (tmp_path / "sweep" / MARKER).is_file(), first.stderr[-2000:]
+    refused(run("simko.train", *sweep, *common, check=False), str(tmp_path / "sweep"), "belongs to another run")
+    shared_subdir = [*sweep[:2], f"hydra.sweep.dir={tmp_path / 's2'}", "hydra.sweep.subdir=x"]
+    one_folder = run("simko.train", *shared_subdir, *common, check=False)
+    refused(one_folder, "hydra.sweep.subdir", "hydra.job.num")
+
+
+def test_default_run_folder_names_are_unique_per_process():
+    """The default run (and sweep) folder is date_time-milliseconds_pid: two runs started in the same second get
+    different folders (it was date_time, and two such runs shared one)."""
+    from hydra import compose, initialize_config_dir
+
+    from simko.config import RUN_ID
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True)
+    assert str(cfg.hydra.run.dir).endswith(f"/train/runs/{RUN_ID}")
+    assert str(cfg.hydra.sweep.dir).endswith(f"/train/multiruns/{RUN_ID}")
+    date, clock, pid = RUN_ID.split("_")
+    assert pid == str(os.getpid()) and len(clock.split("-")) == 4  # hours-minutes-seconds-milliseconds
+
+
+def test_run_folder_claims(tmp_path):
+    first = RunClaim(tmp_path / "a")
+    with pytest.raises(RunDirError, match="in use by another running process"):
+        RunClaim(tmp_path / "a")  # the lock is held while the first run lives
+    first.release()
+    with pytest.raises(RunDirError, match="belongs to another run"):
+        RunClaim(tmp_path / "a")
+    RunClaim(tmp_path / "a", continue_run=True).release()  # its own resume may continue it
+    info = json.loads((tmp_path / "a" / MARKER).read_text())
+    assert len(info["attempts"]) == 2
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("someone else's")
+    with pytest.raises(RunDirError, match="notes.txt"):
+        RunClaim(tmp_path / "b")
+    with pytest.raises(RunDirError, match="not a simko run folder"):
+        RunClaim(tmp_path / "b", continue_run=True)
+
+
+def fake_run(folder: Path, *steps: int, weights_only_step: int | None = None) -> None:
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / MARKER).write_text(json.dumps({"created": "x", "attempts": []}))
+    for step in steps:
+        state = {"state_dict": {"policy.w": torch.ones(1)}, "rl_step": step, "optimizer_states": [{}]}
+        name = "last.ckpt" if step == max(steps) else f"step{step:06d}.ckpt"
+        torch.save(state, folder / "checkpoints" / name)
+    if weights_only_step is not None:
+        torch.save(
+            {"state_dict": {"policy.w": torch.ones(1)}, "rl_step": weights_only_step},
+            folder / "checkpoints" / f"step{weights_only_step:06d}.ckpt",
+        )
+
+
+def test_resume_plans(tmp_path):
+    run_dir = tmp_path / "r"
+    fake_run(run_dir, 2, 4, weights_only_step=3)
+    plan = plan_run(tmp_path / "default", str(run_dir / "checkpoints" / "last.ckpt"), run_dir_given=False)
+    assert plan.run_dir == run_dir and plan.continue_run and plan.resume_step == 4  # continues in its own folder
+    plan = plan_run(run_dir, "last", run_dir_given=True)
+    assert plan.continue_run and plan.resume_step == 4
+    plan = plan_run(tmp_path / "branch", str(run_dir / "checkpoints" / "step000002.ckpt"), run_dir_given=True)
+    assert plan.run_dir == tmp_path / "branch" and not plan.continue_run  # a new run from that state
+    with pytest.raises(RunDirError, match="rewind"):
+        plan_run(tmp_path / "default", str(run_dir / "checkpoints" / "step000002.ckpt"), run_dir_given=False)
+    with pytest.raises(CheckpointError, match="weights only"):
+        plan_run(tmp_path / "x", str(run_dir / "checkpoints" / "step000003.ckpt"), run_dir_given=True)
+    with pytest.raises(RunDirError, match="hydra.run.dir"):
+        plan_run(tmp_path / "default", "last", run_dir_given=False)
+    assert not plan_run(tmp_path / "new", "last", run_dir_given=True).continue_run  # nothing to continue yet
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+
+
+@pytest.mark.integration
+def test_killed_run_resumes_in_its_own_folder_exactly(args, tmp_path):
+    """Kill a 4-step run just before its last.ckpt (taken at step 4) replaces the one of step 2, after rows 3-4 were
+    written; resume it by naming its last.ckpt: it continues in the same folder, rows 3-4 move to csv/superseded/,
+    steps 3-4 are recomputed, and rows and weights equal an uninterrupted run's."""
+    every = "callbacks.model_checkpoint.last_every_n_steps=2"
+    run("simko.train", *args("full", "rl_steps=4", every))
+    start_paused(args("killed", "rl_steps=4", every, "logger=many"), "checkpoint.commit@2", tmp_path / "killed.log")
+    folder = tmp_path / "killed"
+    assert read_checkpoint(folder / "checkpoints" / "last.ckpt")["rl_step"] == 2
+    first_config = (folder / ".hydra" / "config.yaml").read_bytes()
+
+    resume = [*args(None, "rl_steps=4", every, "logger=many"), f"ckpt_path={folder / 'checkpoints' / 'last.ckpt'}"]
+    run("simko.train", *resume)
+    assert not (tmp_path / "debug").exists()  # no second folder
+    full, resumed = metrics(tmp_path / "full"), metrics(folder)
+    assert list(resumed.index) == [1.0, 2.0, 3.0, 4.0]
+    raw = pd.read_csv(folder / "csv" / "metrics.csv")
+    assert list(raw["step"]) == [0, 1, 2, 3, 4]  # one row per step, the killed attempt's 3-4 replaced
+    cols = [c for c in full.columns if not c.startswith("time/")]
+    pd.testing.assert_frame_equal(full[cols], resumed[cols], check_exact=True)
+    aside = list((folder / "csv" / "superseded").iterdir())
+    assert len(aside) == 1 and list(pd.read_csv(aside[0])["step"]) == [3, 4]
+    names = sorted(p.name for p in (folder / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step000001.ckpt", "step000002.ckpt", "step000003.ckpt", "step000004.ckpt"]
+    a = read_checkpoint(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    b = read_checkpoint(folder / "checkpoints" / "last.ckpt")
+    assert b["rl_step"] == 4 and all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert (folder / ".hydra" / "config.yaml").read_bytes() == first_config
+    assert len(list((folder / ".hydra").glob("resume-*/config.yaml"))) == 1
+    # TensorBoard: the resumed attempt purges what the killed one logged after step 2: one curve, each step once.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tensorboard")).Reload()
+    reward = [(e.step, e.value) for e in events.Scalars("train/reward")]
+    assert [step for step, _ in reward] == [1, 2, 3, 4]
+    assert [value for _, value in reward] == pytest.approx(list(full["train/reward"]), abs=1e-7)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["truncated", "malicious"])  # every kind in-process: test_checkpointing.py
+def test_resume_from_a_bad_checkpoint_fails_with_one_message(args, tmp_path, kind):
+    marker = tmp_path / "PWNED"
+    path = write_malicious(tmp_path / "evil.ckpt", marker) if kind == "malicious" else bad_files(tmp_path)[kind]
+    proc = run("simko.train", *args("resume_bad", "rl_steps=2", f"ckpt_path={path}"), check=False, timeout=300)
+    refused(proc, f"checkpoint {path}")
+    assert "weights_only=False" not in proc.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.integration
+def test_eval_of_a_malicious_checkpoint_runs_nothing(tmp_path, cache):
+    marker = tmp_path / "PWNED"
+    path = write_malicious(tmp_path / "evil.ckpt", marker)
+    proc = run(
+        "simko.eval",
+        f"ckpt_path={path}",
+        "eval.n=2",
+        "eval.limit=2",
+        f"paths.cache_dir={cache}",
+        f"hydra.run.dir={tmp_path / 'ev'}",
+        *SMALL_TINY,
+        check=False,
+        timeout=300,
+    )
+    assert not marker.exists()
+    refused(proc, f"checkpoint {path}", "execute code")
+
+
+# ---------------------------------------------------------------------------------------------------- full disk
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    size_kb = 2600
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()}); the in-process ENOSPC tests cover it")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.integration
+def test_full_disk_keeps_the_last_checkpoint_and_earlier_rows(args, tmp_path, small_tmpfs):
+    """A real full disk (a 2.6 MB tmpfs as the run folder): the run stops with one message, last.ckpt is a complete
+    checkpoint, metrics.csv holds every step up to it, and no temporary file is left."""
+    folder = small_tmpfs / "run"
+    overrides = [a for a in args(None, "rl_steps=30") if not a.startswith("hydra.run.dir")]
+    proc = run("simko.train", *overrides, f"hydra.run.dir={folder}", check=False, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "disk is full" in proc.stderr and "No space left" in proc.stderr, proc.stderr[-3000:]
+    last = read_checkpoint(folder / "checkpoints" / "last.ckpt")
+    lines = (folder / "csv" / "metrics.csv").read_text().splitlines(keepends=True)
+    complete = [line for line in lines if line.endswith("\n")]
+    steps = [int(r["step"]) for r in csv.DictReader(complete)]
+    assert steps == list(range(len(steps))) and steps[-1] >= last["rl_step"] >= 1
+    assert not [p for p in folder.rglob(".*") if ".simko-tmp-" in p.name]
+    for ckpt in (folder / "checkpoints").glob("*.ckpt"):  # every checkpoint file there is complete
+        read_checkpoint(ckpt)
+
+
+def test_metrics_rows_survive_a_failed_append(tmp_path, monkeypatch):
+    """ENOSPC simulated in-process on a row append: the rows written before are intact."""
+    logger = StepCSVLogger(tmp_path, name="csv", version="")
+    for step in range(3):
+        logger.log_metrics({"train/reward": 0.5 + step}, step)
+    logger.flush_rows()
+    before = (tmp_path / "csv" / "metrics.csv").read_text()
+    logger.log_metrics({"train/reward": 9.0}, 3)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        logger.flush_rows()
+    monkeypatch.undo()
+    assert (tmp_path / "csv" / "metrics.csv").read_text().startswith(before)
+    assert list(pd.read_csv(tmp_path / "csv" / "metrics.csv")["step"])[:3] == [0, 1, 2]
+
+
+def test_one_row_per_step_and_superseded_rows(tmp_path):
+    logger = StepCSVLogger(tmp_path, name="csv", version="")
+    logger.log_metrics({"val/pass@1": 0.25}, 0)
+    logger.log_metrics({"train/reward": 0.5, "train/lr": 1e-5}, 1)
+    logger.save()  # step 0 is over: written; step 1 may still get validation metrics
+    logger.log_metrics({"val/pass@1": 0.5}, 1)
+    logger.log_metrics({"train/reward": 0.75, "train/lr": 1e-5}, 2)
+    logger.finalize("success")
+    path = tmp_path / "csv" / "metrics.csv"
+    frame = pd.read_csv(path)
+    assert list(frame["step"]) == [0, 1, 2] and list(frame.columns)[0] == "step"
+    assert frame.loc[1, "val/pass@1"] == 0.5 and frame.loc[1, "train/reward"] == 0.5
+    with open(path, "a") as f:
+        f.write("3,0.1,0.1")  # a row cut by a kill: no newline
+    aside = supersede_rows_after(path, 1)
+    assert list(pd.read_csv(path)["step"]) == [0, 1]
+    assert aside.parent == tmp_path / "csv" / "superseded"
+    moved = aside.read_text().splitlines()[1:]
+    assert [line.split(",")[0] for line in moved] == ["2", "3"] and moved[-1] == "3,0.1,0.1"
+    # a new logger continues the same file
+    again = StepCSVLogger(tmp_path, name="csv", version="")
+    again.log_metrics({"train/reward": 0.8, "train/lr": 1e-5}, 2)
+    again.finalize("success")
+    assert list(pd.read_csv(path)["step"]) == [0, 1, 2]
