@@ -31,16 +31,14 @@ from simko.forward import rollout_token_stats
 from simko.losses import PolicyLoss, TokenStats
 from simko.metrics import PassAtK, default_ks
 from simko.models import lora
-from simko.rollout import Rollouts, eos_ids, step_seed, tokenize_prompts
+from simko.rollout import Rollouts, step_seed, tokenize_prompts
 from simko.sampling_filters import (
     SUMMED_METRICS,
     DynamicSampling,
     OverlongPenalty,
-    StepBatch,
-    assemble_step_batch,
     check_refill_source,
     knob_group,
-    refill_seed,
+    module_step_batch,
 )
 from simko.update import update_policy
 
@@ -290,7 +288,7 @@ class RLVRModule(LightningModule):
         examples, step = batch["examples"], int(batch["step"])
         G = self.group_size
         rollouts, scores, timings = self.rollout(examples, step, G, self.temperature, self.top_p)
-        trained = self.step_batch(examples, step, rollouts, scores, timings)
+        trained = module_step_batch(self, examples, step, rollouts, scores, timings)  # filters, refills
 
         t_update = time.perf_counter()
         advantages = self.loss_fn.compute_advantages(trained.rewards.view(-1, G)).reshape(-1)
@@ -325,36 +323,6 @@ class RLVRModule(LightningModule):
         self.last_rollout = dict(step=step, examples=trained.examples, completions=trained.rollouts.completions,
                                  rewards=trained.rewards, advantages=advantages)  # fmt: skip
         self._log_step(rollouts, scores, metrics, timings)  # reward, lengths: the step's first generation
-
-    def step_batch(
-        self, examples: list[dict], step: int, rollouts: Rollouts, scores: Tensor, timings: dict[str, float]
-    ) -> StepBatch:
-        """The trained batch (:func:`simko.sampling_filters.assemble_step_batch`): zero-variance groups, dynamic
-        sampling's extra rounds (their time added to ``timings``), truncation masks and the overlong penalty."""
-
-        def draw(round_: int) -> tuple[Rollouts, Tensor, list[dict]]:
-            more = self.trainer.datamodule.refill_examples(step, round_)
-            seed = refill_seed(self.seed, step, self.global_rank, round_)
-            more_rollouts, more_scores, more_timings = self.rollout(
-                more, step, self.group_size, self.temperature, self.top_p, seed=seed
-            )
-            for key, value in more_timings.items():
-                timings[key] += value
-            return more_rollouts, more_scores, more
-
-        return assemble_step_batch(
-            rollouts,
-            scores,
-            examples,
-            max_new_tokens=self.max_new_tokens,
-            tokenizer=self.tokenizer,
-            eos_token_ids=eos_ids(self.policy, self.tokenizer),
-            dynamic_sampling=self.dynamic_sampling,
-            mask_truncated=self.mask_truncated,
-            overlong=self.overlong,
-            draw=draw,
-            any_rank=lambda short: self.trainer.strategy.reduce_boolean_decision(short, all=False),
-        )
 
     def _reference_stats(self):
         """The frozen reference's token statistics for a KL term (a copy of the policy, or a LoRA policy's base)."""

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch import Tensor
 
-from simko.rollout import Rollouts, build_rollouts
+from simko.rollout import Rollouts, build_rollouts, eos_ids
 
 
 @dataclass(frozen=True)
@@ -301,3 +301,33 @@ def assemble_step_batch(
         metrics["overlong_penalty"] = float(penalty.mean())
         metrics["overlong_frac"] = float((penalty < 0).float().mean())
     return StepBatch(mask_rows(rollouts, keep_rows), scores, rewards, examples, metrics)
+
+
+def module_step_batch(module, examples: list[dict], step: int, rollouts: Rollouts, scores: Tensor, timings: dict):
+    """:func:`assemble_step_batch` for ``RLVRModule.training_step``, with the module's knobs: extra rounds sample
+    the data module's refill stream (:meth:`PromptDataModule.refill_examples`) with :func:`refill_seed` through
+    ``module.rollout`` (their time added to ``timings``); the ranks agree through the strategy's boolean reduce."""
+
+    def draw(round_: int) -> tuple[Rollouts, Tensor, list[dict]]:
+        more = module.trainer.datamodule.refill_examples(step, round_)
+        seed = refill_seed(module.seed, step, module.global_rank, round_)
+        more_rollouts, more_scores, more_timings = module.rollout(
+            more, step, module.group_size, module.temperature, module.top_p, seed=seed
+        )
+        for key, value in more_timings.items():
+            timings[key] += value
+        return more_rollouts, more_scores, more
+
+    return assemble_step_batch(
+        rollouts,
+        scores,
+        examples,
+        max_new_tokens=module.max_new_tokens,
+        tokenizer=module.tokenizer,
+        eos_token_ids=eos_ids(module.policy, module.tokenizer),
+        dynamic_sampling=module.dynamic_sampling,
+        mask_truncated=module.mask_truncated,
+        overlong=module.overlong,
+        draw=draw,
+        any_rank=lambda short: module.trainer.strategy.reduce_boolean_decision(short, all=False),
+    )
