@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
+from collections import defaultdict
 
 import pytest
 import torch
@@ -14,7 +15,16 @@ from omegaconf import OmegaConf
 
 from helpers import compose_config, loss_configs, make_loss
 from simko.advantages import build_advantage
-from simko.losses import LOSSES, SimKOLoss, TokenStats, build_loss, response_quantile_mask
+from simko.losses import (
+    AGGREGATIONS,
+    LOSSES,
+    SimKOLoss,
+    TokenStats,
+    aggregate,
+    aggregation_weight,
+    build_loss,
+    response_quantile_mask,
+)
 
 F64 = torch.float64
 
@@ -67,6 +77,14 @@ class Batch:
     def grouped(self, per_response):
         return per_response.view(self.P, self.G)
 
+    def select(self, keep):
+        """The same batch with only the responses ``keep`` (as RLVR-Decomposed's ``batch.subset``)."""
+        sub = Batch.__new__(Batch)
+        sub.B = int(keep.sum())
+        for name in ("logits", "tokens", "mask", "rewards", "old_logprobs", "ref_logprobs"):
+            setattr(sub, name, getattr(self, name)[keep])
+        return sub
+
     def advantages(self, loss_fn):
         # float32 values: PolicyLoss takes advantages in float32, so the float64 references use the same numbers
         return loss_fn.compute_advantages(self.grouped(self.rewards)).reshape(-1).float().to(F64)
@@ -104,32 +122,46 @@ def finite_diff_grad(fn, x, eps=1e-6):
 
 
 # ------------------------------------------------------------------------------ reference losses (from scratch)
-def ref_aggregate(values, mask, mode):
+def ref_aggregate(values, mask, mode, norm_len=None):
+    """The aggregations by their definitions, response by response (verl's agg_loss; Dr.GRPO's B x L)."""
     m = mask.to(values.dtype)
     if mode == "token_mean":
         return (values * m).sum() / m.sum()
-    rows = values.shape[0]
-    if mode == "seq_mean_token_mean":
-        return ((values * m).sum(-1) / m.sum(-1).clamp(min=1)).sum() / rows
-    if mode == "seq_mean_token_sum_norm":
-        return ((values * m).sum(-1) / values.shape[-1]).sum() / rows
+    rows = range(values.shape[0])
+    if mode == "seq_mean_token_mean":  # mean over the responses with a valid token (verl: fully masked ones excluded)
+        means = [(values[b] * m[b]).sum() / m[b].sum() for b in rows if m[b].sum() > 0]
+        return torch.stack(means).sum() / len(means)
+    if mode == "seq_mean_token_sum_norm":  # sum / (B * L), B counting every response (TRL's dr_grpo)
+        length = values.shape[-1] if norm_len is None else norm_len
+        return torch.stack([(values[b] * m[b]).sum() for b in rows]).sum() / (len(rows) * length)
     raise AssertionError(mode)
 
 
-def ref_ppo_objective(logprobs, old_logprobs, adv, eps_low, eps_high):
-    """Per-token PPO loss: -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) (Schulman et al. 2017)."""
+def ref_ppo_objective(logprobs, old_logprobs, adv, eps_low, eps_high, dual_clip_c=None):
+    """Per-token PPO loss: -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) (Schulman et al. 2017); with dual clip
+    (Ye et al. 2020) the loss of a token with A < 0 is at most -c A."""
     r = torch.exp(logprobs - old_logprobs)
-    a = adv[:, None]
-    return -torch.minimum(r * a, torch.clamp(r, 1 - eps_low, 1 + eps_high) * a)
+    a = adv[:, None].expand_as(r)
+    loss = -torch.minimum(r * a, torch.clamp(r, 1 - eps_low, 1 + eps_high) * a)
+    if dual_clip_c is not None:
+        loss = torch.where(a < 0, torch.minimum(loss, -dual_clip_c * a), loss)
+    return loss
 
 
-def ref_ppo_loss(batch, logits, adv, eps_low=0.2, eps_high=0.2, mode="token_mean", kl_coef=0.0):
+def ref_k3(logprobs, ref_logprobs):
+    """verl's low_var_kl: x = log pi_ref - log pi clamped to [-20, 20], k3 = e^x - x - 1 clamped to [-10, 10]."""
+    x = torch.clamp(ref_logprobs - logprobs, -20, 20)
+    return torch.clamp(torch.exp(x) - x - 1, -10, 10)
+
+
+def ref_ppo_loss(
+    batch, logits, adv, eps_low=0.2, eps_high=0.2, mode="token_mean", kl_coef=0.0, norm_len=None, dual_clip_c=None
+):
     logprobs = ref_logits_stats(logits, batch.tokens)[0]
-    loss = ref_aggregate(ref_ppo_objective(logprobs, batch.old_logprobs, adv, eps_low, eps_high), batch.mask, mode)
+    per_token = ref_ppo_objective(logprobs, batch.old_logprobs, adv, eps_low, eps_high, dual_clip_c)
+    loss = ref_aggregate(per_token, batch.mask, mode, norm_len)
     if kl_coef:
-        log_ratio = logprobs - batch.ref_logprobs
-        k3 = torch.exp(-log_ratio) - 1 + log_ratio
-        loss = loss + kl_coef * ref_aggregate(k3, batch.mask, mode)
+        loss = loss + kl_coef * ref_aggregate(ref_k3(logprobs, batch.ref_logprobs), batch.mask, mode, norm_len)
     return loss
 
 
@@ -271,14 +303,20 @@ PPO_CASES = [
     ("dapo", {}, {"eps_high": 0.28}),
     (
         "grpo",
-        {"aggregation": "seq_mean_token_sum_norm", "advantage_kwargs": {"norm_std": False}},
+        {"aggregation": "seq_mean_token_sum_norm", "norm_len": 6, "advantage_kwargs": {"norm_std": False}},
         {"mode": "seq_mean_token_sum_norm"},
     ),
-    ("dr_grpo", {"norm_len": None}, {"mode": "seq_mean_token_sum_norm"}),  # the batch's length, as the reference
-    ("grpo", {"aggregation": "seq_mean_token_mean"}, {"mode": "seq_mean_token_mean"}),
+    ("dr_grpo", {"norm_len": 10}, {"mode": "seq_mean_token_sum_norm", "norm_len": 10}),  # a constant, not T = 6
+    ("grpo", {"aggregation": "seq_mean_token_mean"}, {"mode": "seq_mean_token_mean"}),  # row 4 is empty
+    ("grpo", {"dual_clip_c": 3.0}, {"dual_clip_c": 3.0}),
+    (
+        "dapo",
+        {"dual_clip_c": 1.5, "aggregation": "seq_mean_token_mean"},
+        {"eps_high": 0.28, "dual_clip_c": 1.5, "mode": "seq_mean_token_mean"},
+    ),
     ("grpo", {"kl_coef": 0.1, "kl_estimator": "k3"}, {"kl_coef": 0.1}),
-    ("psr", {}, {}),
-    ("nsr", {}, {}),
+    ("psr", {"subset": "all"}, {}),  # the whole batch, A = 0 on the others (the papers' subsets: below)
+    ("nsr", {"subset": "all"}, {}),
     ("w_reinforce", {}, {}),
     ("passk", {"advantage_kwargs": {"k": 2}}, {}),
 ]
@@ -303,6 +341,134 @@ def test_fixed_sign_advantages_of_psr_nsr_w_reinforce():
     torch.testing.assert_close(batch.advantages(make_loss("psr")), correct.to(F64))
     torch.testing.assert_close(batch.advantages(make_loss("nsr")), -(~correct).to(F64))
     torch.testing.assert_close(batch.advantages(make_loss("w_reinforce")), torch.where(correct, 0.1, -1.0).to(F64))
+
+
+# ==================================================================== aggregation rules, PSR/NSR subsets (FD)
+def test_seq_mean_token_mean_leaves_empty_responses_out_and_dr_grpo_needs_a_constant():
+    values = torch.tensor([[1.0, 3.0, 0.0], [5.0, 0.0, 0.0], [7.0, 7.0, 7.0], [9.0, 9.0, 9.0]], dtype=F64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    # (mean(1, 3) + 5) / 2 non-empty responses (verl's agg_loss), not / 4 rows
+    assert aggregate(values, mask, "seq_mean_token_mean").item() == pytest.approx(3.5)
+    assert aggregate(values, mask, "seq_mean_token_sum_norm", norm_len=10).item() == pytest.approx(9 / 40)  # B L
+    assert aggregate(values, mask, "token_mean").item() == pytest.approx(3.0)
+    assert aggregate(values, torch.zeros_like(mask), "seq_mean_token_mean").item() == 0.0
+    assert [aggregation_weight(mask, m) for m in AGGREGATIONS] == [3.0, 2.0, 4.0]  # each mode's denominator
+    with pytest.raises(ValueError, match="set norm_len"):
+        build_loss("grpo", aggregation="seq_mean_token_sum_norm")
+    with pytest.raises(ValueError, match="norm_len must be an integer"):
+        build_loss("grpo", aggregation="seq_mean_token_sum_norm", norm_len=0)
+
+
+# (loss config, keys replaced, kept responses: "correct" | "incorrect", reference knobs)
+SUBSET_CASES = [
+    ("psr", {}, "correct", {}),
+    ("nsr", {}, "incorrect", {}),
+    ("nsr", {"aggregation": "seq_mean_token_mean"}, "incorrect", {"mode": "seq_mean_token_mean"}),
+    ("psr", {"aggregation": "seq_mean_token_sum_norm", "norm_len": 6}, "correct", {"mode": "seq_mean_token_sum_norm"}),
+    ("nsr", {"kl_coef": 0.1, "entropy_coef": 0.05}, "incorrect", {"kl_coef": 0.1, "entropy_coef": 0.05}),
+]
+
+
+@pytest.mark.parametrize("name,overrides,kept,ref_kwargs", SUBSET_CASES, ids=lambda v: str(v))
+def test_psr_nsr_are_the_loss_of_the_subset_batch(name, overrides, kept, ref_kwargs):
+    """RLVR-Decomposed's PSR/NSR: the batch subset to the correct (incorrect) responses, then the loss, KL and
+    entropy bonus of that batch alone (its ray_trainer.py: batch.subset(correct_idx) before the actor update)."""
+    batch = Batch()
+    loss_fn = make_loss(name, **overrides)
+    assert loss_fn.subset == "nonzero_advantage"
+    keep = batch.rewards == 1 if kept == "correct" else batch.rewards != 1
+    sub = batch.select(keep)
+    adv = batch.advantages(loss_fn)
+    entropy_coef = ref_kwargs.pop("entropy_coef", 0.0)
+    mode = ref_kwargs.get("mode", "token_mean")
+
+    def reference(z):
+        loss = ref_ppo_loss(sub, z[keep], adv[keep], **ref_kwargs)
+        entropy = ref_logits_stats(z[keep], sub.tokens)[1]
+        return loss - entropy_coef * ref_aggregate(entropy, sub.mask, mode, ref_kwargs.get("norm_len"))
+
+    grad, out = batch.grad(loss_fn)
+    torch.testing.assert_close(out.loss.detach(), reference(batch.logits), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, finite_diff_grad(reference, batch.logits), rtol=1e-6, atol=1e-8)
+    assert grad[~keep].abs().max() == 0 and grad[keep].abs().max() > 0
+    assert out.metrics["subset_frac"] == pytest.approx(float(keep.float().mean()))
+    assert out.metrics["num_tokens"] == float(sub.mask.sum())
+
+
+def test_whole_batch_psr_is_the_subset_gradient_times_the_token_share():
+    """`subset: all` (the project's PSR before issue 13) scales the papers' token-mean gradient by N_sub / N."""
+    batch = Batch()
+    subset_grad, _ = batch.grad(make_loss("psr"))
+    whole_grad, _ = batch.grad(make_loss("psr", subset="all"))
+    share = int(batch.mask[batch.rewards == 1].sum()) / int(batch.mask.sum())
+    assert 0.3 < share < 0.7
+    torch.testing.assert_close(whole_grad, share * subset_grad, rtol=1e-12, atol=1e-15)
+    # an empty subset (no correct response): zero loss and gradient, no NaN
+    none_correct = batch.loss(make_loss("psr"), advantages=torch.zeros(batch.B, dtype=F64))
+    assert none_correct.loss.item() == 0.0 and none_correct.metrics["subset_frac"] == 0.0
+
+
+# ========================================================================================== KL to the reference
+def test_k3_is_clamped_as_verl():
+    from simko.losses import kl_penalty
+
+    log_ratio = torch.tensor([0.0, 0.5, -0.5, 2.0, -2.0, -2.5, -2.7, 15.0, 28.0, -28.0, 69.0, -100.0], dtype=F64)
+    lp = log_ratio.clone().requires_grad_(True)
+    kl = kl_penalty(lp, torch.zeros_like(lp), "k3")
+    kl.sum().backward()
+    unclamped = torch.exp(-log_ratio) - 1 + log_ratio
+    expected = torch.where(unclamped > 10, torch.full_like(unclamped, 10.0), unclamped)  # k3 >= 0: only the top
+    torch.testing.assert_close(kl.detach(), expected, rtol=1e-12, atol=1e-12)
+    # gradient 1 - e^{-x} where the estimate is inside the clamp, 0 beyond it
+    torch.testing.assert_close(lp.grad, torch.where(unclamped > 10, 0.0, 1 - torch.exp(-log_ratio)))
+    assert kl[-4:].tolist() == [10.0] * 4 and unclamped[-3].item() > 1e12  # unclamped: 1.4e12 at -28 nats
+    # float32 far beyond exp's range: finite value and gradient (unclamped: inf and NaN)
+    far = torch.tensor([-100.0, 100.0, -1000.0], requires_grad=True)
+    out = kl_penalty(far, torch.zeros(3), "k3")
+    out.sum().backward()
+    assert out.tolist() == [10.0, 10.0, 10.0] and far.grad.tolist() == [0.0, 0.0, 0.0]
+    # k1 and k2 are not clamped (as verl)
+    assert kl_penalty(torch.tensor([-30.0]), torch.zeros(1), "k1").item() == -30.0
+    assert kl_penalty(torch.tensor([-30.0]), torch.zeros(1), "k2").item() == 450.0
+
+
+def test_k3_term_gradient_with_far_reference_matches_finite_differences():
+    batch = Batch()
+    gen = torch.Generator().manual_seed(4)
+    far = torch.rand(batch.B, batch.T, generator=gen) < 0.3
+    lp0 = ref_logits_stats(batch.logits, batch.tokens)[0]
+    offsets = torch.tensor([25.0, -25.0, 5.0, -5.0, 1.0], dtype=F64)[
+        torch.randint(0, 5, (batch.B, batch.T), generator=gen)
+    ]
+    batch.ref_logprobs = torch.where(far, lp0 + offsets, batch.ref_logprobs)  # some clamped, some not
+    loss_fn = build_loss("grpo", kl_coef=0.5)
+    adv = batch.advantages(loss_fn)
+    grad, out = batch.grad(loss_fn)
+    reference = lambda z: ref_ppo_loss(batch, z, adv, kl_coef=0.5)  # noqa: E731
+    torch.testing.assert_close(out.loss.detach(), reference(batch.logits), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, finite_diff_grad(reference, batch.logits), rtol=1e-6, atol=1e-8)
+    k3 = ref_k3(lp0, batch.ref_logprobs)
+    assert (k3[batch.mask] == 10).any() and (k3[batch.mask] < 10).any()
+
+
+# ===================================================================================================== dual clip
+def test_dual_clip_caps_negative_advantage_tokens_and_is_off_in_every_preset():
+    batch = Batch()
+    loss_fn = build_loss("grpo", dual_clip_c=3.0)
+    adv = batch.advantages(loss_fn)
+    _, out = batch.grad(loss_fn)
+    lp0 = ref_logits_stats(batch.logits, batch.tokens)[0]
+    r = torch.exp(lp0 - batch.old_logprobs)
+    capped = (adv[:, None] < 0) & (r > 3.0) & batch.mask  # -A r > -A clip(r) and > -3 A
+    assert capped.any()
+    assert out.metrics["dual_clip_frac"] == pytest.approx(float(capped.sum() / batch.mask.sum()))
+    grad_tok = batch.grad(loss_fn)[0].abs().amax(-1)
+    assert grad_tok[capped].max() == 0 and batch.grad(build_loss("grpo"))[0].abs().amax(-1)[capped].min() > 0
+    for name in loss_configs():  # as the SimKO, RLVR-Decomposed and Clip-Cov/KL-Cov code: off
+        assert make_loss(name).dual_clip_c is None
+    for bad in (1.0, 0.5):
+        with pytest.raises(ValueError, match="dual_clip_c must be > 1"):
+            build_loss("grpo", dual_clip_c=bad)
 
 
 def test_entropy_bonus_gradient_is_differentiable_and_matches_finite_differences():
@@ -370,7 +536,7 @@ def test_kl_cov_gradient_matches_finite_differences(ppo_clip):
 
 
 def clip_cov_candidates(batch, adv, lb, ub, eps=0.2):
-    """Valid tokens with lb < Cov < ub that PPO's clip has not already stopped, computed here independently."""
+    """Valid tokens with lb < Cov < ub that PPO's clip (at eps) has not already stopped, computed here."""
     logprobs = ref_logits_stats(batch.logits, batch.tokens)[0]
     r = torch.exp(logprobs - batch.old_logprobs)
     a = adv[:, None]
@@ -379,24 +545,36 @@ def clip_cov_candidates(batch, adv, lb, ub, eps=0.2):
     return batch.mask & ~clipped & (cov > lb) & (cov < ub)
 
 
-def test_clip_cov_gradient_matches_finite_differences():
+@pytest.mark.parametrize("eps", [1.0, 0.2])  # the official recipe's clip ratio 1, and PPO's 0.2
+def test_clip_cov_gradient_matches_finite_differences(eps):
     batch = Batch()
     # clip_cov_ratio=1: every candidate is detached, so the reference needs no random draw
-    loss_fn = build_loss("clip_cov", clip_cov_ratio=1.0, clip_cov_lb=0.0, clip_cov_ub=1e9, seed=0)
+    loss_fn = build_loss("clip_cov", clip_cov_ratio=1.0, clip_cov_lb=0.0, clip_cov_ub=1e9, seed=0, clip_eps=eps)
     adv = batch.advantages(loss_fn)
-    detached = clip_cov_candidates(batch, adv, 0.0, 1e9)
+    detached = clip_cov_candidates(batch, adv, 0.0, 1e9, eps)
     assert 0 < detached.sum() < batch.mask.sum()
     lp0 = ref_logits_stats(batch.logits, batch.tokens)[0]
 
     def reference(z):
         logprobs = ref_logits_stats(z, batch.tokens)[0]
         logprobs = torch.where(detached, lp0, logprobs)  # detached tokens: value at z0, no dependence on z
-        return ref_aggregate(ref_ppo_objective(logprobs, batch.old_logprobs, adv, 0.2, 0.2), batch.mask, "token_mean")
+        return ref_aggregate(ref_ppo_objective(logprobs, batch.old_logprobs, adv, eps, eps), batch.mask, "token_mean")
 
     grad, out = batch.grad(loss_fn)
     torch.testing.assert_close(out.loss.detach(), reference(batch.logits), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, finite_diff_grad(reference, batch.logits), rtol=1e-6, atol=1e-8)
     assert out.metrics["clip_cov/detached_frac"] == pytest.approx(float(detached.sum() / batch.mask.sum()))
+    assert out.metrics["clip_frac"] > 0  # the PPO clip acts on some tokens at both ranges
+
+
+def test_clip_cov_and_kl_cov_presets_are_the_official_recipes():
+    """recipe/dapo/7b_clip_cov.sh, 7b_kl_cov.sh (PRIME-RL/Entropy-Mechanism-of-RL)."""
+    clip_cov, kl_cov = make_loss("clip_cov"), make_loss("kl_cov")
+    assert (clip_cov.clip_low, clip_cov.clip_high) == (1.0, 1.0)  # clip_ratio_low = clip_ratio_high = 1
+    assert (clip_cov.clip_cov_ratio, clip_cov.clip_cov_lb, clip_cov.clip_cov_ub) == (2e-4, 1.0, 5.0)
+    assert (kl_cov.kl_cov_ratio, kl_cov.kl_cov_coef, kl_cov.ppo_clip) == (2e-3, 1.0, False)  # k_percent 0.2 (%)
+    for loss_fn in (clip_cov, kl_cov):
+        assert loss_fn.aggregation == "token_mean" and loss_fn.entropy_coef == 0 and loss_fn.kl_coef == 0
 
 
 def test_clip_cov_random_subset_is_seeded_and_sized():
@@ -405,7 +583,7 @@ def test_clip_cov_random_subset_is_seeded_and_sized():
     ratio = 3.5 / n_valid  # floor(ratio * N) = 3 tokens
 
     def make(seed):
-        return build_loss("clip_cov", clip_cov_ratio=ratio, clip_cov_lb=-1e9, clip_cov_ub=1e9, seed=seed)
+        return build_loss("clip_cov", clip_cov_ratio=ratio, clip_cov_lb=-1e9, clip_cov_ub=1e9, seed=seed, clip_eps=0.2)
 
     adv = batch.advantages(make(0))
     candidates = clip_cov_candidates(batch, adv, -1e9, 1e9)
@@ -425,6 +603,90 @@ def test_clip_cov_random_subset_is_seeded_and_sized():
     loss_a.generator = torch.Generator().manual_seed(7)
     loss_b.generator = torch.Generator().manual_seed(7)
     assert torch.equal(batch.grad(loss_a)[0], batch.grad(loss_b)[0])
+
+
+# =================================================================================================== GSPO, CISPO
+def ref_gspo_loss(batch, logits, adv, eps_low, eps_high):
+    """GSPO (Zheng et al. 2025, Eq. 5-7), response by response: s_i = exp(mean_t log(pi/pi_old)) of response i,
+    loss = -1/G sum_i min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i) over the responses with tokens."""
+    logprobs = ref_logits_stats(logits, batch.tokens)[0]
+    terms = []
+    for b in range(batch.B):
+        valid = batch.mask[b]
+        if not valid.any():
+            continue
+        s = torch.exp((logprobs[b][valid] - batch.old_logprobs[b][valid]).mean())
+        terms.append(-torch.minimum(s * adv[b], torch.clamp(s, 1 - eps_low, 1 + eps_high) * adv[b]))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("eps", [None, (0.1, 0.1), (0.05, 0.3)])  # None: the preset's 3e-4 / 4e-4
+def test_gspo_gradient_matches_finite_differences_of_the_paper_objective(eps):
+    batch = Batch()
+    overrides = {} if eps is None else {"clip_eps": eps[0], "clip_eps_high": eps[1]}
+    loss_fn = make_loss("gspo", **overrides)
+    eps_low, eps_high = (3e-4, 4e-4) if eps is None else eps
+    assert (loss_fn.clip_low, loss_fn.clip_high) == pytest.approx((eps_low, eps_high))
+    adv = batch.advantages(loss_fn)
+    grad, out = batch.grad(loss_fn)
+    reference = lambda z: ref_gspo_loss(batch, z, adv, eps_low, eps_high)  # noqa: E731
+    torch.testing.assert_close(out.loss.detach(), reference(batch.logits), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, finite_diff_grad(reference, batch.logits), rtol=1e-6, atol=1e-8)
+    # the batch exercises sequences in and out of the clip range (with A != 0)
+    lp0 = ref_logits_stats(batch.logits, batch.tokens)[0]
+    seq = torch.stack(
+        [(lp0[b] - batch.old_logprobs[b])[batch.mask[b]].mean() for b in range(batch.B) if batch.mask[b].any()]
+    )
+    moving = adv[batch.mask.any(-1)] != 0
+    outside = (seq.exp() < 1 - eps_low) | (seq.exp() > 1 + eps_high)
+    assert (moving & outside).any() and (eps is None or (moving & ~outside).any())
+
+
+def test_gspo_on_policy_is_grpo_with_the_sequence_mean():
+    """At ratio 1 the sequence ratio's gradient is the mean of the token ratios': GSPO = GRPO seq_mean_token_mean."""
+    batch = Batch()
+    batch.old_logprobs = ref_logits_stats(batch.logits, batch.tokens)[0]
+    gspo_grad, _ = batch.grad(make_loss("gspo"))
+    grpo_grad, _ = batch.grad(build_loss("grpo", aggregation="seq_mean_token_mean"))
+    torch.testing.assert_close(gspo_grad, grpo_grad, rtol=1e-12, atol=1e-15)
+    assert gspo_grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("eps_high", [None, 2.0, 0.2])  # None: the preset's [0, 5]
+def test_cispo_gradient_matches_finite_differences_of_the_paper_objective(eps_high):
+    """CISPO (MiniMax-M1, Eq. 4-5): J = 1/sum|o_i| sum_i,t sg(clip(r, 1 - eps_low, 1 + eps_high)) A_i log pi; the
+    reference freezes the clipped weight at the current logits, so its finite differences are CISPO's gradient."""
+    batch = Batch()
+    loss_fn = make_loss("cispo", **({} if eps_high is None else {"clip_eps_high": eps_high}))
+    eps_high = 4.0 if eps_high is None else eps_high
+    assert (loss_fn.clip_low, loss_fn.clip_high) == (1.0, eps_high)
+    adv = batch.advantages(loss_fn)
+    lp0 = ref_logits_stats(batch.logits, batch.tokens)[0]
+    weight = torch.clamp(torch.exp(lp0 - batch.old_logprobs), 0.0, 1 + eps_high)
+
+    def reference(z):
+        logprobs = ref_logits_stats(z, batch.tokens)[0]
+        return ref_aggregate(-weight * adv[:, None] * logprobs, batch.mask, "token_mean")
+
+    grad, out = batch.grad(loss_fn)
+    torch.testing.assert_close(grad, finite_diff_grad(reference, batch.logits), rtol=1e-6, atol=1e-8)
+    # the value: -sg(weight) A per token (the official -sg(weight) A log pi has the same gradient)
+    value = ref_aggregate(-weight * adv[:, None].expand_as(weight), batch.mask, "token_mean")
+    torch.testing.assert_close(out.loss.detach(), value, rtol=1e-12, atol=1e-12)
+    clipped = (torch.exp(lp0 - batch.old_logprobs) > 1 + eps_high) & batch.mask
+    assert out.metrics["clip_frac"] == pytest.approx(float(clipped.sum() / batch.mask.sum()))
+    assert clipped.any() == (eps_high < 3.4)  # the batch's largest ratio is e^1.5 = 4.48
+    # no token is dropped: every valid token with A != 0 has a gradient, clipped or not
+    moving = batch.mask & (adv[:, None] != 0)
+    assert grad.abs().amax(-1)[moving].min() > 0
+    with pytest.raises(ValueError, match="dual_clip_c"):
+        build_loss("cispo", dual_clip_c=3.0)
+
+
+def test_cispo_on_policy_is_grpo():
+    batch = Batch()
+    batch.old_logprobs = ref_logits_stats(batch.logits, batch.tokens)[0]
+    torch.testing.assert_close(batch.grad(make_loss("cispo"))[0], batch.grad(build_loss("grpo"))[0])
 
 
 # ========================================================================================================= SimKO
@@ -566,6 +828,71 @@ def test_readme_functional_api_float32_matches_analytic_gradient():
     ref_batch.old_logprobs = old_lp.double()
     ref_grad = simko_reference(ref_batch, adv.double(), k=3, alpha=0.01, lam=1.1, tau=0.8)[0]
     torch.testing.assert_close(logits.grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+# ============================================================================ micro-batch weights (update.py)
+class _Rows:
+    """What of Rollouts simko.update.accumulate_gradients reads: ``response_mask``, ``rows`` and the loss rows
+    (``loss_rows``, ``loss_mask``: every row here)."""
+
+    def __init__(self, mask):
+        self.response_mask = self.loss_mask = mask
+        self.loss_rows = None
+
+    def rows(self, idx):
+        return idx
+
+
+# every aggregation, the PSR/NSR subset (with an empty response in it), dual clip, GSPO, CISPO, KL, entropy
+MICRO_CASES = [
+    ("grpo", {}),
+    ("grpo", {"aggregation": "seq_mean_token_mean"}),
+    ("dr_grpo", {"norm_len": 6}),
+    ("psr", {}),  # row 4 (empty) is correct: in the subset
+    ("psr", {"aggregation": "seq_mean_token_mean"}),
+    ("psr", {"aggregation": "seq_mean_token_sum_norm", "norm_len": 8}),
+    ("nsr", {"aggregation": "seq_mean_token_mean", "kl_coef": 0.1, "entropy_coef": 0.05}),
+    ("w_reinforce", {"subset": "nonzero_advantage", "advantage_kwargs": {"pos_weight": 0.0}}),
+    ("grpo", {"dual_clip_c": 2.0, "kl_coef": 0.1}),
+    ("gspo", {"clip_eps": 0.1, "clip_eps_high": 0.1}),
+    ("cispo", {"clip_eps_high": 2.0}),
+    ("simko", {"k": 3, "alpha": 0.3, "lam": 1.7, "tau": 0.5, "aggregation": "seq_mean_token_mean"}),
+]
+
+
+@pytest.mark.parametrize("name,overrides", MICRO_CASES, ids=lambda v: str(v))
+def test_micro_batched_gradient_equals_the_one_batch_gradient(name, overrides):
+    """simko.update.accumulate_gradients with micro-batches of 3 rows (groups of 4 split across micro-batches,
+    each micro-batch trimmed to its own longest response, as Rollouts.rows does) == the loss of the whole batch."""
+    from simko.update import accumulate_gradients
+
+    batch = Batch()
+    loss_fn = make_loss(name, **overrides)
+    adv = batch.advantages(loss_fn)
+    one_grad, one_out = batch.grad(loss_fn)
+    logits = batch.logits.clone().requires_grad_(True)
+
+    def token_stats(idx, top_k):
+        length = max(int(batch.mask[idx].sum(-1).max()), 1)
+        return stats64(logits[idx, :length], batch.tokens[idx, :length], batch.mask[idx, :length], top_k)
+
+    rows = torch.tensor([4, 5, 6, 7, 12, 13, 14, 15, 0, 1, 2, 3, 8, 9, 10, 11])  # shuffled groups
+    metrics = defaultdict(float)
+    accumulate_gradients(
+        loss_fn,
+        _Rows(batch.mask),
+        rows,
+        token_stats,
+        adv,
+        batch.rewards,
+        3,
+        metrics,
+        old_logprobs=batch.old_logprobs,
+        ref_logprobs=batch.ref_logprobs,
+    )
+    torch.testing.assert_close(logits.grad, one_grad, rtol=1e-10, atol=1e-14)
+    assert one_grad.abs().max() > 0
+    assert metrics["loss"] == pytest.approx(one_out.metrics["loss"], rel=1e-10, abs=1e-14)
 
 
 # ============================================================================================ every loss / config

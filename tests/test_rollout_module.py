@@ -60,10 +60,20 @@ def _module(micro_batch_size: int, **kw) -> RLVRModule:
     )
 
 
-@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
-def test_micro_batch_accumulation_equals_one_batch(aggregation):
+@pytest.mark.parametrize(
+    "loss_kwargs",
+    [
+        {"aggregation": "token_mean"},
+        {"aggregation": "seq_mean_token_mean"},
+        {"aggregation": "seq_mean_token_sum_norm", "norm_len": 6},
+        {"advantage": "nsr", "subset": "nonzero_advantage"},  # NSR over the incorrect responses only
+        {"advantage": "psr", "subset": "nonzero_advantage", "aggregation": "seq_mean_token_mean"},
+    ],
+    ids=str,
+)
+def test_micro_batch_accumulation_equals_one_batch(loss_kwargs):
     """The module's accumulation over micro-batches with the aggregation weights == the one-batch gradient."""
-    big, small = _module(64, aggregation=aggregation), _module(3, aggregation=aggregation)
+    big, small = _module(64, **loss_kwargs), _module(3, **loss_kwargs)
     small.policy.load_state_dict(big.policy.state_dict())
     r = generate_rollouts(big.policy, big.tokenizer, ["12+3=", "5+5=", "7+40="], group_size=4, max_new_tokens=6, seed=3)
     rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1])

@@ -122,10 +122,10 @@ def test_mask_truncated_takes_the_loss_off_truncated_rows_only():
     assert masked.metrics["masked_truncated"] == 2.0
 
 
-@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_sum_norm"])
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
 def test_rows_without_loss_give_the_gradient_of_a_batch_with_zero_advantage_rows(aggregation):
-    """Masked rows contribute no token: under token_mean the gradient equals the one of the kept rows alone; in the
-    seq-mean modes the masked rows still count in the number of rows (TRL's dr_grpo divides by all rows too)."""
+    """Masked rows contribute no token: under token_mean and seq_mean_token_mean (over non-empty rows, as verl) the
+    gradient equals the one of the kept rows alone; Dr.GRPO's constant divides by all rows (as TRL's dr_grpo)."""
     tok, model = TOK, random_qwen2(seed=2)
     rollouts, _ = _part(0, num_groups=2)
     loss = build_loss("grpo", aggregation=aggregation, norm_len=4)
@@ -140,7 +140,7 @@ def test_rows_without_loss_give_the_gradient_of_a_batch_with_zero_advantage_rows
         return [p.grad.clone() for p in model.parameters()]
 
     masked = grads(mask_rows(rollouts, keep), torch.arange(4), advantages)
-    if aggregation == "token_mean":
+    if aggregation != "seq_mean_token_sum_norm":
         alone = take_groups([rollouts], [(0, 0)], tok, EOS)
         reference = grads(alone, torch.arange(2), advantages[:2])
     else:  # the same batch with the masked rows' advantages 0: their tokens give no gradient, their rows count

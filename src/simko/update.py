@@ -6,9 +6,12 @@ the tests all run this code.
 
 Mini-batches hold whole groups (the G rows of a prompt), shuffled once per epoch by a seeded generator, so every
 row is used exactly once per epoch. A mini-batch's gradient is accumulated exactly over its micro-batches: the
-loss of micro-batch ``m`` is scaled by ``w_m / sum w``, with ``w`` the aggregation weight (valid tokens for
-``token_mean``, rows otherwise; :func:`simko.losses.aggregation_weight`), which gives the gradient of the loss
-of the whole mini-batch in one piece. Metrics are weighted the same way and averaged over the updates.
+loss of micro-batch ``m`` is scaled by ``w_m / sum w``, with ``w`` the denominator of the loss's aggregation over
+the responses it is over (valid tokens for ``token_mean``, responses with a valid token for
+``seq_mean_token_mean``, responses for ``seq_mean_token_sum_norm``;
+:meth:`simko.losses.PolicyLoss.aggregation_weight`), which gives the gradient of the loss of the whole mini-batch
+in one piece, however the micro-batches split the groups. Metrics are weighted the same way and averaged over the
+updates.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from simko.losses import PolicyLoss, TokenStats, aggregation_weight
+from simko.losses import PolicyLoss, TokenStats
 from simko.rollout import Rollouts
 
 # (rows of Rollouts.rows, top_k) -> TokenStats of their response tokens under the policy (differentiable).
@@ -48,11 +51,11 @@ def minibatch_rows(
 
 
 def micro_batches(
-    rows: Tensor, micro_batch_size: int, response_mask: Tensor, aggregation: str
+    rows: Tensor, micro_batch_size: int, response_mask: Tensor, loss_fn: PolicyLoss, advantages: Tensor
 ) -> tuple[list[Tensor], list[float], float]:
     """(micro-batch row indices, their aggregation weights, the weights' sum) of one mini-batch."""
     micro = list(rows.split(micro_batch_size))
-    weights = [aggregation_weight(response_mask[i], aggregation) for i in micro]
+    weights = [loss_fn.aggregation_weight(response_mask[i], advantages[i]) for i in micro]
     return micro, weights, sum(weights) or 1.0
 
 
@@ -96,10 +99,10 @@ def accumulate_gradients(
     (DDP: one gradient all-reduce per mini-batch). A non-finite loss raises before anything is applied.
     """
     top_k = loss_fn.top_k if stats_top_k is None else stats_top_k
-    micro, weights, total_weight = micro_batches(rows, micro_batch_size, rollouts.loss_mask, loss_fn.aggregation)
+    micro, weights, total_weight = micro_batches(rows, micro_batch_size, rollouts.loss_mask, loss_fn, advantages)
     diag_weights, diag_total = weights, total_weight
     if rollouts.loss_rows is not None:  # the diagnostics see every sampled token, with a loss or not
-        _, diag_weights, diag_total = micro_batches(rows, micro_batch_size, rollouts.response_mask, loss_fn.aggregation)
+        _, diag_weights, diag_total = micro_batches(rows, micro_batch_size, rollouts.response_mask, loss_fn, advantages)
     for i, (idx, w) in enumerate(zip(micro, weights)):
         stats = token_stats(rollouts.rows(idx), top_k)
         if diagnose is not None and diagnostics is not None:

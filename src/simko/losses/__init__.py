@@ -12,8 +12,10 @@ import pkgutil
 
 from simko.losses.aggregation import AGGREGATIONS, aggregate, aggregation_weight
 from simko.losses.base import LOSSES, LossOutput, PolicyLoss, build_loss, kl_penalty, register_loss
+from simko.losses.cispo import CISPOLoss
 from simko.losses.covariance import ClipCovLoss, KLCovLoss
 from simko.losses.grpo import GRPOLoss
+from simko.losses.gspo import GSPOLoss
 from simko.losses.simko import SimKOLoss
 from simko.losses.stats import TokenStats, response_quantile_mask
 
@@ -25,8 +27,10 @@ for _module in pkgutil.iter_modules(__path__):
 __all__ = [
     "AGGREGATIONS",
     "LOSSES",
+    "CISPOLoss",
     "ClipCovLoss",
     "GRPOLoss",
+    "GSPOLoss",
     "KLCovLoss",
     "LossOutput",
     "PolicyLoss",

@@ -1,19 +1,23 @@
 """The PPO-clip policy loss that every loss in this package shares, and the loss registry.
 
-The base loss has the knobs every loss shares: the clip range, the aggregation, a KL term to a frozen reference,
-the advantage estimator (``advantage``: GRPO's group normalisation, PSR/NSR/W-REINFORCE's fixed signs, pass@k,
-...; :mod:`simko.advantages`) and an entropy bonus (``entropy_coef``). Losses that are only settings of these
-knobs are YAML presets (``configs/loss/dapo.yaml``, ``nsr.yaml``, ...). A loss that changes the objective is a
-small registered class with three hooks a subclass may override:
+The base loss has the knobs every loss shares: the clip range (and verl's dual clip), the aggregation, which
+responses the loss is over (``subset``), a KL term to a frozen reference, the advantage estimator (``advantage``:
+GRPO's group normalisation, PSR/NSR/W-REINFORCE's fixed signs, pass@k, ...; :mod:`simko.advantages`) and an
+entropy bonus (``entropy_coef``). Losses that are only settings of these knobs are YAML presets
+(``configs/loss/dapo.yaml``, ``nsr.yaml``, ...). A loss that changes the objective is a small registered class
+with four hooks a subclass may override:
 
-- :meth:`PolicyLoss.surrogate` returns the per-token ratio and advantage that enter the PPO-clip objective
-  (GRPO: the plain ratio r and the broadcast advantage; SimKO: its smoothed ratio and lambda-scaled advantage).
-- :meth:`PolicyLoss.token_penalty` returns a ``[B, T]`` term added to the per-token PPO loss before aggregation
+- :meth:`PolicyLoss.surrogate` returns the per-token ratio and advantage that enter the objective (GRPO: the
+  plain ratio r and the broadcast advantage; SimKO: its smoothed ratio and lambda-scaled advantage; GSPO: the
+  sequence-level ratio).
+- :meth:`PolicyLoss.objective` turns them into the per-token loss (the base: PPO-clip, with the dual clip when
+  ``dual_clip_c`` is set; CISPO: the clipped, detached IS weight times the log-prob's gradient).
+- :meth:`PolicyLoss.token_penalty` returns a ``[B, T]`` term added to the per-token loss before aggregation
   (KL-Cov's |log r| penalty on its selected tokens uses it).
 - :meth:`PolicyLoss.extra_loss` returns an additional scalar term (the base's: the entropy bonus; an override
   adds ``super().extra_loss(...)`` to keep it).
 
-Everything else (clipping, KL to a reference, aggregation, metrics) lives here once.
+Everything else (clipping, the response subset, KL to a reference, aggregation, metrics) lives here once.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from torch import Tensor
 
 from simko.advantages import build_advantage
-from simko.losses.aggregation import aggregate, check_aggregation, masked_mean
+from simko.losses.aggregation import aggregate, aggregation_weight, check_aggregation, masked_mean
 from simko.losses.stats import TokenStats
 from simko.registry import class_registrar
 
@@ -48,13 +52,21 @@ class LossOutput:
 
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+SUBSETS = ("all", "nonzero_advantage")
+K3_LOG_RATIO_CLAMP = 20.0  # verl's low_var_kl: |log r| clamped to 20 nats before the exp
+K3_CLAMP = 10.0  # ... and the estimate to [-10, 10] (the SimKO and RLVR-Decomposed forks clamp only this)
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman 2020, "Approximating KL divergence").
 
     k1 = log r, k2 = (log r)^2 / 2, k3 = exp(-log r) - 1 + log r with log r = log pi - log pi_ref.
-    k3 (the "low-var" estimator of GRPO) is unbiased and always >= 0.
+    k3 (the "low-var" estimator of GRPO) is unbiased and always >= 0. As verl's ``low_var_kl`` (and the
+    SimKO/RLVR-Decomposed forks), k3 is clamped: log r to [-20, 20], then the estimate to [-10, 10]; a token
+    beyond the clamps gets no KL gradient. Unclamped, a token with log r = -28 (pi far below pi_ref) would
+    contribute e^28 - 29 ~ 1.4e12, and beyond -88 nats the exp overflows float32 (inf, and a NaN gradient). The
+    forks' estimate clamp alone gives the same values and gradients wherever their exp is finite. k1 and k2 are
+    not clamped (nor are they in verl).
     """
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
@@ -62,7 +74,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor
     if estimator == "k2":
         return 0.5 * log_ratio.square()
     if estimator == "k3":
-        return torch.exp(-log_ratio) - 1.0 + log_ratio
+        log_ratio = log_ratio.clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
+        return (torch.exp(-log_ratio) - 1.0 + log_ratio).clamp(-K3_CLAMP, K3_CLAMP)
     raise ValueError(f"unknown kl_estimator {estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
 
 
@@ -71,19 +84,29 @@ class PolicyLoss:
 
     loss = aggregate( max(-A~ * ratio~, -A~ * clip(ratio~, 1 - eps, 1 + eps_high)) + penalty_t + beta * KL_t ) + extra
     extra = -entropy_coef * aggregate(H) (the entropy bonus, H differentiable) unless a subclass adds more
+    dual clip (``dual_clip_c`` = c): on tokens with A~ < 0 the per-token PPO term is capped at -A~ * c
 
     Args:
         clip_eps: PPO clip epsilon (low side, and high side unless ``clip_eps_high`` is set).
         clip_eps_high: DAPO's clip-higher upper epsilon; ``None`` means symmetric.
         aggregation: ``token_mean`` | ``seq_mean_token_mean`` | ``seq_mean_token_sum_norm`` (Dr.GRPO).
-        norm_len: the constant of ``seq_mean_token_sum_norm``; ``None`` uses the batch's padded length.
+        norm_len: the constant L of ``seq_mean_token_sum_norm`` (required there: the padded length of a
+            micro-batch changes from one to the next).
         kl_coef: beta of the KL term to the frozen reference; 0 (default) loads no reference model.
-        kl_estimator: ``k1`` | ``k2`` | ``k3``.
+        kl_estimator: ``k1`` | ``k2`` | ``k3`` (clamped as verl's, see :func:`kl_penalty`).
         advantage: name of the advantage estimator (see :mod:`simko.advantages`): ``grpo`` | ``psr`` | ``nsr`` |
             ``w_reinforce`` | ``passk``.
         advantage_kwargs: keyword arguments of the estimator (e.g. ``{norm_std: false}`` for Dr.GRPO, ``{k: 4}``
             for ``passk``); checked against its signature here.
         entropy_coef: beta_H of the entropy bonus ``-beta_H * aggregate(H)``, H differentiable (0: off).
+        dual_clip_c: dual-clip PPO's c > 1 (Ye et al. 2020, arXiv 1912.09729; verl's ``clip_ratio_c``, 3 there
+            and on by default): caps the loss of a negative-advantage token at -A * c, so a token whose ratio grew
+            past c gets no gradient. ``None`` (default): off, as in the SimKO, RLVR-Decomposed and Clip-Cov/KL-Cov
+            code.
+        subset: which responses the loss is over. ``all`` (default): every response of the batch; one with A = 0
+            adds nothing to the sum but counts in the denominator. ``nonzero_advantage``: only responses with
+            A != 0, as if the others were not in the batch (denominator, KL, entropy bonus and covariances
+            included): RLVR-Decomposed's PSR/NSR, which subset the batch to the correct/incorrect responses.
 
     ``top_k`` (class or instance attribute): how many top-K candidates the loss needs in :class:`TokenStats`.
     """
@@ -102,6 +125,8 @@ class PolicyLoss:
         advantage: str = "grpo",
         advantage_kwargs: dict | None = None,
         entropy_coef: float = 0.0,
+        dual_clip_c: float | None = None,
+        subset: str = "all",
     ):
         if not clip_eps > 0:
             raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
@@ -113,13 +138,26 @@ class PolicyLoss:
             raise ValueError(f"unknown kl_estimator {kl_estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
         if entropy_coef < 0:
             raise ValueError(f"entropy_coef must be >= 0 (a bonus), got {entropy_coef}")
+        if dual_clip_c is not None and not dual_clip_c > 1:
+            raise ValueError(f"dual_clip_c must be > 1 (or null: off), got {dual_clip_c}")
+        if subset not in SUBSETS:
+            raise ValueError(f"unknown subset {subset!r}; choose one of {', '.join(SUBSETS)}")
+        self.aggregation = check_aggregation(aggregation)
+        if norm_len is not None and (int(norm_len) != norm_len or norm_len < 1):
+            raise ValueError(f"norm_len must be an integer >= 1 (or null), got {norm_len}")
+        if self.aggregation == "seq_mean_token_sum_norm" and norm_len is None:
+            raise ValueError(
+                "aggregation seq_mean_token_sum_norm (Dr.GRPO) divides by a constant length: set norm_len (the "
+                "dr_grpo preset uses ${rollout.max_new_tokens}); the padded length of each micro-batch is not one"
+            )
         self.clip_low = float(clip_eps)
         self.clip_high = float(clip_eps if clip_eps_high is None else clip_eps_high)
-        self.aggregation = check_aggregation(aggregation)
-        self.norm_len = norm_len
+        self.norm_len = None if norm_len is None else int(norm_len)
         self.kl_coef = float(kl_coef)
         self.kl_estimator = kl_estimator
         self.entropy_coef = float(entropy_coef)
+        self.dual_clip_c = None if dual_clip_c is None else float(dual_clip_c)
+        self.subset = subset
         self._advantage_fn = build_advantage(advantage, **dict(advantage_kwargs or {}))  # Hydra: a DictConfig
 
     # ------------------------------------------------------------------ public API
@@ -132,6 +170,19 @@ class PolicyLoss:
         """rewards [P, G] -> advantages [P, G] with this loss's estimator."""
         return self._advantage_fn(rewards)
 
+    def loss_rows(self, advantages: Tensor) -> Tensor | None:
+        """[B] bool: the responses the loss is over (``subset``); None: all of them."""
+        if self.subset == "nonzero_advantage":
+            return advantages.detach() != 0
+        return None
+
+    def aggregation_weight(self, mask: Tensor, advantages: Tensor) -> float:
+        """The weight of a micro-batch (``mask`` [B, T], ``advantages`` [B]) in its mini-batch: the denominator of
+        this loss's aggregation over the responses it is over. Accumulating ``loss * weight / sum(weights)`` over
+        the micro-batches gives the mini-batch's loss exactly (:mod:`simko.losses.aggregation`)."""
+        rows = self.loss_rows(advantages)
+        return aggregation_weight(mask if rows is None else mask[rows], self.aggregation)
+
     def __call__(
         self,
         stats: TokenStats,
@@ -140,7 +191,11 @@ class PolicyLoss:
         rewards: Tensor | None = None,
         ref_logprobs: Tensor | None = None,
     ) -> LossOutput:
-        """Loss of one (micro-)batch. ``advantages``/``rewards``: [B], one per response; ``old_logprobs`` [B, T]."""
+        """Loss of one (micro-)batch. ``advantages``/``rewards``: [B], one per response; ``old_logprobs`` [B, T].
+
+        With ``subset`` other than ``all``, every per-row input is reduced to the responses of :meth:`loss_rows`
+        first, and the rest of the loss never sees the others.
+        """
         mask = stats.mask
         if advantages.dim() != 1 or advantages.shape[0] != mask.shape[0]:
             raise ValueError(f"advantages must have shape [B]={mask.shape[0]}, got {tuple(advantages.shape)}")
@@ -150,13 +205,21 @@ class PolicyLoss:
             raise ValueError(f"loss {self.name!r} has kl_coef={self.kl_coef} > 0 and needs ref_logprobs")
         if rewards is None:
             rewards = (advantages > 0).float()
+        rows = self.loss_rows(advantages)
+        if rows is not None:
+            stats, old_logprobs, advantages, rewards = (
+                stats.select(rows),
+                old_logprobs[rows],
+                advantages[rows],
+                rewards[rows],
+            )
+            ref_logprobs = ref_logprobs[rows] if ref_logprobs is not None else None
+            mask = stats.mask
         old_logprobs = old_logprobs.detach()
         adv_tok = advantages.detach().float()[:, None].expand_as(stats.logprobs)
 
         ratio, adv_used, metrics = self.surrogate(stats, old_logprobs, adv_tok, rewards.detach().float())
-        unclipped = -adv_used * ratio
-        clipped = -adv_used * torch.clamp(ratio, 1.0 - self.clip_low, 1.0 + self.clip_high)
-        per_token = torch.maximum(unclipped, clipped)
+        per_token, clip_events = self.objective(ratio, adv_used, stats)
         penalty = self.token_penalty(stats, old_logprobs, adv_tok, metrics)
         if penalty is not None:
             per_token = per_token + penalty
@@ -167,11 +230,13 @@ class PolicyLoss:
             log_ratio = stats.logprobs.detach() - old_logprobs
             metrics.update(
                 policy_loss=float(policy_loss.detach()),
-                clip_frac=float(masked_mean((clipped > unclipped).float(), mask)),
                 approx_kl=float(masked_mean(0.5 * log_ratio.square(), mask)),
                 entropy=float(masked_mean(stats.entropy.detach(), mask)),
                 num_tokens=float(mask.sum()),
             )
+            metrics.update({name: float(masked_mean(event.float(), mask)) for name, event in clip_events.items()})
+            if rows is not None:
+                metrics["subset_frac"] = float(rows.float().mean()) if rows.numel() else 0.0
         if self.kl_coef > 0:
             kl = kl_penalty(stats.logprobs, ref_logprobs.detach(), self.kl_estimator)
             kl_loss = aggregate(kl, mask, self.aggregation, self.norm_len)
@@ -189,6 +254,25 @@ class PolicyLoss:
     ) -> tuple[Tensor, Tensor, dict[str, float]]:
         """Per-token (ratio, advantage) of the PPO-clip objective, and any loss-specific metrics."""
         return torch.exp(stats.logprobs - old_logprobs), adv_tok, {}
+
+    def objective(self, ratio: Tensor, adv: Tensor, stats: TokenStats) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-token loss ``[B, T]`` of the surrogate's (ratio, advantage), and ``{metric name: [B, T] bool}`` of
+        where each clip is active (logged as its share of the valid tokens).
+
+        The base: PPO-clip, max(-A r, -A clip(r, 1 - eps, 1 + eps_high)) (``clip_frac``: where the clipped branch
+        is the larger); with ``dual_clip_c`` = c, tokens with A < 0 whose term exceeds -A c get the constant -A c
+        (``dual_clip_frac``), as verl's ``compute_policy_loss_vanilla``.
+        """
+        unclipped = -adv * ratio
+        clipped = -adv * torch.clamp(ratio, 1.0 - self.clip_low, 1.0 + self.clip_high)
+        per_token = torch.maximum(unclipped, clipped)
+        events = {"clip_frac": clipped > unclipped}
+        if self.dual_clip_c is not None:
+            cap = -self.dual_clip_c * adv.to(per_token.dtype)
+            dual = (adv < 0) & (per_token > cap)
+            per_token = torch.where(dual, cap, per_token)
+            events["dual_clip_frac"] = dual
+        return per_token, events
 
     def token_penalty(
         self, stats: TokenStats, old_logprobs: Tensor, adv_tok: Tensor, metrics: dict[str, float]

@@ -23,7 +23,11 @@ PRIME-RL/Entropy-Mechanism-of-RL): Clip-Cov keeps PPO's clip on the other tokens
 penalty is the trust region; ``ppo_clip=True`` restores the clip); the KL estimate is |log r| with coefficient
 ``kl_cov_coef`` (verl's ``ppo_kl_coef``). One difference: verl multiplies a Clip-Cov token's loss by 0, here its
 ratio is detached, so the gradient is the same (zero) but the loss value stays comparable to GRPO's.
-Defaults are the paper's Qwen2.5-7B ones: r = 2e-4, omega = (1, 5); k = 2e-3, beta = 1.
+Defaults are the authors' Qwen2.5-7B recipes (``recipe/dapo/7b_clip_cov.sh``, ``7b_kl_cov.sh`` of
+PRIME-RL/Entropy-Mechanism-of-RL): Clip-Cov r = 2e-4, omega = (1, 5) and PPO clip ratios 1 / 1 (the ratio is
+clipped to [0, 2] only); KL-Cov k = 2e-3 (their ``k_percent: 0.2`` is a
+percentage; 0.02 at 32B), beta = 1, no PPO clip. Their recipes also set ``clip_ratio_c: 10``, inert: the dual clip
+is commented out in that fork's ``compute_policy_loss`` and absent from both losses.
 The covariance is over the valid tokens of the (micro-)batch the loss sees.
 """
 
@@ -90,6 +94,7 @@ class ClipCovLoss(PolicyLoss):
     Args:
         clip_cov_ratio: r, the fraction of valid tokens whose gradient is detached (2e-4).
         clip_cov_lb, clip_cov_ub: omega_low < Cov < omega_high, the covariance band tokens are drawn from (1, 5).
+        clip_eps: the PPO clip epsilon, 1.0 as the official recipe (both sides; ``clip_eps_high`` may differ).
         seed: seeds this loss's own generator (deterministic draws); None draws from torch's global RNG (which
             ``seed_everything`` seeds). ``loss.generator`` may also be replaced by any CPU ``torch.Generator``.
         **base_kwargs: as :class:`PolicyLoss`.
@@ -101,9 +106,10 @@ class ClipCovLoss(PolicyLoss):
         clip_cov_lb: float = 1.0,
         clip_cov_ub: float = 5.0,
         seed: int | None = None,
+        clip_eps: float = 1.0,
         **base_kwargs,
     ):
-        super().__init__(**base_kwargs)
+        super().__init__(clip_eps=clip_eps, **base_kwargs)
         self.clip_cov_ratio = _check_fraction("clip_cov_ratio", clip_cov_ratio)
         if not clip_cov_lb < clip_cov_ub:
             raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got {clip_cov_lb} and {clip_cov_ub}")

@@ -55,6 +55,11 @@ class TokenStats:
             raise ValueError(f"asked for top-{k} candidates, the statistics hold {self.top_k}")
         return TokenStats(self.logprobs, self.entropy, self.topk_logprobs[..., :k], self.topk_ids[..., :k], self.mask)
 
+    def select(self, rows: Tensor) -> TokenStats:
+        """The statistics of some rows only (``rows``: [B] bool or indices); differentiable as indexing is."""
+        parts = (self.logprobs, self.entropy, self.topk_logprobs, self.topk_ids, self.mask)
+        return TokenStats(*(part[rows] for part in parts))
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_logits(
