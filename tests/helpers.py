@@ -71,3 +71,32 @@ def make_loss(name: str, **overrides):
 
     cfg = OmegaConf.to_container(compose_config([f"loss={name}"]).loss, resolve=True)
     return instantiate(OmegaConf.merge(cfg, overrides))
+
+
+def fit_in_process(module, tmp_path, max_steps: int, prompts_per_step: int, logger=False):
+    """``Trainer.fit`` of ``module`` in this process on CPU, on 2-digit additions ("{question}=") rendered for
+    ``module.tokenizer``, without checkpoints, validation or progress bar; returns the trainer."""
+    import lightning.pytorch as pl
+
+    from simko.data import ArithmeticSource, PromptDataModule
+
+    data = PromptDataModule(
+        ArithmeticSource(seed=0, split="train"),
+        prompts_per_step=prompts_per_step,
+        prompt_template="{question}=",
+        use_chat_template=False,
+        tokenizer=module.tokenizer,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=data)
+    return trainer

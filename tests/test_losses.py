@@ -832,13 +832,15 @@ def test_readme_functional_api_float32_matches_analytic_gradient():
 
 # ============================================================================ micro-batch weights (update.py)
 class _Rows:
-    """What of Rollouts simko.update.accumulate_gradients reads: ``response_mask``, ``rows`` and
-    ``sampler_logprobs`` (None: the policy sampled, as the HF engine)."""
+    """What of Rollouts simko.update.accumulate_gradients reads: ``response_mask``, ``rows``, the loss rows
+    (``loss_rows``, ``loss_mask``: every row here) and ``sampler_logprobs`` (None: the policy sampled, as the HF
+    engine)."""
 
     sampler_logprobs = None
 
     def __init__(self, mask):
-        self.response_mask = mask
+        self.response_mask = self.loss_mask = mask
+        self.loss_rows = None
 
     def rows(self, idx):
         return idx

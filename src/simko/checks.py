@@ -49,6 +49,8 @@ def check_train_config(cfg: DictConfig) -> None:
     _positive_number(module, "module", "val_temperature")
     _top_p(module, "module", "val_top_p")
     _integer(module, "module", "val_samples", minimum=1)
+    _sampling_filters(module, rollout)
+    _lora(cfg.get("model") or {})
     if cfg.get("loss") is not None:
         check_loss_knobs(cfg.loss)
 
@@ -192,6 +194,24 @@ def _is_number(value: Any) -> bool:
 
 def _is_integer(value: Any) -> bool:
     return _is_number(value) and float(value).is_integer()
+
+
+def _lora(model: Any) -> None:
+    from simko.models.lora import check_lora_config
+
+    try:
+        check_lora_config(model.get("lora"))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _sampling_filters(module: Any, rollout: Any) -> None:
+    from simko.sampling_filters import check_filter_config
+
+    try:
+        check_filter_config(module, rollout.get("max_new_tokens"))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _positive_number(group: Any, prefix: str, key: str) -> None:

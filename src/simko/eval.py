@@ -39,6 +39,7 @@ from simko.diagnostics import concentration_metrics  # noqa: E402
 from simko.engines import Sampling, build_engine, check_engine  # noqa: E402
 from simko.forward import rollout_token_stats  # noqa: E402
 from simko.metrics import PassAtK, default_ks, majority_at_n  # noqa: E402
+from simko.models.lora import load_adapter_checkpoint, load_model  # noqa: E402
 from simko.rewards import final_answer, score_batch  # noqa: E402
 from simko.rollout import step_seed, tokenize_prompts  # noqa: E402
 from simko.train import exit_with_config_error  # noqa: E402
@@ -50,7 +51,11 @@ def load_checkpoint_into(policy: torch.nn.Module, ckpt_path: str) -> None:
     """Load the policy weights of a checkpoint written by ``simko.train`` (``last.ckpt`` or a weights-only
     ``stepNNNNNN.ckpt``), weights-only: a file that would execute code when unpickled is refused, not run."""
     path = Path(ckpt_path)
-    policy_state = policy_state_dict(read_checkpoint(path), path)
+    checkpoint = read_checkpoint(path)
+    if checkpoint.get("lora"):  # a LoRA run's checkpoint: its adapter config and weights, merged into the base
+        load_adapter_checkpoint(policy, checkpoint, f"checkpoint {path}")
+        return
+    policy_state = policy_state_dict(checkpoint, path)
     missing, unexpected = policy.load_state_dict(policy_state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
     if missing or unexpected:
@@ -65,7 +70,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     check_eval_config(cfg)
     datamodule = build_data(cfg)  # before the model: a bad data path fails in seconds
-    policy, tokenizer = instantiate(cfg.model)
+    policy, tokenizer = load_model(cfg.model, apply=False)  # a LoRA adapter comes from the checkpoint
     if cfg.get("ckpt_path"):
         load_checkpoint_into(policy, cfg.ckpt_path)
     policy.eval()

@@ -1,6 +1,7 @@
 """The RLVR LightningModule: one ``training_step`` is one RL step.
 
-    prompts -> G rollouts each (the rollout engine, ``rollout.engine``) -> verifier rewards -> group advantages
+    prompts -> G rollouts each (the rollout engine, ``rollout.engine``) -> verifier rewards -> the trained batch
+    (simko.sampling_filters: dynamic sampling, truncation masks, overlong penalty) -> group advantages
     -> ppo_epochs x mini-batches of optimizer updates (simko.update) -> sync the engine's weights
 
 Optimization is manual: one RL step makes ``ppo_epochs * num_mini_batches`` optimizer steps, so Lightning's
@@ -30,7 +31,16 @@ from simko.engines import RolloutEngine, Sampling, available_engines, build_engi
 from simko.forward import rollout_token_stats
 from simko.losses import PolicyLoss, TokenStats
 from simko.metrics import PassAtK, default_ks
+from simko.models import lora
 from simko.rollout import Rollouts, step_seed, tokenize_prompts
+from simko.sampling_filters import (
+    SUMMED_METRICS,
+    DynamicSampling,
+    OverlongPenalty,
+    check_refill_source,
+    knob_group,
+    module_step_batch,
+)
 from simko.update import update_policy
 
 
@@ -66,6 +76,12 @@ class RLVRModule(LightningModule):
         scheduler: optional partial ``torch.optim.lr_scheduler`` constructor (stepped per optimizer step).
         diagnostics_top_k: log mean p(rank k) for k = 1..this (0 disables the concentration diagnostics).
         diagnostics_tau: entropy quantile (per response) above which a token counts as high-entropy there.
+        dynamic_sampling: DAPO's dynamic sampling (``enabled``, ``max_extra_generations``, ``tolerance``;
+            :class:`simko.sampling_filters.DynamicSampling`); zero-variance groups are logged either way.
+        mask_truncated: truncated completions (no EOS within max_new_tokens) get no loss (TRL's
+            ``mask_truncated_completions``).
+        overlong: DAPO's soft overlong punishment (``buffer``, ``penalty_factor``;
+            :class:`simko.sampling_filters.OverlongPenalty`); ``buffer: null`` is off.
         **engine_knobs: the knobs of each engine by its name (``rollout.<engine>``); the chosen engine's are
             passed to its constructor.
     """
@@ -98,6 +114,9 @@ class RLVRModule(LightningModule):
         scheduler: Callable[..., Any] | None = None,
         diagnostics_top_k: int = 10,
         diagnostics_tau: float = 0.8,
+        dynamic_sampling: DynamicSampling | dict | None = None,
+        mask_truncated: bool = False,
+        overlong: OverlongPenalty | dict | None = None,
         **engine_knobs: dict,
     ):
         super().__init__()
@@ -149,12 +168,21 @@ class RLVRModule(LightningModule):
         vocab = policy.get_output_embeddings().weight.shape[0]
         self.diagnostics_top_k = min(diagnostics_top_k, vocab)
         self.diagnostics_tau = diagnostics_tau
+        self.dynamic_sampling = knob_group(DynamicSampling, dynamic_sampling)
+        self.mask_truncated = bool(mask_truncated)
+        self.overlong = knob_group(OverlongPenalty, overlong)
+        self.overlong.check(max_new_tokens)
         self.verifiers = dict(verifiers or {})
         self._verifier = verifier
         # The frozen reference exists only when the loss needs it (a KL term) and is never registered as a
-        # submodule: it is not trained, not sharded and not written into checkpoints.
+        # submodule: it is not trained, not sharded and not written into checkpoints. A LoRA policy needs no copy:
+        # its reference is the policy with the adapters disabled (simko.models.lora.base_model_stats).
         self._reference: torch.nn.Module | None = None
-        if loss.needs_reference:
+        if lora.is_lora(policy):
+            # Checkpoints hold the adapter only. FSDP2 loads them inside the strategy, before on_load_checkpoint
+            # could put the base weights back; the adapter's config is checked there (lora.restore_base_weights).
+            self.strict_loading = False
+        if loss.needs_reference and not lora.is_lora(policy):
             ref = copy.deepcopy(policy).eval().requires_grad_(False)
             object.__setattr__(self, "_reference", ref)
         self.rl_step = 0
@@ -165,6 +193,8 @@ class RLVRModule(LightningModule):
     def setup(self, stage: str) -> None:
         """The strategy is known: build the rollout engine (kept from validate() into fit())."""
         self._sharded = distributed.is_sharded(self.trainer.strategy)
+        if stage == "fit":
+            check_refill_source(self.dynamic_sampling, self.trainer.datamodule)
         if self._engine is None:
             self._engine = self._build_engine(synced_gpus=self.trainer.world_size > 1 and self._sharded)
 
@@ -180,7 +210,8 @@ class RLVRModule(LightningModule):
         return self._engine
 
     def _build_engine(self, synced_gpus: bool) -> RolloutEngine:
-        return build_engine(self.engine_name, self.policy, self.tokenizer, synced_gpus=synced_gpus, **self.engine_knobs)
+        policy = lora.engine_view(self.policy)  # LoRA: the engine reads merged weights
+        return build_engine(self.engine_name, policy, self.tokenizer, synced_gpus=synced_gpus, **self.engine_knobs)
 
     def configure_model(self) -> None:
         """FSDP2 (ModelParallelStrategy): shard every transformer block, then the whole policy as the root."""
@@ -206,13 +237,15 @@ class RLVRModule(LightningModule):
                 m.attention_dropout = 0.0
         if self._reference is not None:
             self._reference.to(self.device)
-        self.engine.sync_weights(self.policy)  # resumed weights are loaded by now
+        self.engine.sync_weights(lora.engine_view(self.policy))  # resumed weights are loaded by now
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rl_step"] = self.rl_step
+        lora.drop_base_weights(checkpoint, self.policy)  # LoRA: the adapter only, and its config
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.rl_step = checkpoint.get("rl_step", 0)
+        lora.restore_base_weights(checkpoint, self.policy)  # LoRA: the base weights back, for the strict load
 
     def score(self, completions: list[str], answers: list[str], names: list[str]) -> list[float]:
         if self._verifier is not None:
@@ -228,12 +261,21 @@ class RLVRModule(LightningModule):
 
     # ------------------------------------------------------------------ rollouts and token statistics
     def rollout(
-        self, examples: list[dict], step: int, group_size: int, temperature: float, top_p: float, seed_offset: int = 0
+        self,
+        examples: list[dict],
+        step: int,
+        group_size: int,
+        temperature: float,
+        top_p: float,
+        seed_offset: int = 0,
+        seed: int | None = None,
     ) -> tuple[Rollouts, Tensor, dict[str, float]]:
-        """Generate and score; returns rollouts, rewards [N] and timings."""
+        """Generate and score; returns rollouts, rewards [N] and timings. ``seed``: the sampling seed (default: the
+        step's, from ``step_seed``)."""
         t0 = time.perf_counter()
         prompt_ids = tokenize_prompts(self.tokenizer, [ex["prompt"] for ex in examples], self.max_prompt_tokens)
-        seed = step_seed(self.seed + seed_offset, step, self.global_rank)
+        if seed is None:
+            seed = step_seed(self.seed + seed_offset, step, self.global_rank)
         sampling = Sampling(max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         rollouts = self.engine.generate(prompt_ids, group_size, sampling)
         t1 = time.perf_counter()
@@ -254,15 +296,16 @@ class RLVRModule(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         examples, step = batch["examples"], int(batch["step"])
         G = self.group_size
-        rollouts, rewards, timings = self.rollout(examples, step, G, self.temperature, self.top_p)
+        rollouts, scores, timings = self.rollout(examples, step, G, self.temperature, self.top_p)
+        trained = module_step_batch(self, examples, step, rollouts, scores, timings)  # filters, refills
 
         t_update = time.perf_counter()
-        advantages = self.loss_fn.compute_advantages(rewards.view(-1, G)).reshape(-1)
+        advantages = self.loss_fn.compute_advantages(trained.rewards.view(-1, G)).reshape(-1)
         diag_k = self.diagnostics_top_k
         metrics, diagnostics = update_policy(
             self.loss_fn,
-            rollouts,
-            rewards,
+            trained.rollouts,
+            trained.scores,  # the verifier's rewards: what a loss calls correct (SimKO)
             advantages,
             token_stats=partial(self.token_stats, self.policy),
             optimizer_step=self._optimizer_step,
@@ -271,7 +314,7 @@ class RLVRModule(LightningModule):
             ppo_epochs=self.ppo_epochs,
             num_mini_batches=self.num_mini_batches,
             micro_batch_size=self.micro_batch_size,
-            reference_stats=partial(self.token_stats, self._reference) if self._reference is not None else None,
+            reference_stats=self._reference_stats(),
             stats_top_k=max(self.loss_fn.top_k, diag_k),
             backward=self.manual_backward,
             no_sync=partial(distributed.no_sync, self.trainer.strategy),
@@ -280,16 +323,26 @@ class RLVRModule(LightningModule):
             where=f" at RL step {step}",
         )
         t_sync = time.perf_counter()
-        self.engine.sync_weights(self.policy)  # the next RL step samples from the updated policy
+        self.engine.sync_weights(lora.engine_view(self.policy))  # the next RL step samples from the updated policy
         timings["time/update"] = t_sync - t_update
         timings["time/weight_sync"] = time.perf_counter() - t_sync
         self.rl_step = step + 1
-        metrics = {k if k.startswith("rollout/") else f"train/{k}": v for k, v in metrics.items()}
+        metrics = {
+            k if k.startswith("rollout/") else f"train/{k}": v for k, v in {**metrics, **trained.metrics}.items()
+        }
         metrics.update({f"diag/{k}": v for k, v in diagnostics.items()})
-        # The step's rollouts as text, for logging samples (simko.callbacks.samples.RolloutSamples).
-        self.last_rollout = dict(step=step, examples=examples, completions=rollouts.completions, rewards=rewards,
-                                 advantages=advantages)  # fmt: skip
-        self._log_step(rollouts, rewards, metrics, timings)
+        # The step's trained rollouts as text, for logging samples (simko.callbacks.samples.RolloutSamples).
+        self.last_rollout = dict(step=step, examples=trained.examples, completions=trained.rollouts.completions,
+                                 rewards=trained.rewards, advantages=advantages)  # fmt: skip
+        self._log_step(rollouts, scores, metrics, timings)  # reward, lengths: the step's first generation
+
+    def _reference_stats(self):
+        """The frozen reference's token statistics for a KL term (a copy of the policy, or a LoRA policy's base)."""
+        if self._reference is not None:
+            return partial(self.token_stats, self._reference)
+        if self.loss_fn.needs_reference:
+            return lora.base_model_stats(partial(self.token_stats, self.policy), self.policy)
+        return None
 
     def _diagnostics(self, stats: TokenStats) -> dict[str, float]:
         """Concentration diagnostics (diag/*) of the first mini-batch, under the policy that sampled it."""
@@ -320,7 +373,8 @@ class RLVRModule(LightningModule):
         }
         for key, value in log.items():
             # Counts are summed over ranks, everything else averaged.
-            reduce = "sum" if key in ("solved_all", "solved_none") or key.startswith("verifier/") else "mean"
+            summed = key in ("solved_all", "solved_none") or key.removeprefix("train/") in SUMMED_METRICS
+            reduce = "sum" if summed or key.startswith("verifier/") else "mean"
             name = key if key.startswith(("train/", "time/", "diag/", "verifier/", "rollout/")) else f"train/{key}"
             self.log(
                 name,

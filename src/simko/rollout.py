@@ -29,6 +29,9 @@ class Rollouts:
     sampler_logprobs [N, R]     log-prob of each response token under the sampler at the sampling temperature,
                                 0 on padding; None when the engine does not report them (HF: the policy is the
                                 sampler, so the update recomputes them exactly)
+    loss_rows       [N]         bool: the rows the loss is taken over (None: all). Rows left out (masked truncated
+                                completions, dynamic sampling's unfilled slots: simko.sampling_filters) add no
+                                token to the loss and its weights, but stay in the batch and in the diagnostics
     """
 
     input_ids: Tensor
@@ -39,6 +42,14 @@ class Rollouts:
     completions: list[str]
     truncated: Tensor
     sampler_logprobs: Tensor | None = None
+    loss_rows: Tensor | None = None
+
+    @property
+    def loss_mask(self) -> Tensor:
+        """[N, R] the response tokens of the loss rows (``response_mask`` when every row has a loss)."""
+        if self.loss_rows is None:
+            return self.response_mask
+        return self.response_mask & self.loss_rows[:, None]
 
     @property
     def response_tokens(self) -> Tensor:

@@ -17,10 +17,10 @@ import time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import hydra  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from simko.config import check_config_dir  # noqa: E402
+from simko.models.lora import load_model  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def run_sft(cfg: DictConfig) -> float:
     if cfg.model.get("_target_") != "simko.models.load_tiny":
         raise ValueError(f"simko.sft warm-starts model=tiny only; this config's model is {cfg.model.get('_target_')}")
     start = time.perf_counter()
-    model, tokenizer = instantiate(cfg.model)
+    model, tokenizer = load_model(cfg.model, apply=False)  # the warm start trains the whole model
     ready_seconds = time.perf_counter() - start
     folder = model.name_or_path
     metadata = warm_start_metadata(folder)

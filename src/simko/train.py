@@ -38,6 +38,7 @@ from simko.config import check_config_dir, import_modules  # noqa: E402
 from simko.console import progress_bar_enabled, quiet_library_warnings  # noqa: E402
 from simko.engines import check_engine  # noqa: E402
 from simko.logging_utils import log_run_outputs, log_run_start  # noqa: E402
+from simko.models.lora import load_model  # noqa: E402
 from simko.rewards import check_verifier_names  # noqa: E402
 from simko.runs import resolve_ckpt_path  # noqa: E402
 from simko.steplog import RLStepLogging  # noqa: E402
@@ -65,7 +66,7 @@ def build(cfg: DictConfig, resume_step: int | None = None):
     engine = cfg.rollout.get("engine", "hf")
     check_engine(engine, cfg.rollout.get(engine))  # e.g. rollout.engine=vllm without vLLM: the install command
     datamodule = build_data(cfg)  # files read and checked before the model; the tokenizer comes later
-    policy, tokenizer = instantiate(cfg.model)
+    policy, tokenizer = load_model(cfg.model)  # the loader, then LoRA when model.lora is set
     datamodule.set_tokenizer(tokenizer)
     check_against_model(policy, datamodule, loss, cfg.rollout.get("max_prompt_tokens"))
     module = instantiate(cfg.module, policy=policy, tokenizer=tokenizer, loss=loss, **cfg.rollout)

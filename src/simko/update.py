@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -105,13 +106,18 @@ def accumulate_gradients(
     importance weights (``is_weights``) and adds ``rollout/is_weight_mean`` / ``rollout/is_capped_frac``.
     """
     top_k = loss_fn.top_k if stats_top_k is None else stats_top_k
-    micro, weights, total_weight = micro_batches(rows, micro_batch_size, rollouts.response_mask, loss_fn, advantages)
+    micro, weights, total_weight = micro_batches(rows, micro_batch_size, rollouts.loss_mask, loss_fn, advantages)
+    diag_weights, diag_total = weights, total_weight
+    if rollouts.loss_rows is not None:  # the diagnostics see every sampled token, with a loss or not
+        _, diag_weights, diag_total = micro_batches(rows, micro_batch_size, rollouts.response_mask, loss_fn, advantages)
     for i, (idx, w) in enumerate(zip(micro, weights)):
         stats = token_stats(rollouts.rows(idx), top_k)
         if diagnose is not None and diagnostics is not None:
             for k, v in diagnose(stats).items():
-                diagnostics[k] += v * w / total_weight
+                diagnostics[k] += v * diag_weights[i] / diag_total
         R = stats.mask.shape[1]
+        if rollouts.loss_rows is not None:  # rows without loss (simko.sampling_filters): no token in the loss
+            stats = replace(stats, mask=stats.mask & rollouts.loss_rows[idx, None])
         old = old_logprobs[idx, :R] if old_logprobs is not None else stats.logprobs.detach()
         is_weights = None
         if rollouts.sampler_logprobs is not None:

@@ -8,7 +8,9 @@ The batch of step ``s`` is a pure function of (seed, s, rank, world_size):
   reads row ``permutation(seed, epoch=p // len)[p % len]``;
 * procedural sources (with an ``example(index)`` method) read ``example(s * P + j)``;
 * rank ``r`` of ``W`` takes the contiguous slice ``[r * P/W, (r + 1) * P/W)`` of the global batch, so a
-  prompt (and the group of rollouts made from it) never spans ranks.
+  prompt (and the group of rollouts made from it) never spans ranks;
+* the extra generation rounds of dynamic sampling read a stream of their own, keyed by (seed, s, round)
+  (``refill_examples``), so they leave the main stream as it is.
 
 So resuming needs one number, the next step to train (see ``state_dict``), and changing the number of
 GPUs keeps the global sequence of prompts unchanged.
@@ -20,6 +22,7 @@ the model's context at once, and procedural prompts as they are made.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -217,6 +220,36 @@ class PromptDataModule(pl.LightningDataModule):
             self._check_prompt_lengths(examples, f"train_source, RL step {step}")
         return examples
 
+    def refill_examples(
+        self, step: int, round_: int, rank: int | None = None, world_size: int | None = None
+    ) -> list[dict]:
+        """Rendered examples of extra generation round ``round_`` (>= 1) of RL step ``step`` for one rank (dynamic
+        sampling, :mod:`simko.sampling_filters`), as many as :meth:`examples_for_step` gives it.
+
+        A stream of its own, keyed by (seed, step, round): ``prompts_per_step`` distinct rows of a file source drawn
+        by a generator seeded with them (rows may repeat across rounds and steps, and may also be in the main
+        stream's batch), or, for a procedural source, examples at hashed indices. The main stream is untouched, and
+        the prompts of a round do not depend on how many rounds earlier steps drew, so a resumed run refills as the
+        uninterrupted run did. Rank ``r`` takes its contiguous slice, as in the main stream.
+        """
+        if round_ < 1:
+            raise ValueError(f"refill rounds count from 1, got {round_}")
+        if rank is None or world_size is None:
+            rank, world_size = self.rank_and_world_size()
+        per_rank = self._prompts_per_rank(world_size)
+        positions = range(rank * per_rank, (rank + 1) * per_rank)
+        source = self.train_source
+        if _is_procedural(source):
+            examples = [dict(source.example(_refill_index(self.seed, step, round_, j))) for j in positions]
+        else:
+            rng = np.random.default_rng([self.seed, step, round_, _REFILL_STREAM])
+            rows = rng.choice(len(source), size=self.prompts_per_step, replace=self.prompts_per_step > len(source))
+            examples = [dict(source[int(rows[j])]) for j in positions]
+        examples = [self._render(example) for example in examples]
+        if _is_procedural(source):  # file rows were all checked by limit_prompt_tokens
+            self._check_prompt_lengths(examples, f"train_source, RL step {step} refill round {round_}")
+        return examples
+
     def _train_example(self, position: int) -> dict[str, Any]:
         """The example at a global position of the endless training stream."""
         source = self.train_source
@@ -304,3 +337,12 @@ class PromptDataModule(pl.LightningDataModule):
 
 def _is_procedural(source: Source) -> bool:
     return callable(getattr(source, "example", None))
+
+
+_REFILL_STREAM = 0x5EED  # the last seed word of the refill stream's generator (the main stream's has two words)
+
+
+def _refill_index(seed: int, step: int, round_: int, position: int) -> int:
+    """The procedural-source index of a refill prompt: a 62-bit hash of (seed, step, round, position)."""
+    digest = hashlib.blake2b(f"refill/{seed}/{step}/{round_}/{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
