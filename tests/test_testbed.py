@@ -1,0 +1,258 @@
+"""The multi-path testbed: countdown_steps solver, verifier, splits, diversity metrics and experiment configs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from fractions import Fraction
+
+import pytest
+
+from simko.data.countdown_steps import CountdownStepsSource, solve
+from simko.metrics.diversity import SolutionDiversity, problem_diversity, solution_keys, text_key
+from simko.rewards import build_verifier, score_batch
+from simko.rewards.countdown_steps import MAX_COMPLETION_CHARS, Step, chain_text, parse_chain, solution_key
+from simko.rewards.logic import countdown_answer
+
+# --- solver against brute force ------------------------------------------------------------------------------
+
+
+def brute_force_keys(numbers: list[int], target: int) -> set[str]:
+    """Every solution by a different route than the solver: all expression TREES over subsets of the numbers
+    (not chains of pool moves), exact fractions, each internal node one step; a tree counts when every node is a
+    positive integer and the root is the target. Key: the sorted canonical steps, as the verifier writes them."""
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+    indices = tuple(range(len(numbers)))
+    trees: dict[tuple[int, ...], list[tuple[Fraction, tuple[str, ...]]]] = {}
+    for size in range(1, len(numbers) + 1):
+        for subset in itertools.combinations(indices, size):
+            if size == 1:
+                trees[subset] = [(Fraction(numbers[subset[0]]), ())]
+                continue
+            found = []
+            for left_size in range(1, size):
+                for left in itertools.combinations(subset, left_size):
+                    right = tuple(i for i in subset if i not in left)
+                    for (lv, ls), (rv, rs) in itertools.product(trees[left], trees[right]):
+                        for op, fn in ops.items():
+                            if op == "/" and rv == 0:
+                                continue
+                            value = fn(lv, rv)
+                            if value <= 0 or value.denominator != 1:
+                                continue
+                            a, b = int(lv), int(rv)
+                            if op in "+*" and a < b:
+                                a, b = b, a
+                            found.append((value, ls + rs + (f"{a}{op}{b}={int(value)}",)))
+            trees[subset] = found
+    return {";".join(sorted(steps)) for value, steps in trees[indices] if value == target}
+
+
+def solver_keys(numbers: list[int], target: int) -> set[str]:
+    return {solution_key(chain_text(chain), countdown_answer(numbers, target)) for chain in solve(numbers, target)}
+
+
+def test_solver_finds_exactly_the_brute_force_solutions_on_all_small_problems():
+    checked = solved = 0
+    for numbers in itertools.combinations_with_replacement(range(1, 6), 3):
+        for target in range(1, 40):
+            expected = brute_force_keys(list(numbers), target)
+            chains = solve(list(numbers), target)
+            assert len(chains) == len(expected), (numbers, target)
+            assert solver_keys(list(numbers), target) == expected, (numbers, target)
+            checked += 1
+            solved += bool(expected)
+    assert checked == 35 * 39 and solved > 300  # the sweep covers solvable and unsolvable problems
+
+
+def test_solver_matches_brute_force_on_random_four_number_problems():
+    rng = random.Random(0)
+    many = 0
+    for _ in range(40):
+        numbers, target = [rng.randint(1, 9) for _ in range(4)], rng.randint(10, 50)
+        expected = brute_force_keys(numbers, target)
+        assert solver_keys(numbers, target) == expected, (numbers, target)
+        assert len(solve(numbers, target)) == len(expected)
+        many += len(expected) >= 3
+    assert many >= 10
+
+
+def test_every_solver_chain_is_correct_and_one_per_solution():
+    numbers, target = [3, 5, 7, 9], 24
+    chains = solve(numbers, target)
+    texts = [chain_text(chain) for chain in chains]
+    answer = countdown_answer(numbers, target)
+    assert len(chains) >= 3 and len(set(texts)) == len(texts)
+    assert score_batch(texts, [answer] * len(texts), "countdown_steps") == [1.0] * len(texts)
+    keys = [solution_key(text, answer) for text in texts]
+    assert None not in keys and len(set(keys)) == len(keys)
+    assert solve([9, 7, 5, 3], 24) == chains  # the order of the numbers does not matter
+    assert solve([1, 1], 5) == []
+    with pytest.raises(ValueError, match="positive"):
+        solve([0, 3], 3)
+
+
+# --- verifier ---------------------------------------------------------------------------------------------------
+
+ANSWER = countdown_answer([3, 5, 7, 9], 17)  # 9-7=2, 5*3=15, 15+2=17
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "9-7=2\n5*3=15\n15+2=17",
+        "5*3=15\n9-7=2\n15+2=17",  # independent lines in another order
+        "3*5=15\n9-7=2\n2+15=17",  # operands of + and * in either order
+        " 9 - 7 = 2 \n\n5*3=15\n15+2=17\n",  # spaces and blank lines
+    ],
+)
+def test_verifier_accepts_correct_chains(completion):
+    assert build_verifier("countdown_steps")(completion, ANSWER) == 1.0
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "9-7=2\n5*3=15\n15+2=18",  # wrong arithmetic on the last line
+        "9-7=3\n5*3=15\n15+3=18",  # a wrong intermediate, then used consistently
+        "9-7=2\n5*3=15",  # does not use every number
+        "9-7=2\n5*3=15\n15+2=17\n17-2=15",  # uses a number twice
+        "7-9=-2\n5*3=15\n15-2=13",  # negative intermediate (not a step)
+        "9-9=0\n5*3=15",  # a number the problem does not have
+        "7/2=3\n9*5=45",  # inexact division
+        "09-7=2\n5*3=15\n15+2=17",  # the evaluator reads decimal literals only
+        "9-7=2\n5*3=15\n15+2=17\nso the answer is 17",  # text besides the steps
+        "9-7=2\n5*3=15\n15+2=17=17",
+        "\u0669-7=2\n5*3=15\n15+2=17",  # a Unicode digit
+        "__import__('os').system('true')",
+        "",
+    ],
+)
+def test_verifier_rejects_wrong_or_malformed_chains(completion):
+    verifier = build_verifier("countdown_steps")
+    assert verifier(completion, ANSWER) == 0.0
+    assert verifier.num_errors == 0  # a wrong completion is a plain 0, not an error
+
+
+def test_verifier_rejects_zero_intermediates_and_is_bounded():
+    answer = countdown_answer([4, 4, 5], 5)
+    verifier = build_verifier("countdown_steps")
+    assert verifier("4-4=0\n5+0=5", answer) == 0.0  # intermediates must be positive
+    assert verifier("4/4=1\n5*1=5", answer) == 1.0
+    # Only the first MAX_COMPLETION_CHARS characters are read: a correct chain after them does not count.
+    assert verifier(" " * MAX_COMPLETION_CHARS + "4/4=1\n5*1=5", answer) == 0.0
+    assert parse_chain("9" * 10 + "+1=" + "9" * 10) is None  # numbers have at most MAX_DIGITS digits
+    assert verifier("4/4=1\n5*1=5", "not json") == 0.0 and verifier.num_errors == 1  # a bad gold is an error
+
+
+def test_solution_key_identifies_reorderings_and_nothing_else():
+    first = solution_key("9-7=2\n5*3=15\n15+2=17", ANSWER)
+    assert first == solution_key("3*5=15\n9-7=2\n2+15=17", ANSWER) == "15+2=17;5*3=15;9-7=2"
+    assert solution_key("9+3=12\n12-7=5\n5*5=25", ANSWER) is None  # not a correct chain
+    # (9+5)+3 and 9+(5+3) are different chains of computation: different solutions.
+    answer = countdown_answer([9, 5, 3, 1], 18)
+    assert solution_key("9+5=14\n14+3=17\n17+1=18", answer) != solution_key("5+3=8\n9+8=17\n17+1=18", answer)
+    assert Step(3, "*", 5, 15).canonical() == Step(5, "*", 3, 15)
+
+
+# --- data splits --------------------------------------------------------------------------------------------------
+
+
+def _key(example: dict) -> str:
+    gold = json.loads(example["answer"])
+    return f"{sorted(gold['numbers'])} -> {gold['target']}"
+
+
+def test_splits_are_disjoint_and_held_out_problems_distinct():
+    train = {_key(CountdownStepsSource(seed=s, split="train").example(i)) for s in (0, 1) for i in range(800)}
+    val_source, test_source = CountdownStepsSource(split="val"), CountdownStepsSource(split="test")
+    val = [_key(val_source.example(i)) for i in range(300)]
+    test = [_key(test_source.example(i)) for i in range(300)]
+    assert len(set(val)) == len(val) and len(set(test)) == len(test)  # distinct problems
+    assert not train & set(val) and not train & set(test) and not set(val) & set(test)
+
+
+def test_examples_are_deterministic_valid_and_filtered():
+    source = CountdownStepsSource(seed=3, split="train", min_solutions=4)
+    again = CountdownStepsSource(seed=3, split="train", min_solutions=4)
+    examples = [source.example(i) for i in range(200)]
+    assert examples == [again.example(i) for i in range(200)]
+    assert examples != [CountdownStepsSource(seed=4, split="train", min_solutions=4).example(i) for i in range(200)]
+    for example in examples:
+        gold = json.loads(example["answer"])
+        assert len(gold["numbers"]) == 4 and all(1 <= n <= 9 for n in gold["numbers"])
+        assert 10 <= gold["target"] <= 50 and example["num_solutions"] >= 4
+        assert example["question"] == " ".join(map(str, gold["numbers"])) + f" -> {gold['target']}"
+        assert example["num_solutions"] == len(solve(gold["numbers"], gold["target"]))
+    scores = score_batch([e["solution"] for e in examples], [e["answer"] for e in examples], "countdown_steps")
+    assert scores == [1.0] * len(examples)
+
+
+def test_train_solutions_are_drawn_uniformly_among_the_correct_ones():
+    source = CountdownStepsSource(seed=0, split="train")
+    positions, sizes = [], []
+    for i in range(3000):
+        example = source.example(i)
+        gold = json.loads(example["answer"])
+        texts = [chain_text(chain) for chain in solve(gold["numbers"], gold["target"])]
+        positions.append(texts.index(example["solution"]))
+        sizes.append(len(texts))
+    # Uniform over the n solutions: E[(i + 1/2) / n] = 1/2, and the first (last) solution is drawn with
+    # probability 1/n each time: observed counts within 4 standard deviations of their expectation.
+    assert abs(sum((i + 0.5) / n for i, n in zip(positions, sizes)) / len(sizes) - 0.5) < 0.02
+    expected = sum(1 / n for n in sizes)
+    sigma = math.sqrt(sum((1 / n) * (1 - 1 / n) for n in sizes))
+    for observed in (sum(i == 0 for i in positions), sum(i == n - 1 for i, n in zip(positions, sizes))):
+        assert abs(observed - expected) < 4 * sigma, (observed, expected, sigma)
+
+
+def test_source_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="split"):
+        CountdownStepsSource(split="dev")
+    with pytest.raises(ValueError, match="test_fraction"):
+        CountdownStepsSource(val_fraction=0.6, test_fraction=0.5)
+    with pytest.raises(ValueError, match="min_solutions"):
+        CountdownStepsSource(min_solutions=5, max_solutions=2)
+    with pytest.raises(ValueError, match="distinct"):
+        CountdownStepsSource(split="test", min_value=1, max_value=2, min_target=10, max_target=10).example(50)
+
+
+# --- diversity metrics ----------------------------------------------------------------------------------------
+
+
+def test_problem_diversity_by_hand():
+    row = problem_diversity(["a", "a", "b", None], num_solutions=4)
+    assert row["distinct_correct"] == 2
+    assert row["solution_entropy"] == pytest.approx(-(2 / 3) * math.log(2 / 3) - (1 / 3) * math.log(1 / 3))
+    assert row["solution_coverage"] == 0.5
+    one = problem_diversity(["a", "a"])
+    assert one["distinct_correct"] == 1 and one["solution_entropy"] == 0.0 and math.isnan(one["solution_coverage"])
+    none = problem_diversity([None, None], num_solutions=3)
+    assert none["distinct_correct"] == 0 and math.isnan(none["solution_entropy"]) and none["solution_coverage"] == 0
+
+
+def test_solution_diversity_metric_means_over_problems():
+    metric = SolutionDiversity()
+    metric.update([["a", "b", "c", "d"], [None, None, None, None]], num_solutions=[8, 2])
+    metric.update([["x", "x", None, "y"]], num_solutions=[None])
+    out = metric.compute()
+    assert out["distinct_correct"] == pytest.approx((4 + 0 + 2) / 3)
+    # Entropy over the solved problems only: ln 4 and the (2/3, 1/3) split.
+    assert out["solution_entropy"] == pytest.approx((math.log(4) + 0.6365141682948128) / 2)
+    assert out["solution_coverage"] == pytest.approx((4 / 8 + 0 / 2) / 2)  # where the solution count is known
+    with pytest.raises(ValueError, match="solution counts"):
+        metric.update([["a"]], num_solutions=[1, 2])
+
+
+def test_solution_keys_use_the_task_key_or_the_text():
+    answer = countdown_answer([3, 5, 7], 22)
+    keys = solution_keys(
+        ["3*5=15\n15+7=22", "5*3=15\n7+15=22", "7+5=12", "46", " 46\n"],
+        [answer, answer, answer, "46", "46"],
+        ["countdown_steps", "countdown_steps", "countdown_steps", "exact", "exact"],
+        [True, True, False, True, True],
+    )
+    assert keys[0] == keys[1] == "15+7=22;5*3=15" and keys[2] is None
+    assert keys[3] == keys[4] == text_key("46", "46") == "46"
