@@ -7,6 +7,7 @@ import json
 import math
 import random
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,8 @@ from simko.metrics.diversity import SolutionDiversity, problem_diversity, soluti
 from simko.rewards import build_verifier, score_batch
 from simko.rewards.countdown_steps import MAX_COMPLETION_CHARS, Step, chain_text, parse_chain, solution_key
 from simko.rewards.logic import countdown_answer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # --- solver against brute force ------------------------------------------------------------------------------
 
@@ -256,3 +259,148 @@ def test_solution_keys_use_the_task_key_or_the_text():
     )
     assert keys[0] == keys[1] == "15+7=22;5*3=15" and keys[2] is None
     assert keys[3] == keys[4] == text_key("46", "46") == "46"
+
+
+# --- experiment configs: splits, paired seeds, one warm start --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose_config():
+    import os
+
+    from hydra import compose, initialize_config_dir
+
+    previous = os.environ.get("PROJECT_ROOT")
+    os.environ["PROJECT_ROOT"] = str(REPO_ROOT)
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+        yield lambda name, overrides: compose(name, overrides=overrides)
+    if previous is None:
+        os.environ.pop("PROJECT_ROOT", None)
+    else:
+        os.environ["PROJECT_ROOT"] = previous
+
+
+def _resolved(node) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def test_testbed_seeds_are_paired_across_losses_and_share_one_warm_start(compose_config):
+    from hydra.utils import instantiate
+
+    grpo = compose_config("train", ["experiment=testbed", "loss=grpo", "seed=3"])
+    simko = compose_config("train", ["experiment=testbed", "loss=simko", "loss.alpha=0.1", "seed=3"])
+    other_seed = compose_config("train", ["experiment=testbed", "loss=grpo", "seed=4"])
+    assert simko.loss.name == "simko" and simko.loss.alpha == 0.1 and grpo.loss.name == "grpo"
+    # Same seed: same data (order included) and sampling seed; any seed: the same warm start.
+    assert _resolved(grpo.data) == _resolved(simko.data) and grpo.module.seed == simko.module.seed == 3
+    first = [instantiate(c.data, tokenizer=None).examples_for_step(0) for c in (grpo, simko, other_seed)]
+    assert first[0] == first[1] and first[0] != first[2]
+    model = _resolved(grpo.model)
+    assert model == _resolved(simko.model) == _resolved(other_seed.model)
+    assert model["warm_start_source"]["source"] == "simko.data.countdown_steps.CountdownStepsSource"
+    # The warm start of simko.eval's protocol and of simko.sft is the same cache entry as training's.
+    evaluation = compose_config("eval", ["experiment=testbed_eval"])
+    sft = compose_config("sft", ["experiment=testbed_task"])
+    assert _resolved(evaluation.model) == model == _resolved(sft.model)
+    # In-loop validation on the val split; the evaluation protocol on the test split, n = 256 on 200 problems.
+    assert grpo.data.val_source.split == "val" and evaluation.data.val_source.split == "test"
+    assert evaluation.eval.n == 256 and evaluation.data.val_prompts == 200
+    assert evaluation.eval.max_new_tokens == grpo.rollout.max_new_tokens
+
+
+def _reproduce_module():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("reproduce", REPO_ROOT / "scripts" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reproduce_sweep_names_selection_and_paired_statistics():
+    reproduce = _reproduce_module()
+    assert reproduce.setting_name(0.01, 1.1, 0.8) == "simko"  # the paper's defaults are the simko arm
+    assert reproduce.parse_setting(reproduce.setting_name(0.05, 1.5, 0.5)) == (0.05, 1.5, 0.5)
+    assert reproduce.TESTBED.train_args("simko_a0.1_l1.5_t0.5")[:5] == [
+        "experiment=testbed", "loss=simko", "loss.alpha=0.1", "loss.lam=1.5", "loss.tau=0.5"
+    ]  # fmt: skip
+    assert reproduce.TESTBED.train_args("nsr")[:2] == ["experiment=testbed", "loss=nsr"]
+    assert len(reproduce.TESTBED.sweep) == 12 and reproduce.PAPER_SIMKO in reproduce.TESTBED.sweep
+    assert reproduce.choose_setting({"simko_a0.1_l1.5_t0.5": 0.4, "simko": 0.5}) == "simko"
+    assert reproduce.choose_setting({"simko_a0.1_l1.5_t0.5": 0.5, "simko": 0.5}) == "simko"  # ties: the defaults
+    assert reproduce.choose_setting({"simko": 0.4, "simko_a0.1_l1.5_t0.5": 0.5}) == "simko_a0.1_l1.5_t0.5"
+    assert reproduce.selection_score({"pass_at_k": {"1": 0.2, "2": 0.4, "4": 0.9}}) == pytest.approx(0.5)
+    stats = reproduce.paired([0.5, 0.6, 0.7], [0.4, 0.4, 0.4])  # differences 0.1, 0.2, 0.3
+    assert stats["mean"] == pytest.approx(0.2) and stats["sd"] == pytest.approx(0.1)
+    assert stats["se"] == pytest.approx(0.1 / math.sqrt(3)) and stats["wins"] == 3 and stats["established"]
+    assert not reproduce.paired([0.5, 0.3, 0.6], [0.4, 0.4, 0.4])["established"]  # 0.1, -0.1, 0.2: within 2 SE
+
+
+def test_reproduce_sweep_orchestration_and_report_with_a_fake_runner(tmp_path):
+    """The testbed grid's control flow without subprocesses: the sweep runs on one seed and is scored on the val
+    split, the chosen setting then runs every seed (reusing the sweep's run), and the report and figures follow."""
+    import dataclasses
+
+    import pandas as pd
+
+    reproduce = _reproduce_module()
+    calls = []
+
+    class FakeRunner(reproduce.Runner):
+        def command(self, module, overrides, run_dir, done):
+            if done.exists():
+                return
+            calls.append((module, run_dir.parent.name, run_dir.name))
+            good = 0.3 if "a0.1_l1.5_t0.5" in run_dir.name else 0.0  # the setting that should win the sweep
+            if module == "simko.train":
+                done.parent.mkdir(parents=True)
+                done.write_bytes(b"")
+                steps = range(1, 4)
+                frame = pd.DataFrame({"train/rl_step": list(steps), "train/reward": [0.2 + good] * 3,
+                                      "val/pass@4": [0.5] * 3, "val/distinct_correct": [2.0] * 3,
+                                      "diag/p_rank1": [0.8] * 3, "diag/p_rank2": [0.1] * 3,
+                                      "diag/p_rank1_hi": [0.6] * 3})  # fmt: skip
+                (run_dir / "csv").mkdir()
+                frame.to_csv(run_dir / "csv" / "metrics.csv", index=False)
+            else:
+                split = next(o.split("=")[1] for o in overrides if o.startswith("data.val_source.split="))
+                run_dir.mkdir(parents=True)
+                summary = {"pass_at_k": {"1": 0.2 + good, "2": 0.3 + good, "4": 0.4 + good}, "n": 4, "num_problems": 8,
+                           "diversity": {"distinct_correct": 2.0 + good, "solution_entropy": 0.5},
+                           "diagnostics": {"p_rank1": 0.8}, "response_tokens": 20.0,
+                           "config": {"data": "x.CountdownStepsSource", "dataset": "countdown_steps", "split": split,
+                                      "eval": {"temperature": 1.0, "top_p": 1.0}, "ckpt_path": None}}  # fmt: skip
+                done.write_text(json.dumps(summary))
+
+    toy = dataclasses.replace(
+        reproduce.TESTBED,
+        arms=("grpo", "simko_tuned"),
+        seeds=(0, 1, 2),
+        n=4,
+        problems=8,
+        sweep=((0.01, 1.1, 0.8), (0.1, 1.5, 0.5)),
+    )
+    runner = FakeRunner(jobs=2, extra=[])
+    state = reproduce.run_toy(toy, runner, tmp_path, None, [])
+    reproduce.finish_sweep(toy, state, runner, tmp_path, [])
+    reproduce.wait(state["futures"])
+    assert not runner.failures
+    assert state["selection"]["chosen"] == "simko_a0.1_l1.5_t0.5"
+    trained = sorted(name for module, folder, name in calls if module == "simko.train")
+    assert trained == sorted(
+        ["simko_seed0", "simko_a0.1_l1.5_t0.5_seed0", "simko_a0.1_l1.5_t0.5_seed1", "simko_a0.1_l1.5_t0.5_seed2"]
+        + [f"grpo_seed{s}" for s in range(3)]
+    )  # the sweep on seed 0 only; the chosen setting's seed-0 run is reused
+    val_evals = sorted(name for module, folder, name in calls if folder == "eval_val")
+    assert val_evals == ["simko_a0.1_l1.5_t0.5_seed0", "simko_seed0"]
+    text = reproduce.write_report(toy, state, tmp_path, 1.0, runner)
+    assert "| simko_tuned (simko_a0.1_l1.5_t0.5) | 0.500 ± 0.000 |" in text
+    assert "| simko_tuned (simko_a0.1_l1.5_t0.5) | **+0.300 ± 0.000 (3/0)** |" in text  # paired Δ pass@1
+    assert (tmp_path / "testbed" / "pass_at_k.png").stat().st_size > 0
+    assert (tmp_path / "testbed" / "training.png").stat().st_size > 0
+    payload = json.loads((tmp_path / "testbed" / "results.json").read_text())
+    assert payload["paired_to_grpo"]["simko_tuned (simko_a0.1_l1.5_t0.5)"]["pass@1"]["mean"] == pytest.approx(0.3)

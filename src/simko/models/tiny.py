@@ -11,6 +11,7 @@ that changes the weights; a second run with the same arguments loads it in about
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import time
@@ -86,9 +87,12 @@ def cache_key(args: dict[str, Any]) -> str:
 
 
 def arithmetic_source(task: dict[str, Any], seed: int, split: str):
-    from simko.data import ArithmeticSource  # lazy: models should not need the data package to import
-
-    return ArithmeticSource(seed=seed, split=split, **task)
+    """The warm-start data: ``simko.data.ArithmeticSource(**task)``, or, when ``task`` has a ``source`` key (an
+    import path such as ``simko.data.CountdownStepsSource``), that class built with the other keys."""
+    task = dict(task)
+    path = task.pop("source", "simko.data.ArithmeticSource")  # lazy: models should not need the data package
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)(seed=seed, split=split, **task)
 
 
 def load_tiny(
@@ -114,6 +118,7 @@ def load_tiny(
     dtype: str = "float32",
     rebuild: bool = False,
     wait_timeout_s: float = 3600.0,
+    warm_start_source: dict[str, Any] | None = None,
 ):
     """``(model, tokenizer)``: the tiny model after ``warm_start_steps`` supervised steps, cached on disk.
 
@@ -123,9 +128,11 @@ def load_tiny(
     ``dtype`` and ``attn_implementation`` apply when loading: the warm start always runs in fp32 with SDPA
     attention, so they do not change the cache entry. Neither does ``warm_start_device``, although training on
     another device (or with another number of CPU threads) gives slightly different weights.
-    ``rebuild=True`` retrains even when the cache entry exists.
+    ``rebuild=True`` retrains even when the cache entry exists. ``warm_start_source`` replaces ``task`` by another
+    source: ``{"source": "<import path of the class>", **its arguments}`` (e.g. ``configs/experiment/testbed.yaml``);
+    its examples' ``solution`` field (else ``answer``) is the completion trained on.
     """
-    task = {**DEFAULT_TASK, **_plain(task or {})}
+    task = _plain(warm_start_source) if warm_start_source else {**DEFAULT_TASK, **_plain(task or {})}
     # int()/float() so that e.g. rope_theta=10000 from Python and 10000.0 from YAML give the same cache entry.
     weight_args = {
         "architecture": {
