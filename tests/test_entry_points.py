@@ -94,6 +94,8 @@ def test_train_grpo_writes_metrics_and_checkpoints(train_args, tmp_path):
     assert ckpts == ["last.ckpt", "step000001.ckpt", "step000002.ckpt", "step000003.ckpt"]
     val = pd.read_csv(tmp_path / "grpo" / "csv" / "metrics.csv")
     assert val["val/pass@1"].notna().any() and val["val/pass@2"].notna().any()
+    # In-loop validation also logs the solution diversity and the concentration of the val samples.
+    assert val["val/distinct_correct"].notna().any() and val["val/p_rank1"].notna().any()
 
 
 def test_resume_continues_exactly(train_args, tmp_path):

@@ -404,3 +404,59 @@ def test_reproduce_sweep_orchestration_and_report_with_a_fake_runner(tmp_path):
     assert (tmp_path / "testbed" / "training.png").stat().st_size > 0
     payload = json.loads((tmp_path / "testbed" / "results.json").read_text())
     assert payload["paired_to_grpo"]["simko_tuned (simko_a0.1_l1.5_t0.5)"]["pass@1"]["mean"] == pytest.approx(0.3)
+
+
+# --- the warm start on the testbed's solutions -------------------------------------------------------------------
+
+
+def test_warm_start_trains_on_solutions_and_scores_greedy_chains_with_the_verifier(tmp_path):
+    import torch
+
+    from simko.models import build_char_tokenizer, load_tiny, warm_start_metadata
+    from simko.models.tiny import DEFAULT_TASK
+    from simko.models.warm_start import IGNORE_INDEX, completion_batch, greedy_accuracy
+
+    tokenizer = build_char_tokenizer()
+    example = CountdownStepsSource(split="train").example(0)
+    batch = completion_batch(tokenizer, [example], "{question}\n")
+    labels = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist()
+    assert tokenizer.decode(labels, skip_special_tokens=True) == example["solution"]  # the chain, not the gold JSON
+
+    class Scripted(torch.nn.Module):
+        """generate() answers prompt i with a scripted completion: right for the first example, wrong after."""
+
+        def __init__(self, completions):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.completions = completions
+
+        def generate(self, input_ids, max_new_tokens, **kwargs):
+            rows = [
+                tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in self.completions
+            ]
+            width = max(map(len, rows))
+            rows = [r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows]
+            return torch.cat([input_ids, torch.tensor(rows)], dim=1)
+
+    examples = [CountdownStepsSource(split="val").example(i) for i in range(2)]
+    # A right chain other than the example's own solution: the verifier decides, not a string match.
+    other = next(c for c in solve(*_gold(examples[0])) if chain_text(c) != examples[0]["solution"])
+    model = Scripted([chain_text(other), examples[0]["solution"]])  # the second is right for the first problem only
+    assert greedy_accuracy(model, tokenizer, examples, "{question}\n") == 0.5
+
+    small = dict(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    few = dict(warm_start_steps=2, warm_start_batch_size=4, warm_start_warmup_steps=1, eval_problems=4)
+    source = {"source": "simko.data.countdown_steps.CountdownStepsSource", "min_solutions": 4}
+    model, _ = load_tiny(
+        cache_dir=str(tmp_path), **small, **few, warm_start_source=source, prompt_template="{question}\n"
+    )
+    metadata = warm_start_metadata(model.name_or_path)
+    assert metadata["warm_start"]["task"] == source and 0 <= metadata["val_greedy_accuracy"] <= 1
+    arithmetic, _ = load_tiny(cache_dir=str(tmp_path), **small, **few)
+    assert arithmetic.name_or_path != model.name_or_path
+    assert warm_start_metadata(arithmetic.name_or_path)["warm_start"]["task"] == DEFAULT_TASK  # unchanged key
+
+
+def _gold(example: dict) -> tuple[list[int], int]:
+    gold = json.loads(example["answer"])
+    return gold["numbers"], gold["target"]
