@@ -460,3 +460,16 @@ def test_warm_start_trains_on_solutions_and_scores_greedy_chains_with_the_verifi
 def _gold(example: dict) -> tuple[list[int], int]:
     gold = json.loads(example["answer"])
     return gold["numbers"], gold["target"]
+
+
+def test_cached_tiny_tokenizer_keeps_spaces_and_newlines(tmp_path):
+    """The testbed's prompts and chains have spaces and newlines: the tokenizer load_tiny loads back from its cache
+    must tokenize them as build_char_tokenizer does (AutoTokenizer picked Qwen2Tokenizer, which dropped them)."""
+    from simko.models import build_char_tokenizer, load_tiny
+
+    small = dict(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    _, tokenizer = load_tiny(cache_dir=str(tmp_path), **small, warm_start_steps=0, eval_problems=0)
+    text = "5 1 2 1 -> 11\n9-7=2\n"
+    expected = build_char_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == expected and len(expected) == len(text)
+    assert tokenizer.decode(expected) == text

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from simko.models.cache import DEFAULT_CACHE_DIR, build_once
 from simko.models.char_tokenizer import build_char_tokenizer
@@ -206,7 +206,9 @@ def load_tiny(
     model = AutoModelForCausalLM.from_pretrained(
         target, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation, local_files_only=True
     )
-    tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
+    # Not AutoTokenizer: it picks Qwen2Tokenizer from the model config (model_type qwen2), which drops the spaces and
+    # newlines the character tokenizer keeps as tokens ("5 1 -> 6\n" would read as "51->6").
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(target, local_files_only=True)
     log.info("loaded tiny model from %s: %s", target, model_summary(model))
     return prepare_for_generation(model, tokenizer)
 
