@@ -473,3 +473,11 @@ def test_cached_tiny_tokenizer_keeps_spaces_and_newlines(tmp_path):
     expected = build_char_tokenizer()(text, add_special_tokens=False)["input_ids"]
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == expected and len(expected) == len(text)
     assert tokenizer.decode(expected) == text
+
+
+def test_eval_diagnostics_rows_are_the_first_samples_of_each_problem():
+    from simko.eval import _diagnostics_rows
+
+    assert _diagnostics_rows(2, 4, 2).tolist() == [0, 1, 4, 5]
+    assert _diagnostics_rows(2, 3, None).tolist() == [0, 1, 2, 3, 4, 5]
+    assert _diagnostics_rows(1, 3, 8).tolist() == [0, 1, 2]  # more than n: all of them
