@@ -57,8 +57,15 @@ class Toy:
     problems: int
     sweep: tuple[tuple[float, float, float], ...] = ()
     sweep_seed: int = 0
-    train_overrides: tuple[str, ...] = ()  # e.g. rl_steps of a quick grid
+    rl_steps: int | None = None  # None: the experiment's own
     quick: dict = field(default_factory=dict)
+
+    @property
+    def train_overrides(self) -> list[str]:
+        if self.rl_steps is None:
+            return []
+        # last.ckpt is only written with the periodic checkpoints: a period of rl_steps makes it the final step.
+        return [f"rl_steps={self.rl_steps}", f"callbacks.model_checkpoint.every_n_train_steps={self.rl_steps}"]
 
     def train_args(self, run: str) -> list[str]:
         """Overrides of one run: an arm (a loss) or a SimKO sweep setting (``simko_a<alpha>_l<lambda>_t<tau>``)."""
@@ -82,7 +89,7 @@ ARITHMETIC = Toy(
     seeds=(0, 1, 2),
     n=64,
     problems=256,
-    quick={"arms": ("grpo", "simko_strong"), "seeds": (0, 1), "train_overrides": ("rl_steps=60",)},
+    quick={"arms": ("grpo", "simko_strong"), "seeds": (0, 1), "rl_steps": 80},
 )
 TESTBED = Toy(
     name="testbed",
@@ -94,7 +101,7 @@ TESTBED = Toy(
     n=256,
     problems=200,
     sweep=tuple(itertools.product((0.01, 0.05, 0.1), (1.1, 1.5), (0.5, 0.8))),
-    quick={"arms": ("grpo", "simko"), "seeds": (0, 1), "n": 64, "train_overrides": ("rl_steps=50",), "sweep": ()},
+    quick={"arms": ("grpo", "simko"), "seeds": (0, 1), "n": 64, "rl_steps": 40, "sweep": ()},
 )
 TOYS = {"arithmetic": ARITHMETIC, "testbed": TESTBED}
 
@@ -472,6 +479,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the toy's own)")
     parser.add_argument("--n", type=int, help="samples per held-out problem (default: the toy's own)")
     parser.add_argument("--problems", type=int, help="held-out problems evaluated (default: the toy's own)")
+    parser.add_argument("--rl-steps", type=int, help="RL steps of every train run (default: the experiment's)")
     parser.add_argument("--sweep", nargs="*", metavar="ALPHA:LAMBDA:TAU", help="the testbed's SimKO settings")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
     parser.add_argument("--out", default=str(REPO / "logs" / "reproduce"))
@@ -483,7 +491,6 @@ def main() -> None:
     train_extra = []
     if args.smoke:
         train_extra = [
-            "rl_steps=1",
             "trainer.val_check_interval=1",
             "+trainer.limit_val_batches=1",
             "data.val_prompts=8",
@@ -492,8 +499,10 @@ def main() -> None:
     for toy in toys:
         changes = dict(toy.quick) if args.quick else {}
         if args.smoke:
-            changes.update(n=4, problems=8)
-        for key, value in (("arms", args.losses), ("seeds", args.seeds), ("n", args.n), ("problems", args.problems)):
+            changes.update(n=4, problems=8, rl_steps=1)
+        options = (("arms", args.losses), ("seeds", args.seeds), ("n", args.n), ("problems", args.problems),
+                   ("rl_steps", args.rl_steps))  # fmt: skip
+        for key, value in options:
             if value is not None:
                 changes[key] = tuple(value) if isinstance(value, list) else value
         if args.sweep is not None and toy.name == "testbed":

@@ -103,8 +103,8 @@ class CountdownStepsSource:
         max_target: int = 50,
         min_solutions: int = 3,
         max_solutions: int | None = None,
-        val_fraction: float = 0.05,
-        test_fraction: float = 0.05,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
         verifier: str = "countdown_steps",
     ) -> None:
         if split not in SPLITS:
