@@ -10,8 +10,9 @@
 * ``testbed``: the tiny model warm-started on countdown_steps (several correct chains of steps per problem,
   solutions drawn uniformly); arms ``experiment=testbed loss=<arm>``; evaluated with ``experiment=testbed_eval``
   (n = 256 on 200 TEST problems). ``simko_tuned`` is the SimKO setting chosen on the VAL split among ``--sweep``
-  (alpha x lambda x tau, one seed, ``--sweep-seed``; the criterion is the mean of pass@k over k = 1, 2, 4, ..., n,
-  the area under the log-k curve); the chosen setting then runs every seed and is reported on the test split.
+  (alpha x lambda x tau, on seed 0; the criterion is the mean of pass@k over k = 1, 2, 4, ..., 64 from n = 64 on
+  200 val problems, the area under the log-k curve); the chosen setting then runs every seed and is reported on
+  the test split.
 
 Every run goes through the real entry points (``simko.sft`` builds each warm start once, then ``simko.train`` and
 ``simko.eval``), ``--jobs`` of them at a time, each with ``OMP_NUM_THREADS = cores / jobs`` unless set. Finished
@@ -57,6 +58,7 @@ class Toy:
     problems: int
     sweep: tuple[tuple[float, float, float], ...] = ()
     sweep_seed: int = 0
+    sweep_n: int = 64  # samples per val problem when scoring the sweep (the test protocol's 256 costs 4x)
     rl_steps: int | None = None  # None: the experiment's own
     quick: dict = field(default_factory=dict)
 
@@ -197,9 +199,10 @@ def warm_start(toy: Toy, runner: Runner, out: Path) -> None:
         "eval_problems=100",
     ]
     print("$", " ".join(cmd), flush=True)
-    # It runs alone: every core (the weights differ in the last float digits with the thread count; the first
-    # build is the cache entry every later run loads).
-    env = dict(runner.env, OMP_NUM_THREADS=str(os.cpu_count() or 1))
+    # It runs alone: every core unless OMP_NUM_THREADS is set (on a machine loaded by other jobs, 2 threads on 2
+    # cores ran 100 arithmetic warm-start steps in 413 s, ~27x the idle time; set OMP_NUM_THREADS=1 there). The
+    # weights differ in the last float digits with the thread count; the first build is the cache entry.
+    env = dict(runner.env, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     print(f"warm start of {toy.name}: {time.perf_counter() - start:.0f} s", flush=True)
@@ -232,7 +235,7 @@ def run_toy(toy: Toy, runner: Runner, out: Path, args, extra: list[str]) -> dict
     sweep = [setting_name(*s) for s in toy.sweep] if "simko_tuned" in arms else []
     for run in sweep:  # first: the choice of simko_tuned waits for these
         steps = [train_step(toy, out, run, toy.sweep_seed, extra)]
-        steps.append(eval_step(toy, out, run, toy.sweep_seed, "val", toy.n, toy.problems))
+        steps.append(eval_step(toy, out, run, toy.sweep_seed, "val", min(toy.sweep_n, toy.n), toy.problems))
         sweep_futures.append(runner.submit(steps))
     for arm in arms:
         if arm == "simko_tuned":

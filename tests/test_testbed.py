@@ -211,6 +211,16 @@ def test_train_solutions_are_drawn_uniformly_among_the_correct_ones():
         assert abs(observed - expected) < 4 * sigma, (observed, expected, sigma)
 
 
+def test_problem_space_counts_every_problem_once():
+    small = dict(min_numbers=3, max_numbers=3, min_value=1, max_value=4, min_target=5, max_target=12)
+    space = CountdownStepsSource(**small, min_solutions=2).problem_space()
+    assert space["problems"] == 20 * 8  # C(4 + 3 - 1, 3) multisets of 3 values in 1..4, 8 targets
+    kept = [(m, t) for m in itertools.combinations_with_replacement(range(1, 5), 3) for t in range(5, 13)
+            if len(brute_force_keys(list(m), t)) >= 2]  # fmt: skip
+    assert space["kept"] == len(kept) == space["train"] + space["val"] + space["test"] > 0
+    assert space["mean_solutions"] == pytest.approx(sum(len(brute_force_keys(list(m), t)) for m, t in kept) / len(kept))
+
+
 def test_source_rejects_bad_arguments():
     with pytest.raises(ValueError, match="split"):
         CountdownStepsSource(split="dev")
