@@ -145,7 +145,8 @@ class Runner:
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True)
         with self._lock:
-            self.executed.append(f"{module} {run_dir.name} {time.perf_counter() - start:.0f}s")
+            where = f"{run_dir.parent.parent.name}/{run_dir.parent.name}/{run_dir.name}"
+            self.executed.append(f"{module} {where} {time.perf_counter() - start:.0f}s")
         if proc.returncode != 0 or not done.exists():
             raise RuntimeError(f"failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
 
@@ -401,7 +402,8 @@ def write_report(toy: Toy, state: dict, out: Path, seconds: float, runner: Runne
         ]
     lines += [
         "",
-        f"Figures: `{toy.name}/pass_at_k.png`, `{toy.name}/training.png`. This call ran {len(runner.executed)} "
+        f"Figures: `{toy.name}/pass_at_k.png`, `{toy.name}/training.png` (its p(rank k) curves: {SMOOTH_STEPS}-step "
+        f"rolling means of the per-step diagnostics). This call ran {len(runner.executed)} "
         f"train/eval runs in {seconds / 60:.1f} min (finished runs under {out} are reused, not rerun).",
     ]
     text = "\n".join(lines) + "\n"
@@ -413,7 +415,7 @@ def write_report(toy: Toy, state: dict, out: Path, seconds: float, runner: Runne
     for arm, run in runs.items():
         frames = [read_training_log(folder / "train" / f"{run}_seed{seed}") for seed in toy.seeds]
         for frame in frames:
-            diag_cols = [c for c in frame if c.startswith("diag/")]
+            diag_cols = [c for c in frame if c.startswith("diag/")]  # training.png: a 10-step rolling mean
             frame[diag_cols] = frame[diag_cols].rolling(SMOOTH_STEPS, min_periods=1).mean()
         logs[label[arm]] = frames
     figures(results, logs, folder)
@@ -455,7 +457,7 @@ def figures(results: dict[str, list[dict]], logs: dict, folder: Path) -> None:
 
     fig, axes = plt.subplots(1, 5, figsize=(27, 4.8))
     plot_curve(logs, "train/reward", axes[0], colors, ylabel="mean train reward")
-    axes[0].set_title("train reward (rolling mean over seeds: band = ± std)", fontsize=9)
+    axes[0].set_title("train reward (mean ± std over seeds)", fontsize=9)
     ks = sorted(
         {int(c.split("@")[1]) for fs in logs.values() for f in fs for c in f.columns if c.startswith("val/pass@")}
     )
@@ -533,6 +535,8 @@ def main() -> None:
     if runner.failures:
         raise SystemExit(f"{len(runner.failures)} run(s) failed:\n\n" + "\n\n".join(runner.failures))
     print(f"runs done in {(time.perf_counter() - start) / 60:.1f} min: {len(runner.executed)} executed", flush=True)
+    for line in runner.executed:  # module, run folder, wall seconds
+        print("  ", line)
     if args.runs_only:
         return
     seconds = time.perf_counter() - start
