@@ -134,8 +134,17 @@ class Runner:
         self.executed: list[str] = []
         self.failures: list[str] = []
         self._lock = threading.Lock()
+        self._run_locks: dict[Path, threading.Lock] = {}
 
     def command(self, module: str, overrides: list[str], run_dir: Path, done: Path) -> None:
+        # Two jobs may need one run (the `simko` arm's seed 0 is also a sweep setting): the second waits for the
+        # first instead of finding its folder unfinished and moving it aside.
+        with self._lock:
+            run_lock = self._run_locks.setdefault(run_dir, threading.Lock())
+        with run_lock:
+            self._command(module, overrides, run_dir, done)
+
+    def _command(self, module: str, overrides: list[str], run_dir: Path, done: Path) -> None:
         if done.exists():
             return
         if run_dir.exists():  # an unfinished run: keep it, start afresh next to it

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import random
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -351,8 +352,9 @@ def test_reproduce_sweep_names_selection_and_paired_statistics():
 
 
 def test_reproduce_sweep_orchestration_and_report_with_a_fake_runner(tmp_path):
-    """The testbed grid's control flow without subprocesses: the sweep runs on one seed and is scored on the val
-    split, the chosen setting then runs every seed (reusing the sweep's run), and the report and figures follow."""
+    """The testbed grid's control flow without subprocesses (2 jobs in threads): the sweep runs on one seed and is
+    scored on the val split, the chosen setting then runs every seed (reusing the sweep's run), a run two jobs
+    need is trained once, and the report and figures follow."""
     import dataclasses
 
     import pandas as pd
@@ -361,10 +363,13 @@ def test_reproduce_sweep_orchestration_and_report_with_a_fake_runner(tmp_path):
     calls = []
 
     class FakeRunner(reproduce.Runner):
-        def command(self, module, overrides, run_dir, done):
+        def _command(self, module, overrides, run_dir, done):
             if done.exists():
                 return
+            assert not run_dir.exists(), f"{run_dir} started twice"
             calls.append((module, run_dir.parent.name, run_dir.name))
+            # The sweep's simko_seed0 (submitted first) is slow, so the other job asks for it meanwhile.
+            time.sleep(1.0 if run_dir.name == "simko_seed0" and module == "simko.train" else 0.02)
             good = 0.3 if "a0.1_l1.5_t0.5" in run_dir.name else 0.0  # the setting that should win the sweep
             if module == "simko.train":
                 done.parent.mkdir(parents=True)
@@ -388,7 +393,7 @@ def test_reproduce_sweep_orchestration_and_report_with_a_fake_runner(tmp_path):
 
     toy = dataclasses.replace(
         reproduce.TESTBED,
-        arms=("grpo", "simko_tuned"),
+        arms=("grpo", "simko", "simko_tuned"),
         seeds=(0, 1, 2),
         n=4,
         problems=8,
@@ -402,9 +407,10 @@ def test_reproduce_sweep_orchestration_and_report_with_a_fake_runner(tmp_path):
     assert state["selection"]["chosen"] == "simko_a0.1_l1.5_t0.5"
     trained = sorted(name for module, folder, name in calls if module == "simko.train")
     assert trained == sorted(
-        ["simko_seed0", "simko_a0.1_l1.5_t0.5_seed0", "simko_a0.1_l1.5_t0.5_seed1", "simko_a0.1_l1.5_t0.5_seed2"]
-        + [f"grpo_seed{s}" for s in range(3)]
-    )  # the sweep on seed 0 only; the chosen setting's seed-0 run is reused
+        ["simko_a0.1_l1.5_t0.5_seed0", "simko_a0.1_l1.5_t0.5_seed1", "simko_a0.1_l1.5_t0.5_seed2"]
+        + [f"{arm}_seed{s}" for arm in ("grpo", "simko") for s in range(3)]
+    )  # the sweep on seed 0 only; the chosen setting's seed-0 run is reused; the simko arm's seed 0 (also a sweep
+    # setting, the paper's defaults) trained once though two jobs asked for it
     val_evals = sorted(name for module, folder, name in calls if folder == "eval_val")
     assert val_evals == ["simko_a0.1_l1.5_t0.5_seed0", "simko_seed0"]
     text = reproduce.write_report(toy, state, tmp_path, 1.0, runner)
