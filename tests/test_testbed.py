@@ -220,6 +220,8 @@ def test_problem_space_counts_every_problem_once():
             if len(brute_force_keys(list(m), t)) >= 2]  # fmt: skip
     assert space["kept"] == len(kept) == space["train"] + space["val"] + space["test"] > 0
     assert space["mean_solutions"] == pytest.approx(sum(len(brute_force_keys(list(m), t)) for m, t in kept) / len(kept))
+    longest = max(len(chain_text(c)) for m, t in kept for c in solve(list(m), t))
+    assert space["longest_solution_chars"] == longest >= len("4*4=16\n16-4=12")
 
 
 def test_source_rejects_bad_arguments():

@@ -161,22 +161,25 @@ class CountdownStepsSource:
 
     def problem_space(self) -> dict[str, float]:
         """Every problem the difficulty arguments allow (the multisets of numbers x the targets), solved: how many
-        there are, how many pass the solution filters, their split sizes and mean number of solutions. Seconds for
-        4 numbers in 1..9; it grows fast with ``max_value`` and ``max_numbers``."""
+        there are, how many pass the solution filters, their split sizes, mean number of solutions and the longest
+        solution chain (characters, for ``rollout.max_new_tokens``). Seconds for 4 numbers in 1..9; it grows fast
+        with ``max_value`` and ``max_numbers``."""
         counts = {"problems": 0, "kept": 0, "train": 0, "val": 0, "test": 0}
-        solutions = 0
+        solutions = longest = 0
         for count in range(self.min_numbers, self.max_numbers + 1):
             values = range(self.min_value, self.max_value + 1)
             for numbers in itertools.combinations_with_replacement(values, count):
                 for target in range(self.min_target, self.max_target + 1):
                     counts["problems"] += 1
-                    found = len(solve(numbers, target))
+                    chains = solve(numbers, target)
+                    found = len(chains)
                     if found < self.min_solutions or (self.max_solutions and found > self.max_solutions):
                         continue
+                    longest = max(longest, *(len(chain_text(chain)) for chain in chains))
                     counts["kept"] += 1
                     counts[self.split_of(list(numbers), target)] += 1
                     solutions += found
-        return {**counts, "mean_solutions": solutions / max(counts["kept"], 1)}
+        return {**counts, "mean_solutions": solutions / max(counts["kept"], 1), "longest_solution_chars": longest}
 
     def _draw(self, index: int) -> tuple[str, dict[str, Any]]:
         """Draw ``index`` of this split's seeded sequence (with replacement): (canonical key, problem fields)."""
