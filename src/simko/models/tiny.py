@@ -88,7 +88,7 @@ def cache_key(args: dict[str, Any]) -> str:
 
 def arithmetic_source(task: dict[str, Any], seed: int, split: str):
     """The warm-start data: ``simko.data.ArithmeticSource(**task)``, or, when ``task`` has a ``source`` key (an
-    import path such as ``simko.data.CountdownStepsSource``), that class built with the other keys."""
+    import path such as ``simko.data.countdown_steps.CountdownStepsSource``), that class built with the other keys."""
     task = dict(task)
     path = task.pop("source", "simko.data.ArithmeticSource")  # lazy: models should not need the data package
     module, _, name = path.rpartition(".")
@@ -129,7 +129,7 @@ def load_tiny(
     attention, so they do not change the cache entry. Neither does ``warm_start_device``, although training on
     another device (or with another number of CPU threads) gives slightly different weights.
     ``rebuild=True`` retrains even when the cache entry exists. ``warm_start_source`` replaces ``task`` by another
-    source: ``{"source": "<import path of the class>", **its arguments}`` (e.g. ``configs/experiment/testbed.yaml``);
+    source: ``{"source": "<import path of the class>", **its arguments}`` (``configs/experiment/testbed_task.yaml``);
     its examples' ``solution`` field (else ``answer``) is the completion trained on.
     """
     task = _plain(warm_start_source) if warm_start_source else {**DEFAULT_TASK, **_plain(task or {})}
