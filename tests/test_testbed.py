@@ -231,8 +231,12 @@ def test_source_rejects_bad_arguments():
         CountdownStepsSource(val_fraction=0.6, test_fraction=0.5)
     with pytest.raises(ValueError, match="min_solutions"):
         CountdownStepsSource(min_solutions=5, max_solutions=2)
-    with pytest.raises(ValueError, match="distinct"):
-        CountdownStepsSource(split="test", min_value=1, max_value=2, min_target=10, max_target=10).example(50)
+    with pytest.raises(ValueError, match="passed the filters"):  # no test problem at all
+        CountdownStepsSource(split="test", min_value=1, max_value=2, min_target=10, max_target=10).example(0)
+    few = CountdownStepsSource(split="test", max_value=3, min_target=10, max_target=12, min_solutions=1)
+    few.example(0)
+    with pytest.raises(ValueError, match="distinct"):  # a handful of test problems, 50 asked for
+        few.example(50)
 
 
 # --- diversity metrics ----------------------------------------------------------------------------------------
