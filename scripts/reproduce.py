@@ -222,6 +222,25 @@ def warm_start(toy: Toy, runner: Runner, out: Path) -> None:
     marker.write_text(proc.stdout)
 
 
+def check_grid_settings(toy: Toy, out: Path, train_extra: list[str], extra: list[str]) -> None:
+    """Finished runs are reused by folder name, so a folder must only ever hold runs of one setting of what changes
+    a run's result (steps, n, problems, overrides; arms and seeds may grow): recorded in ``<out>/<toy>/grid.json``
+    on the first call, and a later call with other settings stops before running anything."""
+    settings = {"rl_steps": toy.rl_steps, "n": toy.n, "problems": toy.problems, "sweep_n": toy.sweep_n,
+                "sweep_seed": toy.sweep_seed, "train_extra": train_extra, "extra": extra}  # fmt: skip
+    path = out / toy.name / "grid.json"
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if recorded != settings:
+            raise SystemExit(
+                f"{path.parent} holds the runs of another grid setting ({recorded}); this call has {settings}. "
+                "Reusing them would mix the two: pass another --out."
+            )
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
 def selection_score(summary: dict) -> float:
     """The sweep's criterion: mean pass@k over k = 1, 2, 4, ..., n (the area under the log-k pass@k curve)."""
     return float(np.mean(list(summary["pass_at_k"].values())))
@@ -501,11 +520,12 @@ def main() -> None:
     parser.add_argument("--rl-steps", type=int, help="RL steps of every train run (default: the experiment's)")
     parser.add_argument("--sweep", nargs="*", metavar="ALPHA:LAMBDA:TAU", help="the testbed's SimKO settings")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
-    parser.add_argument("--out", default=str(REPO / "logs" / "reproduce"))
+    parser.add_argument("--out", help="default: logs/reproduce (logs/reproduce_quick, logs/reproduce_smoke)")
     parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every train/eval run")
     parser.add_argument("--runs-only", action="store_true", help="train + evaluate only, no report")
     args = parser.parse_args()
-    out = Path(args.out).resolve()
+    default_out = "reproduce_smoke" if args.smoke else "reproduce_quick" if args.quick else "reproduce"
+    out = Path(args.out or REPO / "logs" / default_out).resolve()
     toys = list(TOYS.values()) if args.toy == "both" else [TOYS[args.toy]]
     train_extra = []
     if args.smoke:
@@ -531,6 +551,8 @@ def main() -> None:
     for toy in configured:
         if "simko_tuned" in toy.arms and not toy.sweep:
             raise SystemExit(f"{toy.name}: arm simko_tuned needs SimKO settings to choose from (--sweep)")
+    for toy in configured:
+        check_grid_settings(toy, out, train_extra, list(args.extra))
     runner = Runner(args.jobs, list(args.extra))
     start = time.perf_counter()
     for toy in configured:

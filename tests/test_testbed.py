@@ -503,3 +503,17 @@ def test_eval_diagnostics_rows_are_the_first_samples_of_each_problem():
     assert _diagnostics_rows(2, 4, 2).tolist() == [0, 1, 4, 5]
     assert _diagnostics_rows(2, 3, None).tolist() == [0, 1, 2, 3, 4, 5]
     assert _diagnostics_rows(1, 3, 8).tolist() == [0, 1, 2]  # more than n: all of them
+
+
+def test_reproduce_refuses_to_mix_grid_settings_in_one_folder(tmp_path):
+    """Runs are reused by folder name: runs of 40 steps (a quick grid) must never stand in for the full grid's."""
+    import dataclasses
+
+    reproduce = _reproduce_module()
+    reproduce.check_grid_settings(reproduce.TESTBED, tmp_path, [], [])
+    fewer_arms = dataclasses.replace(reproduce.TESTBED, arms=("grpo",))
+    reproduce.check_grid_settings(fewer_arms, tmp_path, [], [])
+    with pytest.raises(SystemExit, match="another grid setting"):
+        reproduce.check_grid_settings(dataclasses.replace(reproduce.TESTBED, rl_steps=40), tmp_path, [], [])
+    with pytest.raises(SystemExit, match="another --out"):
+        reproduce.check_grid_settings(reproduce.TESTBED, tmp_path, [], ["paths.cache_dir=/elsewhere"])
