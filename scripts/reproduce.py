@@ -1,184 +1,597 @@
-"""Toy-scale reproduction of the SimKO claim: pass@k of GRPO, SimKO (paper defaults, and alpha 0.1 / lambda 1.5 as
-``simko_strong``), entropy bonus and NSR, all from one warm start.
+"""Toy reproductions of the pass@k question, each from one warm start: the arithmetic toy and the multi-path testbed.
 
-    python scripts/reproduce.py                      # the whole grid: 5 arms x 3 seeds + the base model
-    python scripts/reproduce.py --losses grpo simko --seeds 0 --smoke   # 1 RL step each, n=4: a smoke run
+    python scripts/reproduce.py                        # both toys' default grids, 2 runs side by side
+    python scripts/reproduce.py --quick                # both toys' quick grids (fewer arms, seeds and steps)
+    python scripts/reproduce.py --toy testbed --jobs 2 # one toy
+    python scripts/reproduce.py --smoke --losses grpo --seeds 0 1   # 1 RL step per run, n=4: the CI smoke run
 
-For every (loss, seed) it runs ``python -m simko.train experiment=toy_<loss> seed=S``, then evaluates the last
-checkpoint with ``python -m simko.eval`` (n samples per held-out problem); the warm-started base model is evaluated
-the same way. It writes ``<out>/results.md`` (pass@k mean +- std over seeds, and the concentration diagnostics
-of the model's own samples at evaluation), ``<out>/results.json`` and ``<out>/pass_at_k.png`` (pass@k curves
-and p(rank k) against the RL step). Everything runs through the real entry points, as a user would.
+* ``arithmetic``: the tiny model warm-started on 2-digit addition; arms ``experiment=toy_<arm>``; the last
+  checkpoint is evaluated with ``experiment=toy_eval`` (n = 64 on 256 held-out problems).
+* ``testbed``: the tiny model warm-started on countdown_steps (several correct chains of steps per problem,
+  solutions drawn uniformly); arms ``experiment=testbed loss=<arm>``; evaluated with ``experiment=testbed_eval``
+  (n = 256 on 200 TEST problems). ``simko_tuned`` is the SimKO setting chosen on the VAL split among ``--sweep``
+  (alpha x lambda x tau, on seed 0; the criterion is the mean of pass@k over k = 1, 2, 4, ..., 64 from n = 64 on
+  200 val problems, the area under the log-k curve); the chosen setting then runs every seed and is reported on
+  the test split.
+
+Every run goes through the real entry points (``simko.sft`` builds each warm start once, then ``simko.train`` and
+``simko.eval``), ``--jobs`` of them at a time, each with ``OMP_NUM_THREADS = cores / jobs`` unless set. Finished
+runs are reused (a train run with ``checkpoints/last.ckpt``, an evaluation with ``pass_at_k.json``); an
+unfinished one is moved aside (``<dir>.incomplete-<time>``), never overwritten. Seeds are paired: two arms with the
+same seed share the warm start, the prompts and their order, and the sampling seeds. For each toy it writes
+``<out>/<toy>/results.md`` (pass@k mean ± std over seeds, the paired differences to GRPO, diversity and
+concentration, the sweep), ``results.json`` and two figures: ``pass_at_k.png`` (pass@k with bands, the paired
+difference to GRPO, solution diversity) and ``training.png`` (reward and val pass@k, val distinct solutions and
+p(rank k) relative to GRPO, against the RL step); ``<out>/results.md`` joins both toys' tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SMOOTH_STEPS = 10  # rolling mean of the concentration curves (over RL steps, after the mean over seeds)
-LOSSES = ("grpo", "simko", "simko_strong", "entropy_bonus", "nsr")  # experiment=toy_<name> each
+SMOOTH_STEPS = 10  # rolling mean of the per-step concentration curves (noisy at one RL step)
+PAPER_SIMKO = (0.01, 1.1, 0.8)  # configs/loss/simko.yaml: the `simko` arm
 
 
-EXECUTED: list[str] = []  # the train/eval runs this call executed (finished ones are reused)
+@dataclass(frozen=True)
+class Toy:
+    name: str
+    title: str
+    experiment: str  # the train experiment (arithmetic: a prefix, toy_<arm>)
+    eval_experiment: str
+    arms: tuple[str, ...]
+    seeds: tuple[int, ...]
+    n: int
+    problems: int
+    sweep: tuple[tuple[float, float, float], ...] = ()
+    sweep_seed: int = 0
+    sweep_n: int = 64  # samples per val problem when scoring the sweep (the test protocol's 256 costs 4x)
+    rl_steps: int | None = None  # None: the experiment's own
+    quick: dict = field(default_factory=dict)
+
+    @property
+    def train_overrides(self) -> list[str]:
+        return [] if self.rl_steps is None else [f"rl_steps={self.rl_steps}"]
+
+    def train_args(self, run: str) -> list[str]:
+        """Overrides of one run: an arm (a loss) or a SimKO sweep setting (``simko_a<alpha>_l<lambda>_t<tau>``)."""
+        if self.name == "arithmetic":
+            return [f"experiment=toy_{run}", *self.train_overrides]
+        setting = parse_setting(run)
+        if setting is not None:
+            alpha, lam, tau = setting
+            loss = ["loss=simko", f"loss.alpha={alpha}", f"loss.lam={lam}", f"loss.tau={tau}"]
+        else:
+            loss = [f"loss={run}"]
+        return [f"experiment={self.experiment}", *loss, *self.train_overrides]
 
 
-def run(module: str, *overrides: str) -> None:
-    EXECUTED.append(module)
-    cmd = [sys.executable, "-m", module, *overrides]
+ARITHMETIC = Toy(
+    name="arithmetic",
+    title="Arithmetic toy (2-digit addition, one answer per problem)",
+    experiment="toy_arithmetic",
+    eval_experiment="toy_eval",
+    arms=("grpo", "simko", "simko_strong", "entropy_bonus", "nsr"),
+    seeds=(0, 1, 2),
+    n=64,
+    problems=256,
+    quick={"arms": ("grpo", "simko_strong"), "seeds": (0, 1), "rl_steps": 80},
+)
+TESTBED = Toy(
+    name="testbed",
+    title="Multi-path testbed (countdown_steps: several correct chains of steps per problem)",
+    experiment="testbed",
+    eval_experiment="testbed_eval",
+    arms=("grpo", "simko", "simko_tuned", "entropy_bonus", "nsr", "w_reinforce", "passk", "kl_cov"),
+    seeds=(0, 1, 2, 3, 4),
+    n=256,
+    problems=200,
+    sweep=tuple(itertools.product((0.01, 0.05, 0.1), (1.1, 1.5), (0.5, 0.8))),
+    quick={"arms": ("grpo", "simko"), "seeds": (0, 1), "n": 64, "rl_steps": 40, "sweep": ()},
+)
+TOYS = {"arithmetic": ARITHMETIC, "testbed": TESTBED}
+
+
+def setting_name(alpha: float, lam: float, tau: float) -> str:
+    """The run name of a SimKO setting; the paper's defaults are the ``simko`` arm itself."""
+    return "simko" if (alpha, lam, tau) == PAPER_SIMKO else f"simko_a{alpha:g}_l{lam:g}_t{tau:g}"
+
+
+def parse_setting(run: str) -> tuple[float, float, float] | None:
+    if not run.startswith("simko_a"):
+        return None
+    alpha, lam, tau = run.removeprefix("simko_a").replace("_l", " ").replace("_t", " ").split()
+    return float(alpha), float(lam), float(tau)
+
+
+# --- running ---------------------------------------------------------------------------------------------------
+
+
+class Runner:
+    """Runs entry-point commands ``jobs`` at a time; a command whose output exists is skipped."""
+
+    def __init__(self, jobs: int, extra: list[str]) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=jobs)
+        self.extra = extra
+        self.env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        self.env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+        self.executed: list[str] = []
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._run_locks: dict[Path, threading.Lock] = {}
+
+    def command(self, module: str, overrides: list[str], run_dir: Path, done: Path) -> None:
+        # Two jobs may need one run (the `simko` arm's seed 0 is also a sweep setting): the second waits for the
+        # first instead of finding its folder unfinished and moving it aside.
+        with self._lock:
+            run_lock = self._run_locks.setdefault(run_dir, threading.Lock())
+        with run_lock:
+            self._command(module, overrides, run_dir, done)
+
+    def _command(self, module: str, overrides: list[str], run_dir: Path, done: Path) -> None:
+        if finished(module, run_dir, done):
+            return
+        if module == "simko.train":
+            # An unfinished training run (killed, or with fewer steps) continues in its own folder from its
+            # last.ckpt, exactly as if it had not stopped; a new folder just starts (simko.runs).
+            overrides = [*overrides, "ckpt_path=last"]
+        elif run_dir.exists():  # an unfinished evaluation: keep it, start afresh next to it
+            run_dir.rename(run_dir.with_name(f"{run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"))
+        cmd = [sys.executable, "-m", module, *overrides, f"hydra.run.dir={run_dir}", *self.extra]
+        print("$", " ".join(cmd), flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True)
+        with self._lock:
+            where = f"{run_dir.parent.parent.name}/{run_dir.parent.name}/{run_dir.name}"
+            self.executed.append(f"{module} {where} {time.perf_counter() - start:.0f}s")
+        if proc.returncode != 0 or not finished(module, run_dir, done):
+            raise RuntimeError(f"failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+    def submit(self, steps: list[tuple]) -> Future:
+        """Run ``steps`` (arguments of ``command``) in order, in one pool slot."""
+
+        def job() -> None:
+            try:
+                for step in steps:
+                    self.command(*step)
+            except RuntimeError as error:
+                with self._lock:
+                    self.failures.append(str(error))
+                raise
+
+        return self.pool.submit(job)
+
+
+def finished(module: str, run_dir: Path, done: Path) -> bool:
+    """An evaluation is done when it wrote its summary; a training run when its last.ckpt is at its final RL step
+    (last.ckpt is also written every few steps during the run, so its existence alone says nothing)."""
+    if not done.is_file():
+        return False
+    if module != "simko.train":
+        return True
+    from omegaconf import OmegaConf
+
+    from simko.checkpointing import checkpoint_step, read_checkpoint
+
+    rl_steps = OmegaConf.load(run_dir / ".hydra" / "config.yaml").rl_steps
+    return checkpoint_step(read_checkpoint(done)) >= int(rl_steps)
+
+
+def train_step(toy: Toy, out: Path, run: str, seed: int, extra: list[str]) -> tuple:
+    run_dir = out / toy.name / "train" / f"{run}_seed{seed}"
+    overrides = [*toy.train_args(run), f"seed={seed}", "callbacks.progress=null", *extra]
+    return ("simko.train", overrides, run_dir, run_dir / "checkpoints" / "last.ckpt")
+
+
+def eval_step(toy: Toy, out: Path, run: str | None, seed: int, split: str, n: int, problems: int) -> tuple:
+    """Evaluate a run's last checkpoint (``run=None``: the warm-started base model) on the test or val split."""
+    folder = "eval" if split == "test" else "eval_val"
+    eval_dir = out / toy.name / folder / f"{run or 'base'}_seed{seed}"
+    overrides = [f"experiment={toy.eval_experiment}", f"eval.n={n}", f"eval.limit={problems}", f"seed={seed}"]
+    if toy.name == "testbed":  # the arithmetic toy has one held-out split
+        overrides += [f"data.val_source.split={split}", f"data.val_prompts={problems}"]
+    if run is not None:
+        overrides.append(f"ckpt_path={out / toy.name / 'train' / f'{run}_seed{seed}' / 'checkpoints' / 'last.ckpt'}")
+    return ("simko.eval", overrides, eval_dir, eval_dir / "pass_at_k.json")
+
+
+def warm_start(toy: Toy, runner: Runner, out: Path) -> None:
+    """Build the toy's warm start once, before runs side by side could race to build the same cache entry."""
+    experiment = "testbed_task" if toy.name == "testbed" else None
+    overrides = [f"experiment={experiment}"] if experiment else []
+    overrides += [o for o in runner.extra if o.startswith(("model.", "paths."))]
+    marker = out / toy.name / "sft" / "done"
+    if marker.exists():
+        return
+    cmd = [
+        sys.executable,
+        "-m",
+        "simko.sft",
+        *overrides,
+        f"hydra.run.dir={out / toy.name / 'sft'}",
+        "eval_problems=100",
+    ]
     print("$", " ".join(cmd), flush=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # It runs alone: every core unless OMP_NUM_THREADS is set (on a machine loaded by other jobs, 2 threads on 2
+    # cores ran 100 arithmetic warm-start steps in 413 s, ~27x the idle time; set OMP_NUM_THREADS=1 there). The
+    # weights differ in the last float digits with the thread count; the first build is the cache entry.
+    env = dict(runner.env, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
+    start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    print(f"warm start of {toy.name}: {time.perf_counter() - start:.0f} s", flush=True)
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(proc.stdout)
 
 
-def mean_std(values: list[float]) -> str:
+def check_grid_settings(toy: Toy, out: Path, train_extra: list[str], extra: list[str]) -> None:
+    """Finished runs are reused by folder name, so a folder must only ever hold runs of one setting of what changes
+    a run's result (steps, n, problems, overrides; arms and seeds may grow): recorded in ``<out>/<toy>/grid.json``
+    on the first call, and a later call with other settings stops before running anything."""
+    settings = {"rl_steps": toy.rl_steps, "n": toy.n, "problems": toy.problems, "sweep_n": toy.sweep_n,
+                "sweep_seed": toy.sweep_seed, "train_extra": train_extra, "extra": extra}  # fmt: skip
+    path = out / toy.name / "grid.json"
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if recorded != settings:
+            raise SystemExit(
+                f"{path.parent} holds the runs of another grid setting ({recorded}); this call has {settings}. "
+                "Reusing them would mix the two: pass another --out."
+            )
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def selection_score(summary: dict) -> float:
+    """The sweep's criterion: mean pass@k over k = 1, 2, 4, ..., n (the area under the log-k pass@k curve)."""
+    return float(np.mean(list(summary["pass_at_k"].values())))
+
+
+def choose_setting(scores: dict[str, float]) -> str:
+    """The best-scoring setting; ties go to the paper's defaults (``simko``), then to the first listed."""
+    best = max(scores.values())
+    tied = [name for name, score in scores.items() if score == best]
+    return "simko" if "simko" in tied else tied[0]
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def run_toy(toy: Toy, runner: Runner, out: Path, args, extra: list[str]) -> dict:
+    """Submit a toy's grid; returns {"futures", "runs": {arm: run name}, "after": callable} for the report."""
+    arms = [a for a in toy.arms if a != "simko_tuned" or toy.sweep]
+    futures, sweep_futures = [], []
+    sweep = [setting_name(*s) for s in toy.sweep] if "simko_tuned" in arms else []
+    for run in sweep:  # first: the choice of simko_tuned waits for these
+        steps = [train_step(toy, out, run, toy.sweep_seed, extra)]
+        steps.append(eval_step(toy, out, run, toy.sweep_seed, "val", min(toy.sweep_n, toy.n), toy.problems))
+        sweep_futures.append(runner.submit(steps))
+    for arm in arms:
+        if arm == "simko_tuned":
+            continue
+        for seed in toy.seeds:
+            steps = [
+                train_step(toy, out, arm, seed, extra),
+                eval_step(toy, out, arm, seed, "test", toy.n, toy.problems),
+            ]
+            futures.append(runner.submit(steps))
+    for seed in toy.seeds:
+        futures.append(runner.submit([eval_step(toy, out, None, seed, "test", toy.n, toy.problems)]))
+    return {"arms": arms, "sweep": sweep, "sweep_futures": sweep_futures, "futures": futures}
+
+
+def finish_sweep(toy: Toy, state: dict, runner: Runner, out: Path, extra: list[str]) -> None:
+    """Choose simko_tuned on the val split and submit its runs on every seed (seed sweep_seed is reused)."""
+    if not state["sweep"]:
+        return
+    wait(state["sweep_futures"])
+    if any(f.exception() for f in state["sweep_futures"]):
+        return  # the failures are reported at the end
+    scores = {}
+    for run in state["sweep"]:
+        scores[run] = selection_score(
+            read(out / toy.name / "eval_val" / f"{run}_seed{toy.sweep_seed}" / "pass_at_k.json")
+        )
+    chosen = choose_setting(scores)
+    criterion = "mean of pass@k over k = 1, 2, 4, ..., n"
+    state["selection"] = {"criterion": criterion, "scores": scores, "chosen": chosen, "seed": toy.sweep_seed}
+    print(f"{toy.name}: simko_tuned = {chosen} (val mean pass@k {scores[chosen]:.4f})", flush=True)
+    for seed in toy.seeds:
+        steps = [
+            train_step(toy, out, chosen, seed, extra),
+            eval_step(toy, out, chosen, seed, "test", toy.n, toy.problems),
+        ]
+        state["futures"].append(runner.submit(steps))
+
+
+# --- report ----------------------------------------------------------------------------------------------------
+
+
+def nanmean(values) -> float:
+    """The mean of the finite values; NaN (without numpy's warning) when there is none."""
     arr = np.asarray(values, dtype=float)
+    arr = arr[np.isfinite(arr)]
+    return float(arr.mean()) if len(arr) else float("nan")
+
+
+def nanstd(values) -> float:
+    arr = np.asarray(values, dtype=float)
+    arr = arr[np.isfinite(arr)]
+    return float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def mean_std(values) -> str:
+    arr = np.asarray(values, dtype=float)
+    if not len(arr):
+        return "–"
     return f"{arr.mean():.3f} ± {arr.std(ddof=1):.3f}" if len(arr) > 1 else f"{arr.mean():.3f}"
+
+
+def paired(values: list[float], baseline: list[float]) -> dict:
+    """Per-seed differences to the baseline: mean, sd, standard error, wins; established = |mean| > 2 SE."""
+    d = np.asarray(values, dtype=float) - np.asarray(baseline, dtype=float)
+    sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
+    se = sd / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    mean = float(d.mean())
+    return {"mean": mean, "sd": sd, "se": se, "wins": int((d > 0).sum()), "losses": int((d < 0).sum()),
+            "seeds": len(d), "established": bool(len(d) > 2 and abs(mean) > 2 * se)}  # fmt: skip
+
+
+def _metric(summary: dict, name: str) -> float:
+    if name.startswith("pass@"):
+        return summary["pass_at_k"][name.removeprefix("pass@")]
+    if name in summary.get("diversity", {}):
+        return summary["diversity"][name]
+    if name == "response_tokens":
+        return summary.get("response_tokens", float("nan"))
+    return summary.get("diagnostics", {}).get(name, float("nan"))
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def write_report(toy: Toy, state: dict, out: Path, seconds: float, runner: Runner) -> str:
+    from simko.plot import read_training_log
+
+    folder = out / toy.name
+    runs = {arm: arm for arm in state["arms"]}
+    if "simko_tuned" in runs:
+        runs["simko_tuned"] = state["selection"]["chosen"]
+    label = {arm: (f"simko_tuned ({run})" if arm == "simko_tuned" else arm) for arm, run in runs.items()}
+    results = {"base": [read(folder / "eval" / f"base_seed{s}" / "pass_at_k.json") for s in toy.seeds]}
+    for arm, run in runs.items():
+        results[label[arm]] = [read(folder / "eval" / f"{run}_seed{s}" / "pass_at_k.json") for s in toy.seeds]
+    first = results["base"][0]
+    ks = list(first["pass_at_k"])
+    held_out = first["config"].get("dataset") or first["config"]["data"]
+    if first["config"].get("split"):
+        held_out += "/" + first["config"]["split"]
+    lines = [
+        f"## {toy.title}",
+        "",
+        f"pass@k on {first['num_problems']} held-out problems ({held_out}), n={first['n']} samples each at "
+        f"T={first['config']['eval']['temperature']}, mean ± std over seeds {' '.join(map(str, toy.seeds))} "
+        "(base: the warm start, sampled with the same seeds):",
+        "",
+    ]
+    rows = [
+        [name] + [mean_std([s["pass_at_k"][k] for s in summaries]) for k in ks] for name, summaries in results.items()
+    ]
+    lines += md_table(["model"] + [f"pass@{k}" for k in ks], rows)
+
+    compare = [f"pass@{ks[0]}", f"pass@{ks[len(ks) // 2]}", f"pass@{ks[-1]}", "distinct_correct", "solution_entropy"]
+    stats: dict[str, dict] = {}
+    if "grpo" in results:
+        rows = []
+        for name, summaries in results.items():
+            if name == "grpo":
+                continue
+            grpo = results["grpo"]
+            stats[name] = {
+                m: paired([_metric(s, m) for s in summaries], [_metric(s, m) for s in grpo]) for m in compare
+            }
+            cells = [
+                f"{p['mean']:+.3f} ± {p['sd']:.3f} ({p['wins']}/{p['losses']})" if np.isfinite(p["mean"]) else "–"
+                for p in stats[name].values()
+            ]
+            rows.append([name] + [f"**{c}**" if p["established"] else c for c, p in zip(cells, stats[name].values())])
+        lines += [
+            "",
+            f"Paired difference to GRPO at the same seed: mean ± sd over {len(toy.seeds)} seeds (seeds above/below "
+            "GRPO); **bold**: established, |mean| > 2 standard errors (sd / sqrt(seeds)):",
+            "",
+            *md_table(["model"] + [f"Δ {m}" for m in compare], rows),
+        ]
+    diag = ["distinct_correct", "solution_entropy", "solution_coverage", "response_tokens", "p_rank1", "p_rank2",
+            "p_rank3", "p_rank2_hi", "p_rank3_hi", "entropy_mean"]  # fmt: skip
+    rows = [[name] + [f"{nanmean([_metric(s, m) for s in summaries]):.4g}" for m in diag]
+            for name, summaries in results.items()]  # fmt: skip
+    lines += [
+        "",
+        "Diversity of the correct samples and concentration of all samples at evaluation, mean over seeds "
+        "(distinct_correct: distinct correct solutions per problem among the n samples; solution_entropy: nats, over "
+        "solved problems; solution_coverage: distinct_correct / the solver's count of solutions; response_tokens: "
+        "mean response length, EOS included; p_rank k: mean probability of the k-th likeliest token, _hi: on "
+        "high-entropy tokens):",
+        "",
+        *md_table(["model", *diag], rows),
+    ]
+    if state.get("selection"):
+        sel = state["selection"]
+        ranked = sorted(sel["scores"].items(), key=lambda item: -item[1])
+        lines += [
+            "",
+            f"SimKO sweep on seed {sel['seed']}, scored on the val split by the {sel['criterion']}; "
+            f"chosen: **{sel['chosen']}**",
+            "",
+            *md_table(["setting", "val mean pass@k"], [[run, f"{score:.4f}"] for run, score in ranked]),
+        ]
+    lines += [
+        "",
+        f"Figures: `{toy.name}/pass_at_k.png`, `{toy.name}/training.png` (its p(rank k) curves: {SMOOTH_STEPS}-step "
+        f"rolling means of the per-step diagnostics). This call ran {len(runner.executed)} "
+        f"train/eval runs in {seconds / 60:.1f} min (finished runs under {out} are reused, not rerun).",
+    ]
+    text = "\n".join(lines) + "\n"
+    (folder / "results.md").write_text(text)
+    payload = {"results": results, "paired_to_grpo": stats, "selection": state.get("selection"), "runs": runs}
+    (folder / "results.json").write_text(json.dumps(payload, indent=2, default=str))
+
+    logs = {}
+    for arm, run in runs.items():
+        frames = [read_training_log(folder / "train" / f"{run}_seed{seed}") for seed in toy.seeds]
+        for frame in frames:
+            diag_cols = [c for c in frame if c.startswith("diag/")]  # training.png: a 10-step rolling mean
+            frame[diag_cols] = frame[diag_cols].rolling(SMOOTH_STEPS, min_periods=1).mean()
+        logs[label[arm]] = frames
+    figures(results, logs, folder)
+    return text
+
+
+def figures(results: dict[str, list[dict]], logs: dict, folder: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from simko.plot import (
+        colors_for,
+        method_legend,
+        plot_concentration,
+        plot_curve,
+        plot_pass_at_k,
+        plot_pass_at_k_difference,
+    )
+
+    names = list(results)
+    colors = colors_for(names)
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.8))
+    plot_pass_at_k(results, ax=axes[0], colors=colors)
+    if "grpo" in results:
+        plot_pass_at_k_difference(results, "grpo", axes[1], colors)
+    for ax, metric, title in (
+        (axes[2], "distinct_correct", "distinct correct solutions per problem"),
+        (axes[3], "solution_entropy", "entropy of the correct solutions (nats)"),
+    ):
+        values = [[s.get("diversity", {}).get(metric, np.nan) for s in results[n]] for n in names]
+        means, stds = [nanmean(v) for v in values], [nanstd(v) for v in values]
+        ax.bar(range(len(names)), means, yerr=stds, color=[colors[n] for n in names], capsize=3)
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{title}, n={results[names[0]][0]['n']} (mean ± std over seeds)", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    method_legend(fig, names, colors)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(folder / "pass_at_k.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 5, figsize=(27, 4.8))
+    plot_curve(logs, "train/reward", axes[0], colors, ylabel="mean train reward")
+    axes[0].set_title("train reward (mean ± std over seeds)", fontsize=9)
+    ks = sorted(
+        {int(c.split("@")[1]) for fs in logs.values() for f in fs for c in f.columns if c.startswith("val/pass@")}
+    )
+    if ks:
+        plot_curve(logs, f"val/pass@{ks[-1]}", axes[1], colors, ylabel=f"val pass@{ks[-1]}")
+        axes[1].set_title(f"validation pass@{ks[-1]} (val split, n={ks[-1]})", fontsize=9)
+    if not plot_curve(logs, "val/distinct_correct", axes[2], colors, probability=False, ylabel="distinct correct"):
+        axes[2].set_visible(False)
+    axes[2].set_title("validation: distinct correct solutions per problem", fontsize=9)
+    styles = []
+    for ax, suffix in ((axes[3], ""), (axes[4], "_hi")):
+        baseline = "grpo" if "grpo" in logs and len(logs) > 1 else None
+        styles = plot_concentration(logs, ax, colors=colors, baseline=baseline, suffix=suffix)
+    method_legend(fig, [n for n in names if n in logs], colors, styles)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(folder / "training.png", dpi=120)
+    plt.close(fig)
+
+
+# --- main ------------------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--losses", nargs="+", default=list(LOSSES))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--n", type=int, default=64, help="samples per held-out problem")
-    parser.add_argument("--problems", type=int, default=256, help="held-out problems evaluated")
-    parser.add_argument("--out", default=str(REPO / "logs" / "reproduce"))
-    parser.add_argument("--smoke", action="store_true", help="1 RL step per run, n=4, 8 problems")
-    parser.add_argument(
-        "--extra",
-        nargs="*",
-        default=[],
-        help="more Hydra overrides for every train and eval run (model.*, paths.*, ...)",
-    )
-    parser.add_argument(
-        "--runs-only",
-        action="store_true",
-        help="train + evaluate the (loss, seed) runs only: no base evaluation, no report (to split "
-        "the grid over several processes; a final call without it reuses every finished run)",
-    )
+    parser.add_argument("--toy", choices=["arithmetic", "testbed", "both"], default="both")
+    parser.add_argument("--quick", action="store_true", help="the quick grids (fewer arms, seeds and RL steps)")
+    parser.add_argument("--smoke", action="store_true", help="1 RL step per run, n=4, 8 problems (CI)")
+    parser.add_argument("--losses", nargs="+", help="arms (default: the toy's own); simko_tuned needs --sweep")
+    parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the toy's own)")
+    parser.add_argument("--n", type=int, help="samples per held-out problem (default: the toy's own)")
+    parser.add_argument("--problems", type=int, help="held-out problems evaluated (default: the toy's own)")
+    parser.add_argument("--rl-steps", type=int, help="RL steps of every train run (default: the experiment's)")
+    parser.add_argument("--sweep", nargs="*", metavar="ALPHA:LAMBDA:TAU", help="the testbed's SimKO settings")
+    parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
+    parser.add_argument("--out", help="default: logs/reproduce (logs/reproduce_quick, logs/reproduce_smoke)")
+    parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every train/eval run")
+    parser.add_argument("--runs-only", action="store_true", help="train + evaluate only, no report")
     args = parser.parse_args()
-    out = Path(args.out).resolve()
-    n, problems = (4, 8) if args.smoke else (args.n, args.problems)
-    train_extra = (
-        ["rl_steps=1", "trainer.val_check_interval=1", "+trainer.limit_val_batches=1", "data.val_prompts=8"]
-        if args.smoke
-        else []
-    ) + list(args.extra)
-    eval_common = ["experiment=toy_eval", f"eval.n={n}", f"eval.limit={problems}", *args.extra]
-    start = time.perf_counter()
-
-    runs: dict[str, dict[int, Path]] = {}
-    for loss in args.losses:
-        for seed in args.seeds:
-            run_dir = out / "train" / f"{loss}_seed{seed}"
-            if not (run_dir / "checkpoints" / "last.ckpt").is_file():
-                run(
-                    "simko.train",
-                    f"experiment=toy_{loss}",
-                    f"seed={seed}",
-                    f"hydra.run.dir={run_dir}",
-                    "ckpt_path=last",  # a run killed earlier continues in its folder (a new one just starts)
-                    "callbacks.progress=null",
-                    *train_extra,
-                )
-            eval_dir = out / "eval" / f"{loss}_seed{seed}"
-            if not (eval_dir / "pass_at_k.json").is_file():
-                run(
-                    "simko.eval",
-                    *eval_common,
-                    f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-                    f"seed={seed}",
-                    f"hydra.run.dir={eval_dir}",
-                )
-            runs.setdefault(loss, {})[seed] = run_dir
-    if args.runs_only:
-        print(f"runs done in {(time.perf_counter() - start) / 60:.1f} min")
-        return
-    base_dirs = []
-    for seed in args.seeds:  # the base model, sampled with the same per-seed sampling streams
-        eval_dir = out / "eval" / f"base_seed{seed}"
-        if not (eval_dir / "pass_at_k.json").is_file():
-            run("simko.eval", *eval_common, f"seed={seed}", f"hydra.run.dir={eval_dir}")
-        base_dirs.append(eval_dir)
-
-    results = {"base": [json.loads((d / "pass_at_k.json").read_text()) for d in base_dirs]}
-    for loss in args.losses:
-        results[loss] = [
-            json.loads((out / "eval" / f"{loss}_seed{s}" / "pass_at_k.json").read_text()) for s in args.seeds
+    default_out = "reproduce_smoke" if args.smoke else "reproduce_quick" if args.quick else "reproduce"
+    out = Path(args.out or REPO / "logs" / default_out).resolve()
+    toys = list(TOYS.values()) if args.toy == "both" else [TOYS[args.toy]]
+    train_extra = []
+    if args.smoke:
+        train_extra = [
+            "trainer.val_check_interval=1",
+            "+trainer.limit_val_batches=1",
+            "data.val_prompts=8",
         ]
-    write_report(results, runs, out, n, problems, args, time.perf_counter() - start)
+    configured = []
+    for toy in toys:
+        changes = dict(toy.quick) if args.quick else {}
+        if args.smoke:
+            changes.update(n=4, problems=8, rl_steps=1)
+        options = (("arms", args.losses), ("seeds", args.seeds), ("n", args.n), ("problems", args.problems),
+                   ("rl_steps", args.rl_steps))  # fmt: skip
+        for key, value in options:
+            if value is not None:
+                changes[key] = tuple(value) if isinstance(value, list) else value
+        if args.sweep is not None and toy.name == "testbed":
+            changes["sweep"] = tuple(tuple(float(x) for x in s.split(":")) for s in args.sweep)
+        configured.append(replace(toy, **changes))
 
-
-def write_report(results: dict, runs: dict, out: Path, n: int, problems: int, args, seconds: float) -> None:
-    import pandas as pd
-
-    from simko.plot import plot_concentration, plot_pass_at_k
-
-    ks = list(results["base"][0]["pass_at_k"])
-    lines = [
-        f"pass@k on {problems} held-out problems, n={n} samples each, mean ± std over seeds {args.seeds}",
-        "",
-        "| model | " + " | ".join(f"pass@{k}" for k in ks) + " |",
-        "|---" * (len(ks) + 1) + "|",
-    ]
-    for name, summaries in results.items():
-        cells = [mean_std([s["pass_at_k"][k] for s in summaries]) for k in ks]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    diag_keys = ["p_rank1", "p_rank2", "p_rank3", "p_rank2_hi", "p_rank3_hi", "entropy_mean"]
-    lines += [
-        "",
-        "Concentration on the model's own samples at evaluation (mean over seeds):",
-        "",
-        "| model | " + " | ".join(diag_keys) + " |",
-        "|---" * (len(diag_keys) + 1) + "|",
-    ]
-    for name, summaries in results.items():
-        cells = [f"{np.mean([s['diagnostics'].get(k, np.nan) for s in summaries]):.4g}" for k in diag_keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"`python scripts/reproduce.py --losses {' '.join(args.losses)} --seeds "
-        f"{' '.join(map(str, args.seeds))}`: this call ran {len(EXECUTED)} train/eval runs in "
-        f"{seconds / 60:.1f} min (finished runs under {out} are reused, not rerun).",
-        f"Concentration curves in pass_at_k.png: mean over seeds, {SMOOTH_STEPS}-step rolling mean.",
-    ]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    mean_curves = {
-        name: {"pass_at_k": {k: float(np.mean([s["pass_at_k"][k] for s in summaries])) for k in ks}}
-        for name, summaries in results.items()
-    }
-    plot_pass_at_k(mean_curves, out / "pass_at_k.png", ax=axes[0])
-    logs = {}
-    for loss, seeds in runs.items():
-        frames = [pd.read_csv(d / "csv" / "metrics.csv") for d in seeds.values()]
-        frames = [f[f["train/rl_step"].notna()] for f in frames]
-        mean = pd.concat(frames).groupby("train/rl_step", as_index=False).mean(numeric_only=True)
-        diag = [c for c in mean if c.startswith("diag/")]
-        mean[diag] = mean[diag].rolling(SMOOTH_STEPS, min_periods=1).mean()  # per-step noise hides the trend
-        logs[loss] = mean
-    colors = {name: f"C{i}" for i, name in enumerate(results)}  # the colours of the pass@k panel (base is C0)
-    plot_concentration(logs, axes[1], ranks=(1, 2, 3), colors=colors)
-    plot_concentration(logs, axes[2], ranks=(1, 2, 3), suffix="_hi", colors=colors)
-    fig.tight_layout()
-    fig.savefig(out / "pass_at_k.png", dpi=120)
-    plt.close(fig)
+    for toy in configured:
+        if "simko_tuned" in toy.arms and not toy.sweep:
+            raise SystemExit(f"{toy.name}: arm simko_tuned needs SimKO settings to choose from (--sweep)")
+    for toy in configured:
+        check_grid_settings(toy, out, train_extra, list(args.extra))
+    runner = Runner(args.jobs, list(args.extra))
+    start = time.perf_counter()
+    for toy in configured:
+        warm_start(toy, runner, out)
+    states = {toy.name: run_toy(toy, runner, out, args, train_extra) for toy in configured}
+    for toy in configured:
+        finish_sweep(toy, states[toy.name], runner, out, train_extra)
+    for toy in configured:
+        wait(states[toy.name]["futures"])
+    runner.pool.shutdown()
+    if runner.failures:
+        raise SystemExit(f"{len(runner.failures)} run(s) failed:\n\n" + "\n\n".join(runner.failures))
+    print(f"runs done in {(time.perf_counter() - start) / 60:.1f} min: {len(runner.executed)} executed", flush=True)
+    for line in runner.executed:  # module, run folder, wall seconds
+        print("  ", line)
+    if args.runs_only:
+        return
+    seconds = time.perf_counter() - start
+    texts = [write_report(toy, states[toy.name], out, seconds, runner) for toy in configured]
+    command = "python scripts/reproduce.py " + " ".join(sys.argv[1:])
+    (out / "results.md").write_text(f"`{command}`\n\n" + "\n".join(texts))
     print((out / "results.md").read_text())
-    print(f"wrote {out / 'results.md'}, {out / 'pass_at_k.png'}")
+    print(f"wrote {out / 'results.md'} and the figures under {out}")
 
 
 if __name__ == "__main__":

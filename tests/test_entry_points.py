@@ -108,6 +108,8 @@ def test_train_grpo_writes_metrics_and_checkpoints(train_args, tmp_path):
     assert all(torch.equal(last["state_dict"][k], v) for k, v in snapshot["state_dict"].items())
     val = pd.read_csv(tmp_path / "grpo" / "csv" / "metrics.csv")
     assert val["val/pass@1"].notna().any() and val["val/pass@2"].notna().any()
+    # In-loop validation also logs the solution diversity and the concentration of the val samples.
+    assert val["val/distinct_correct"].notna().any() and val["val/p_rank1"].notna().any()
 
 
 def test_resume_continues_exactly(train_args, tmp_path):
@@ -219,7 +221,8 @@ def test_eval_writes_table_csv_and_plot(train_args, tmp_path, cache_dir):
 
 
 def test_reproduce_script_smoke(cache_dir, tmp_path):
-    """scripts/reproduce.py --smoke end to end (1 RL step per run): trains, evaluates, writes table + figure."""
+    """scripts/reproduce.py --smoke end to end for both toys (1 RL step per run, 2 runs side by side): warm starts,
+    trains, evaluates, writes the tables and the figures."""
     out = tmp_path / "reproduce"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(
@@ -232,6 +235,8 @@ def test_reproduce_script_smoke(cache_dir, tmp_path):
             "--seeds",
             "0",
             "1",
+            "--jobs",
+            "2",
             "--out",
             str(out),
             "--extra",
@@ -242,12 +247,21 @@ def test_reproduce_script_smoke(cache_dir, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     table = (out / "results.md").read_text()
-    assert "| base |" in table and "| grpo |" in table and "±" in table
-    results = json.loads((out / "results.json").read_text())
-    assert len(results["base"]) == len(results["grpo"]) == 2
-    assert all(0.0 <= s["pass_at_k"]["1"] <= s["pass_at_k"]["4"] <= 1.0 for s in results["grpo"])
-    assert (out / "pass_at_k.png").stat().st_size > 0
+    assert "Arithmetic toy" in table and "Multi-path testbed" in table
+    for toy in ("arithmetic", "testbed"):
+        table = (out / toy / "results.md").read_text()
+        assert "| base |" in table and "| grpo |" in table and "±" in table
+        results = json.loads((out / toy / "results.json").read_text())["results"]
+        assert len(results["base"]) == len(results["grpo"]) == 2
+        assert all(0.0 <= s["pass_at_k"]["1"] <= s["pass_at_k"]["4"] <= 1.0 for s in results["grpo"])
+        assert all("distinct_correct" in s["diversity"] for s in results["grpo"])
+        assert (out / toy / "pass_at_k.png").stat().st_size > 0 and (out / toy / "training.png").stat().st_size > 0
+    testbed = json.loads((out / "testbed" / "results.json").read_text())["results"]
+    assert {s["config"]["split"] for s in testbed["grpo"]} == {"test"}
+    # A second call reuses every finished run.
+    proc = subprocess.run(proc.args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "0 executed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

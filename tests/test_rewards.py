@@ -252,7 +252,8 @@ def test_math_hang_is_killed_and_pool_recovers(math_verifier, monkeypatch):
     elapsed = time.monotonic() - start
     assert scores == [0.0, 1.0, 0.0, 1.0]
     assert math_verifier.num_timeouts == timeouts_before + 2
-    assert elapsed < 1.0 + 3.0, elapsed
+    # Bounded by the deadline plus worker respawn (seconds on a loaded 2-core machine), never by the hang itself.
+    assert elapsed < 1.0 + 7.0, elapsed
     killed = pids_before - set(math_verifier.pool.pids)
     assert killed and not _wait_gone(killed)  # the stuck workers are dead and reaped
     assert math_verifier(r"\boxed{0.25}", r"\frac14") == 1.0  # replacements work

@@ -7,7 +7,8 @@ For every problem of the data config's held-out set (``val_source``) it samples 
 protocol by default: temperature 0.6, top-p 0.95), scores them with the examples' verifiers in the killable
 process pool, and writes into the run folder:
 
-- ``pass_at_k.json``  mean unbiased pass@k for ``eval.ks`` (default 1, 2, 4, ..., n), mean@n, maj@n, diagnostics
+- ``pass_at_k.json``  mean unbiased pass@k for ``eval.ks`` (default 1, 2, 4, ..., n), mean@n, maj@n, diagnostics,
+                      solution diversity (``simko.metrics.diversity``)
 - ``per_problem.csv`` problem id, c (correct), n, gold answer, the extracted answers, the prompt and one sample
   completion (the first of the n, with ``sample_correct``)
 - ``pass_at_k.png``   the pass@k curve on a log-k axis
@@ -39,6 +40,7 @@ from simko.diagnostics import concentration_metrics  # noqa: E402
 from simko.engines import Sampling, build_engine, check_engine  # noqa: E402
 from simko.forward import rollout_token_stats  # noqa: E402
 from simko.metrics import PassAtK, default_ks, majority_at_n  # noqa: E402
+from simko.metrics.diversity import SolutionDiversity, grouped_solution_keys  # noqa: E402
 from simko.models.lora import load_adapter_checkpoint, load_model  # noqa: E402
 from simko.rewards import final_answer, score_batch  # noqa: E402
 from simko.rollout import step_seed, tokenize_prompts  # noqa: E402
@@ -84,10 +86,13 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     n = int(cfg.eval.n)
     ks = sorted(int(k) for k in cfg.eval.ks) if cfg.eval.ks else default_ks(n)
     metric = PassAtK(ks=ks)
+    diversity = SolutionDiversity()
     verifiers = instantiate(cfg.eval.verifiers) if cfg.eval.get("verifiers") else None
     diag_k = min(int(cfg.eval.diagnostics_top_k), policy.get_output_embeddings().weight.shape[0])
     diag_sum: dict[str, float] = defaultdict(float)
+    diag_rows = 0
     rows_out, answers_all, correct_all = [], [], []
+    response_tokens = 0  # generated tokens up to and including EOS, summed over all samples
     batch = max(1, int(cfg.eval.prompts_per_batch))
     engine = build_engine(engine_name, policy, tokenizer, **(cfg.rollout.get(engine_name) or {}))
 
@@ -106,11 +111,16 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
             scores = torch.tensor(score_batch(rollouts.completions, answers, names, verifiers=verifiers))
             correct = (scores >= 1.0).view(len(chunk), n)
             metric.update(correct)
+            response_tokens += int(rollouts.response_mask.sum())
+            diversity.update(*grouped_solution_keys(chunk, rollouts.completions, correct))
             if diag_k:
-                for idx in torch.arange(rollouts.num_rows).split(int(cfg.eval.micro_batch_size)):
+                for idx in _diagnostics_rows(len(chunk), n, cfg.eval.get("diagnostics_samples")).split(
+                    int(cfg.eval.micro_batch_size)
+                ):
                     stats = rollout_token_stats(policy, rollouts.rows(idx), diag_k, float(cfg.eval.temperature))
                     for key, value in concentration_metrics(stats, float(cfg.eval.diagnostics_tau)).items():
                         diag_sum[key] += value * len(idx)
+                    diag_rows += len(idx)
             for i, ex in enumerate(chunk):
                 completions = rollouts.completions[i * n : (i + 1) * n]
                 extracted = [final_answer(c, ex["verifier"], verifiers) for c in completions]  # what its verifier reads
@@ -128,11 +138,16 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "maj@n": majority_at_n(answers_all, correct_all),
         "n": n,
         "num_problems": len(problems),
-        "diagnostics": {k: v / num_samples for k, v in diag_sum.items()},
+        "diagnostics": {k: v / diag_rows for k, v in diag_sum.items()},
+        "diversity": diversity.compute(),  # distinct correct solutions, their entropy and coverage (n samples)
+        "response_tokens": response_tokens / num_samples,  # mean response length in tokens (EOS included)
         "config": {
             "model": OmegaConf.to_container(cfg.model),
             "ckpt_path": cfg.get("ckpt_path"),
             "data": cfg.data._target_,
+            "dataset": _choice("data"),  # the data config's name (for plot titles), None outside Hydra
+            "split": getattr(datamodule.val_source, "split", None),
+            "held_out": repr(datamodule.val_source),
             "eval": OmegaConf.to_container(cfg.eval),
         },
     }
@@ -160,6 +175,19 @@ def problem_row(
     }
 
 
+def _diagnostics_rows(num_prompts: int, n: int, samples: int | None) -> torch.Tensor:
+    """Rows of a prompt-major batch whose diagnostics are computed: the first ``samples`` of each prompt's n
+    (all when None). The forward they need costs about half of sampling: a subset keeps n = 256 affordable."""
+    rows = torch.arange(num_prompts * n).view(num_prompts, n)
+    return rows[:, : min(int(samples), n)].reshape(-1) if samples else rows.reshape(-1)
+
+
+def _choice(group: str) -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+
+
 def write_outputs(summary: dict, rows: list[dict], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "pass_at_k.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -169,7 +197,9 @@ def write_outputs(summary: dict, rows: list[dict], out_dir: Path) -> None:
         writer.writerows(rows)
     from simko.plot import plot_pass_at_k
 
-    plot_pass_at_k({out_dir.name: summary}, out_dir / "pass_at_k.png")
+    ckpt = summary.get("config", {}).get("ckpt_path")
+    label = f"{Path(ckpt).parent.parent.name}/{Path(ckpt).name}" if ckpt else "base model"
+    plot_pass_at_k({label: summary}, out_dir / "pass_at_k.png")
 
 
 @hydra.main(config_path=check_config_dir(), config_name="eval", version_base="1.3")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -31,6 +32,7 @@ from simko.engines import RolloutEngine, Sampling, available_engines, build_engi
 from simko.forward import rollout_token_stats
 from simko.losses import PolicyLoss, TokenStats
 from simko.metrics import PassAtK, default_ks
+from simko.metrics.diversity import SolutionDiversity, grouped_solution_keys
 from simko.models import lora
 from simko.rollout import Rollouts, step_seed, tokenize_prompts
 from simko.sampling_filters import (
@@ -188,6 +190,8 @@ class RLVRModule(LightningModule):
         self.rl_step = 0
         # Not persistent: metric state never enters checkpoints.
         self.val_pass_at_k = PassAtK(ks=default_ks(val_samples))
+        self.val_diversity = SolutionDiversity()
+        self._val_diag: dict[str, float] = defaultdict(float)  # row-weighted sums of the diagnostics of val samples
 
     # ------------------------------------------------------------------ Lightning plumbing
     def setup(self, stage: str) -> None:
@@ -389,9 +393,10 @@ class RLVRModule(LightningModule):
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
-        """Sample n completions per held-out prompt (same seeds at every validation) and score them."""
+        """Sample n completions per held-out prompt (same seeds at every validation) and score them; pass@k, the
+        solution diversity of the correct samples and the concentration diagnostics of all samples."""
         n = self.val_sampling["group_size"]
-        _, rewards, _ = self.rollout(
+        rollouts, rewards, _ = self.rollout(
             batch,
             10_000_000 + batch_idx,
             n,
@@ -399,7 +404,15 @@ class RLVRModule(LightningModule):
             self.val_sampling["top_p"],
             seed_offset=1,
         )
-        self.val_pass_at_k.update(rewards.view(-1, n) >= 1.0)
+        correct = rewards.view(-1, n) >= 1.0
+        self.val_pass_at_k.update(correct)
+        self.val_diversity.update(*grouped_solution_keys(batch, rollouts.completions, correct))
+        if self.diagnostics_top_k:
+            for idx in torch.arange(rollouts.num_rows, device=self.device).split(self.micro_batch_size):
+                stats = self.token_stats(self.policy, rollouts.rows(idx), top_k=self.diagnostics_top_k)
+                for key, value in concentration_metrics(stats, self.diagnostics_tau).items():
+                    self._val_diag[key] += value * len(idx)
+                self._val_diag["rows"] += len(idx)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_pass_at_k.update_count == 0:
@@ -411,3 +424,13 @@ class RLVRModule(LightningModule):
             # torchmetrics has already synced the value, so every rank holds the same one; sync_dist tells Lightning
             # so (it warns otherwise), and the max of equal values is that value exactly.
             self.log(name, value, prog_bar=k == 1, rank_zero_only=False, sync_dist=True, reduce_fx="max")
+        diversity = self.val_diversity.compute()  # synced across ranks by torchmetrics, as pass@k
+        self.val_diversity.reset()
+        rows = self._val_diag.pop("rows", 0.0)
+        diagnostics = {key: value / rows for key, value in self._val_diag.items()} if rows else {}
+        self._val_diag.clear()
+        for key, value in diversity.items():
+            if value == value:  # NaN: undefined here (no solved problem, unknown solution counts); same on all ranks
+                self.log(f"val/{key}", value, rank_zero_only=False, sync_dist=True, reduce_fx="max")
+        for key, value in diagnostics.items():  # this rank's samples: averaged over ranks
+            self.log(f"val/{key}", value, rank_zero_only=False, sync_dist=True)

@@ -38,7 +38,7 @@ def run_sft(cfg: DictConfig) -> float:
     folder = model.name_or_path
     metadata = warm_start_metadata(folder)
 
-    task = OmegaConf.to_container(cfg.model.task, resolve=True)
+    task = OmegaConf.to_container(cfg.model.get("warm_start_source") or cfg.model.task, resolve=True)
     val = arithmetic_source(task, seed=cfg.eval_seed, split="val")
     examples = [val.example(i) for i in range(cfg.eval_problems)]
     start = time.perf_counter()

@@ -11,6 +11,7 @@ that changes the weights; a second run with the same arguments loads it in about
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import json
 import logging
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from simko.models.cache import DEFAULT_CACHE_DIR, build_once
 from simko.models.char_tokenizer import build_char_tokenizer
@@ -109,9 +110,12 @@ def cache_key(args: dict[str, Any]) -> str:
 
 
 def arithmetic_source(task: dict[str, Any], seed: int, split: str):
-    from simko.data import ArithmeticSource  # lazy: models should not need the data package to import
-
-    return ArithmeticSource(seed=seed, split=split, **task)
+    """The warm-start data: ``simko.data.ArithmeticSource(**task)``, or, when ``task`` has a ``source`` key (an
+    import path such as ``simko.data.countdown_steps.CountdownStepsSource``), that class built with the other keys."""
+    task = dict(task)
+    path = task.pop("source", "simko.data.ArithmeticSource")  # lazy: models should not need the data package
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)(seed=seed, split=split, **task)
 
 
 def load_tiny(
@@ -130,6 +134,7 @@ def load_tiny(
     dtype: str = "float32",
     rebuild: bool = False,
     wait_timeout_s: float = 3600.0,
+    warm_start_source: dict[str, Any] | None = None,
     **architecture: Any,
 ):
     """``(model, tokenizer)``: the tiny model after ``warm_start_steps`` supervised steps, cached on disk.
@@ -140,10 +145,12 @@ def load_tiny(
     ``dtype`` and ``attn_implementation`` apply when loading: the warm start always runs in fp32 with SDPA
     attention, so they do not change the cache entry. Neither does ``warm_start_device``, although training on
     another device (or with another number of CPU threads) gives slightly different weights.
-    ``rebuild=True`` retrains even when the cache entry exists. ``**architecture``: the architecture arguments
-    of :func:`build_tiny_model` (``ARCHITECTURE``), its defaults where not given.
+    ``rebuild=True`` retrains even when the cache entry exists. ``warm_start_source`` replaces ``task`` by another
+    source: ``{"source": "<import path of the class>", **its arguments}`` (``configs/experiment/testbed_task.yaml``);
+    its examples' ``solution`` field (else ``answer``) is the completion trained on. ``**architecture``: the
+    architecture arguments of :func:`build_tiny_model` (``ARCHITECTURE``), its defaults where not given.
     """
-    task = {**DEFAULT_TASK, **_plain(task or {})}
+    task = _plain(warm_start_source) if warm_start_source else {**DEFAULT_TASK, **_plain(task or {})}
     weight_args = {
         "architecture": _architecture(architecture),
         "warm_start": {
@@ -208,7 +215,9 @@ def load_tiny(
     model = AutoModelForCausalLM.from_pretrained(
         target, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation, local_files_only=True
     )
-    tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
+    # Not AutoTokenizer: it picks Qwen2Tokenizer from the model config (model_type qwen2), which drops the spaces and
+    # newlines the character tokenizer keeps as tokens ("5 1 -> 6\n" would read as "51->6").
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(target, local_files_only=True)
     log.info("loaded tiny model from %s: %s", target, model_summary(model))
     return prepare_for_generation(model, tokenizer)
 

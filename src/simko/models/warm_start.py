@@ -27,8 +27,15 @@ class ExampleSource(Protocol):
     def example(self, index: int) -> dict[str, Any]: ...
 
 
+def completion_text(example: dict[str, Any]) -> str:
+    """What the warm start trains on: the example's ``solution`` (one right completion, for tasks whose ``answer``
+    is a verifier's gold such as ``countdown_steps``) when it has one, else its ``answer``."""
+    return str(example.get("solution") or example["answer"])
+
+
 def completion_batch(tokenizer, examples: list[dict[str, Any]], prompt_template: str) -> dict[str, Tensor]:
-    """Left-padded ``prompt + answer + eos`` rows, with labels only on ``answer + eos``.
+    """Left-padded ``prompt + completion + eos`` rows, with labels only on ``completion + eos``
+    (``completion_text``: the answer, or the example's solution).
 
     Prompts are tokenized without special tokens, exactly as rollouts tokenize them, so the warm start sees
     the same token sequences RL will.
@@ -36,7 +43,7 @@ def completion_batch(tokenizer, examples: list[dict[str, Any]], prompt_template:
     rows, label_rows = [], []
     for example in examples:
         prompt = tokenizer(prompt_template.format(**example), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(str(example["answer"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = tokenizer(completion_text(example), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(prompt + answer)
         label_rows.append([IGNORE_INDEX] * len(prompt) + answer)
     width = max(len(row) for row in rows)
@@ -117,11 +124,12 @@ def greedy_accuracy(
     batch_size: int = 256,
     max_new_tokens: int | None = None,
 ) -> float:
-    """Share of ``examples`` whose greedy completion (up to EOS, stripped) equals the answer exactly."""
+    """Share of ``examples`` whose greedy completion (up to EOS, stripped) equals the answer exactly, or, for an
+    example whose ``verifier`` is not ``exact``, that its verifier scores 1."""
     if not examples:
         raise ValueError("greedy_accuracy needs at least one example")
     if max_new_tokens is None:  # room for the longest answer, its EOS, and one token of slack
-        max_new_tokens = max(len(str(e["answer"])) for e in examples) + 2
+        max_new_tokens = max(len(completion_text(e)) for e in examples) + 2
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -140,6 +148,12 @@ def greedy_accuracy(
         )
         responses = out[:, enc["input_ids"].shape[1] :].tolist()
         for example, response in zip(chunk, responses):
-            correct += text_before_eos(tokenizer, response) == str(example["answer"]).strip()
+            text = text_before_eos(tokenizer, response)
+            if example.get("verifier", "exact") == "exact":
+                correct += text == str(example["answer"]).strip()
+            else:  # a task with many right completions (countdown_steps, ...): its verifier decides
+                from simko.rewards import score_batch
+
+                correct += score_batch([text], [example["answer"]], example["verifier"])[0] >= 1.0
     model.train(was_training)
     return correct / len(examples)

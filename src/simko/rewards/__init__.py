@@ -56,3 +56,6 @@ __all__ = [
     "shared_verifier",
     "close_shared_verifiers",
 ]
+
+# The multi-path testbed's verifier and its solution key (the diversity metrics' notion of "the same solution").
+from simko.rewards import countdown_steps  # noqa: E402,F401 - registers countdown_steps
