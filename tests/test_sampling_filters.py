@@ -379,7 +379,7 @@ def test_dynamic_sampling_needs_a_refill_stream(tmp_path):
 
 
 def test_rows_without_loss_are_still_in_the_diagnostics():
-    from simko.diagnostics import concentration_metrics
+    from simko.diagnostics import concentration_sums
 
     model = random_qwen2(seed=4)
     rollouts, _ = _part(0, num_groups=2)
@@ -389,7 +389,7 @@ def test_rows_without_loss_are_still_in_the_diagnostics():
 
     def diagnose(s):
         seen.append(s.mask.sum().item())
-        return concentration_metrics(s, 0.8)
+        return concentration_sums(s, 0.8)
 
     out = {}
     for keep in (torch.ones(4, dtype=torch.bool), torch.tensor([False, False, False, True])):

@@ -36,7 +36,7 @@ from simko.checkpointing import CheckpointError, policy_state_dict, read_checkpo
 from simko.checks import ConfigError, build_data, check_against_model, check_eval_config  # noqa: E402
 from simko.config import check_config_dir, import_modules  # noqa: E402
 from simko.console import progress_bar  # noqa: E402
-from simko.diagnostics import concentration_metrics  # noqa: E402
+from simko.diagnostics import concentration_sums, metrics_from_sums  # noqa: E402
 from simko.engines import Sampling, build_engine, check_engine  # noqa: E402
 from simko.forward import rollout_token_stats  # noqa: E402
 from simko.metrics import PassAtK, default_ks, majority_at_n  # noqa: E402
@@ -90,7 +90,6 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     verifiers = instantiate(cfg.eval.verifiers) if cfg.eval.get("verifiers") else None
     diag_k = min(int(cfg.eval.diagnostics_top_k), policy.get_output_embeddings().weight.shape[0])
     diag_sum: dict[str, float] = defaultdict(float)
-    diag_rows = 0
     rows_out, answers_all, correct_all = [], [], []
     response_tokens = 0  # generated tokens up to and including EOS, summed over all samples
     batch = max(1, int(cfg.eval.prompts_per_batch))
@@ -118,9 +117,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
                     int(cfg.eval.micro_batch_size)
                 ):
                     stats = rollout_token_stats(policy, rollouts.rows(idx), diag_k, float(cfg.eval.temperature))
-                    for key, value in concentration_metrics(stats, float(cfg.eval.diagnostics_tau)).items():
-                        diag_sum[key] += value * len(idx)
-                    diag_rows += len(idx)
+                    for key, value in concentration_sums(stats, float(cfg.eval.diagnostics_tau)).items():
+                        diag_sum[key] += value  # token sums: the means are over all diagnosed tokens
             for i, ex in enumerate(chunk):
                 completions = rollouts.completions[i * n : (i + 1) * n]
                 extracted = [final_answer(c, ex["verifier"], verifiers) for c in completions]  # what its verifier reads
@@ -138,7 +136,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "maj@n": majority_at_n(answers_all, correct_all),
         "n": n,
         "num_problems": len(problems),
-        "diagnostics": {k: v / diag_rows for k, v in diag_sum.items()},
+        "diagnostics": metrics_from_sums(diag_sum),
         "diversity": diversity.compute(),  # distinct correct solutions, their entropy and coverage (n samples)
         "response_tokens": response_tokens / num_samples,  # mean response length in tokens (EOS included)
         "config": {

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from simko import distributed
 from simko.correction import RolloutCorrection
-from simko.diagnostics import concentration_metrics
+from simko.diagnostics import concentration_over_ranks, concentration_sums
 from simko.engines import RolloutEngine, Sampling, available_engines, build_engine, check_engine
 from simko.forward import rollout_token_stats
 from simko.losses import PolicyLoss, TokenStats
@@ -191,7 +191,7 @@ class RLVRModule(LightningModule):
         # Not persistent: metric state never enters checkpoints.
         self.val_pass_at_k = PassAtK(ks=default_ks(val_samples))
         self.val_diversity = SolutionDiversity()
-        self._val_diag: dict[str, float] = defaultdict(float)  # row-weighted sums of the diagnostics of val samples
+        self._val_diag: dict[str, float] = defaultdict(float)  # token sums of the diagnostics of val samples
 
     # ------------------------------------------------------------------ Lightning plumbing
     def setup(self, stage: str) -> None:
@@ -334,6 +334,7 @@ class RLVRModule(LightningModule):
         metrics = {
             k if k.startswith("rollout/") else f"train/{k}": v for k, v in {**metrics, **trained.metrics}.items()
         }
+        diagnostics = concentration_over_ranks(diagnostics, self.trainer.strategy, self.device)  # same on all ranks
         metrics.update({f"diag/{k}": v for k, v in diagnostics.items()})
         # The step's trained rollouts as text, for logging samples (simko.callbacks.samples.RolloutSamples).
         self.last_rollout = dict(step=step, examples=trained.examples, completions=trained.rollouts.completions,
@@ -349,8 +350,9 @@ class RLVRModule(LightningModule):
         return None
 
     def _diagnostics(self, stats: TokenStats) -> dict[str, float]:
-        """Concentration diagnostics (diag/*) of the first mini-batch, under the policy that sampled it."""
-        return concentration_metrics(stats.with_top_k(self.diagnostics_top_k), self.diagnostics_tau)
+        """Token sums of the concentration diagnostics (diag/*) of the first mini-batch, under the policy that
+        sampled it (:mod:`simko.diagnostics`)."""
+        return concentration_sums(stats.with_top_k(self.diagnostics_top_k), self.diagnostics_tau)
 
     def _optimizer_step(self) -> float:
         """Clip, step the optimizer and the schedule; the gradient norm before clipping."""
@@ -379,6 +381,8 @@ class RLVRModule(LightningModule):
             # Counts are summed over ranks, everything else averaged.
             summed = key in ("solved_all", "solved_none") or key.removeprefix("train/") in SUMMED_METRICS
             reduce = "sum" if summed or key.startswith("verifier/") else "mean"
+            if key.startswith("diag/"):  # already over all ranks' tokens (concentration_over_ranks): equal values
+                reduce = "max"
             name = key if key.startswith(("train/", "time/", "diag/", "verifier/", "rollout/")) else f"train/{key}"
             self.log(
                 name,
@@ -410,9 +414,8 @@ class RLVRModule(LightningModule):
         if self.diagnostics_top_k:
             for idx in torch.arange(rollouts.num_rows, device=self.device).split(self.micro_batch_size):
                 stats = self.token_stats(self.policy, rollouts.rows(idx), top_k=self.diagnostics_top_k)
-                for key, value in concentration_metrics(stats, self.diagnostics_tau).items():
-                    self._val_diag[key] += value * len(idx)
-                self._val_diag["rows"] += len(idx)
+                for key, value in concentration_sums(stats, self.diagnostics_tau).items():
+                    self._val_diag[key] += value
 
     def on_validation_epoch_end(self) -> None:
         if self.val_pass_at_k.update_count == 0:
@@ -426,11 +429,10 @@ class RLVRModule(LightningModule):
             self.log(name, value, prog_bar=k == 1, rank_zero_only=False, sync_dist=True, reduce_fx="max")
         diversity = self.val_diversity.compute()  # synced across ranks by torchmetrics, as pass@k
         self.val_diversity.reset()
-        rows = self._val_diag.pop("rows", 0.0)
-        diagnostics = {key: value / rows for key, value in self._val_diag.items()} if rows else {}
+        diagnostics = concentration_over_ranks(dict(self._val_diag), self.trainer.strategy, self.device)
         self._val_diag.clear()
         for key, value in diversity.items():
             if value == value:  # NaN: undefined here (no solved problem, unknown solution counts); same on all ranks
                 self.log(f"val/{key}", value, rank_zero_only=False, sync_dist=True, reduce_fx="max")
-        for key, value in diagnostics.items():  # this rank's samples: averaged over ranks
-            self.log(f"val/{key}", value, rank_zero_only=False, sync_dist=True)
+        for key, value in diagnostics.items():  # over every rank's samples already: equal on all ranks
+            self.log(f"val/{key}", value, rank_zero_only=False, sync_dist=True, reduce_fx="max")

@@ -97,9 +97,10 @@ def accumulate_gradients(
 
     ``old_logprobs`` [N, R]: None means the rows are used by the policy that sampled them (ratio 1, the current
     log-probs detached). ``stats_top_k``: candidates computed per token (>= the loss's ``top_k``; more when
-    ``diagnose`` needs them). ``diagnose(stats)`` (weighted into ``diagnostics``) sees each micro-batch's
-    statistics. ``backward`` runs on each scaled loss, inside ``no_sync()`` for all but the last micro-batch
-    (DDP: one gradient all-reduce per mini-batch). A non-finite loss raises before anything is applied.
+    ``diagnose`` needs them). ``diagnose(stats)`` sees each micro-batch's statistics and returns token sums
+    (:func:`simko.diagnostics.concentration_sums`), added into ``diagnostics``. ``backward`` runs on each scaled
+    loss, inside ``no_sync()`` for all but the last micro-batch (DDP: one gradient all-reduce per mini-batch). A
+    non-finite loss raises before anything is applied.
 
     When the engine reported ``rollouts.sampler_logprobs``: ``mismatch`` (if given) accumulates the sampler-trainer
     mismatch of these rows (old log-probs vs the sampler's), and an enabled ``correction`` hands the loss its
@@ -107,14 +108,11 @@ def accumulate_gradients(
     """
     top_k = loss_fn.top_k if stats_top_k is None else stats_top_k
     micro, weights, total_weight = micro_batches(rows, micro_batch_size, rollouts.loss_mask, loss_fn, advantages)
-    diag_weights, diag_total = weights, total_weight
-    if rollouts.loss_rows is not None:  # the diagnostics see every sampled token, with a loss or not
-        _, diag_weights, diag_total = micro_batches(rows, micro_batch_size, rollouts.response_mask, loss_fn, advantages)
     for i, (idx, w) in enumerate(zip(micro, weights)):
         stats = token_stats(rollouts.rows(idx), top_k)
         if diagnose is not None and diagnostics is not None:
-            for k, v in diagnose(stats).items():
-                diagnostics[k] += v * diag_weights[i] / diag_total
+            for k, v in diagnose(stats).items():  # token sums (rows without loss too): they add up
+                diagnostics[k] += v
         R = stats.mask.shape[1]
         if rollouts.loss_rows is not None:  # rows without loss (simko.sampling_filters): no token in the loss
             stats = replace(stats, mask=stats.mask & rollouts.loss_rows[idx, None])
@@ -173,7 +171,7 @@ def update_policy(
     ``optimizer_step()`` clips, steps (and schedules) and returns the gradient norm; ``reference_stats`` is the
     frozen reference's forward when the loss has a KL term. ``diagnose`` sees the statistics of the first
     mini-batch, under the policy that sampled the rollouts. Returns (loss metrics and ``grad_norm`` averaged over
-    the updates, diagnostics).
+    the updates, the diagnostics' token sums over the first mini-batch).
 
     When the engine reported ``rollouts.sampler_logprobs``, the metrics also hold the sampler-trainer mismatch of
     the whole batch (``rollout/logp_abs_diff``, ``rollout/ratio_outside_frac``, ``rollout/seq_kl``,
