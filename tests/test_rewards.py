@@ -518,3 +518,13 @@ def test_check_verifier_names_says_how_to_plug_in_a_verifier():
     check_verifier_names(["math", "exact", "mine"], {"mine": ExactMatchVerifier()})
     with pytest.raises(ValueError, match=r"unknown verifier\(s\) \['my_task'\].*imports=\[my_pkg.my_verifiers\]"):
         check_verifier_names(["math", "my_task"])
+
+
+@pytest.mark.parametrize("timeout_s", [0.0, -1.0, float("nan")])
+def test_pool_verifiers_refuse_a_timeout_that_is_not_positive(timeout_s):
+    # NaN passed the old `timeout_s <= 0` check and gave checks that never time out.
+    for build in (lambda: MathVerifier(timeout_s=timeout_s), lambda: FunctionVerifier(len, timeout_s=timeout_s)):
+        with pytest.raises(ValueError, match="timeout_s must be > 0"):
+            build()
+    with pytest.raises(ValueError, match="batch_timeout_s must be > 0"):
+        MathVerifier(batch_timeout_s=timeout_s)

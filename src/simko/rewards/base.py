@@ -98,7 +98,10 @@ class Verifier:
         return 0.0
 
 
-def check_batch_timeout(batch_timeout_s: float | None) -> None:
+def check_timeouts(timeout_s: float, batch_timeout_s: float | None) -> None:
+    """A worker-pool verifier's limits: a positive per-check timeout, a positive (or no) per-batch budget."""
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     if batch_timeout_s is not None and not batch_timeout_s > 0:
         raise ValueError(f"batch_timeout_s must be > 0 or None (no limit), got {batch_timeout_s}")
 

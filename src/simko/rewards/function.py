@@ -19,7 +19,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable, Sequence
 
-from simko.rewards.base import Verifier, check_batch_timeout, to_reward
+from simko.rewards.base import Verifier, check_timeouts, to_reward
 from simko.rewards.pool import KillablePool, main_is_importable
 
 ScoreFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
@@ -36,9 +36,7 @@ class FunctionVerifier(Verifier):
         batch_timeout_s: float | None = 60.0,
     ):
         super().__init__()
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        check_batch_timeout(batch_timeout_s)
+        check_timeouts(timeout_s, batch_timeout_s)
         self.fn = fn
         self.name = getattr(fn, "__name__", "function")
         self.timeout_s = timeout_s

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from simko.rewards.base import Verifier, check_batch_timeout
+from simko.rewards.base import Verifier, check_timeouts
 from simko.rewards.extract import answer_window, extract_boxed, has_box_command
 from simko.rewards.pool import KillablePool
 
@@ -52,9 +52,7 @@ class MathVerifier(Verifier):
         batch_timeout_s: float | None = 60.0,
     ):
         super().__init__()
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        check_batch_timeout(batch_timeout_s)
+        check_timeouts(timeout_s, batch_timeout_s)
         self.timeout_s = timeout_s
         self.batch_timeout_s = batch_timeout_s
         self.require_boxed = require_boxed
