@@ -898,8 +898,12 @@ def main(argv=None) -> None:
         results.append(res)
         tables.append(markdown(res))
         print(tables[-1] + "\n", flush=True)
-    import trl
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:  # the ours/ours-vllm sides run without TRL installed: record its version only where it is
+        trl_version = version("trl")
+    except PackageNotFoundError:
+        trl_version = None
     if any(s.endswith("-vllm") for s in args.sides):
         import vllm
 
@@ -909,7 +913,7 @@ def main(argv=None) -> None:
     payload = {
         "command": " ".join(["benchmarks/vs_trl.py", *(argv if argv is not None else sys.argv[1:])]),
         "torch": torch.__version__,
-        "trl": trl.__version__,
+        "trl": trl_version,
         "vllm": vllm_version,
         "threads": args.threads,
         "machine": platform.processor() or platform.machine(),
