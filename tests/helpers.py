@@ -14,6 +14,18 @@ CHARS = list("0123456789+=")
 # The shared offline data root (conftest.py sets SIMKO_DATA_DIR to ../shared/data unless it is set).
 DATA_DIR = Path(os.environ["SIMKO_DATA_DIR"])
 
+# A small tiny model without a warm start: built in about a second (vocabulary 100, context 128 tokens), for runs
+# that fail or stop before any training matters.
+UNTRAINED_TINY = [
+    "model.num_layers=1",
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "model.num_kv_heads=1",
+    "model.intermediate_size=64",
+    "model.warm_start_steps=0",
+    "model.eval_problems=0",
+]
+
 
 def shared_file(relative: str) -> Path:
     """A file under the shared data root; the calling test skips (naming the path) when it is absent."""

@@ -15,19 +15,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 import simko.models
+from helpers import UNTRAINED_TINY
 from simko.checks import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-# A small tiny model without a warm start: built in about a second (vocabulary 100, context 128 tokens).
-SMALL_UNTRAINED_TINY = [
-    "model.num_layers=1",
-    "model.hidden_size=32",
-    "model.num_heads=2",
-    "model.num_kv_heads=1",
-    "model.intermediate_size=64",
-    "model.warm_start_steps=0",
-    "model.eval_problems=0",
-]
 
 
 @pytest.fixture
@@ -107,7 +98,7 @@ def test_data_is_read_before_the_model(compose_cfg, no_model, tmp_path):
 
 
 def test_good_config_builds_and_data_gets_the_tokenizer(compose_cfg):
-    module, datamodule, trainer = build(compose_cfg(*SMALL_UNTRAINED_TINY))
+    module, datamodule, trainer = build(compose_cfg(*UNTRAINED_TINY))
     assert datamodule.tokenizer is module.tokenizer
     assert datamodule.examples_for_step(0)[0]["prompt"].endswith("=")
 
@@ -115,8 +106,8 @@ def test_good_config_builds_and_data_gets_the_tokenizer(compose_cfg):
 def test_loss_k_larger_than_the_vocabulary(compose_cfg):
     # Before: built fine, then torch.topk failed at the first RL step.
     with pytest.raises(ConfigError, match=r"^loss\.k=500: .*vocabulary has 100 tokens"):
-        build(compose_cfg(*SMALL_UNTRAINED_TINY, "loss=simko", "loss.k=500"))
-    build(compose_cfg(*SMALL_UNTRAINED_TINY, "loss=simko", "loss.k=100"))
+        build(compose_cfg(*UNTRAINED_TINY, "loss=simko", "loss.k=500"))
+    build(compose_cfg(*UNTRAINED_TINY, "loss=simko", "loss.k=100"))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -130,19 +121,19 @@ def test_file_prompt_longer_than_the_context_fails_at_start(compose_cfg, tmp_pat
     path = write_jsonl(tmp_path / "long.jsonl", [*short, {"question": "9" * 300, "answer": "1"}])
     data = ["data=jsonl", f"data.train_source.path={path}", "data.prompt_template='{question}='"]
     with pytest.raises(ConfigError) as error:
-        build(compose_cfg(*SMALL_UNTRAINED_TINY, *data))
+        build(compose_cfg(*UNTRAINED_TINY, *data))
     message = str(error.value)
     assert "long/2' (train_source" in message and str(path) in message and "301 tokens" in message
     assert "max_position_embeddings=128" in message
     assert "rollout.max_prompt_tokens" in message
 
     # Cut to 64 tokens, the same file is fine; a cut longer than the context is refused.
-    build(compose_cfg(*SMALL_UNTRAINED_TINY, *data, "rollout.max_prompt_tokens=64"))
+    build(compose_cfg(*UNTRAINED_TINY, *data, "rollout.max_prompt_tokens=64"))
     with pytest.raises(ConfigError, match=r"^rollout\.max_prompt_tokens=1000: .*max_position_embeddings=128"):
-        build(compose_cfg(*SMALL_UNTRAINED_TINY, *data, "rollout.max_prompt_tokens=1000"))
+        build(compose_cfg(*UNTRAINED_TINY, *data, "rollout.max_prompt_tokens=1000"))
 
     # The held-out file is checked at start too.
-    cfg = compose_cfg(*SMALL_UNTRAINED_TINY, *data)
+    cfg = compose_cfg(*UNTRAINED_TINY, *data)
     with open_dict(cfg):
         cfg.data.train_source.path = str(write_jsonl(tmp_path / "short.jsonl", short))
         cfg.data.val_source = {"_target_": "simko.data.LocalFileSource", "path": str(path)}
@@ -155,9 +146,9 @@ def test_procedural_prompt_longer_than_the_context_fails_before_generation(compo
     template = "x" * 130 + "{question}="
     # At start: build() renders the first batch (its verifier names are checked there), so it fails right away.
     with pytest.raises(ValueError, match=r"'arithmetic/train/0/0' \(train_source, RL step 0\) has 1[34]\d tokens"):
-        build(compose_cfg(*SMALL_UNTRAINED_TINY, f"data.prompt_template='{template}'"))
+        build(compose_cfg(*UNTRAINED_TINY, f"data.prompt_template='{template}'"))
     # And any later batch or the val set, when it is rendered.
-    module, datamodule, trainer = build(compose_cfg(*SMALL_UNTRAINED_TINY))
+    module, datamodule, trainer = build(compose_cfg(*UNTRAINED_TINY))
     datamodule.prompt_template = template
     with pytest.raises(ValueError, match=r"'arithmetic/train/0/64' \(train_source, RL step 1\) has 1[34]\d tokens"):
         datamodule.examples_for_step(1)
@@ -167,9 +158,9 @@ def test_procedural_prompt_longer_than_the_context_fails_before_generation(compo
 
 def test_world_size_is_checked_when_the_trainer_is_built(compose_cfg):
     with pytest.raises(ConfigError, match="prompts_per_step=3 .* world size"):
-        build(compose_cfg(*SMALL_UNTRAINED_TINY, "trainer=ddp", "data.prompts_per_step=3"))
+        build(compose_cfg(*UNTRAINED_TINY, "trainer=ddp", "data.prompts_per_step=3"))
     with pytest.raises(ConfigError, match="val set has 5 prompts"):
-        build(compose_cfg(*SMALL_UNTRAINED_TINY, "trainer=ddp", "data.val_prompts=5"))
+        build(compose_cfg(*UNTRAINED_TINY, "trainer=ddp", "data.val_prompts=5"))
 
 
 # --- simko.eval ----------------------------------------------------------------------------------------------------
@@ -199,7 +190,7 @@ def test_eval_refuses_a_prompt_longer_than_the_context(compose_cfg, tmp_path):
     from simko.eval import evaluate
 
     path = write_jsonl(tmp_path / "long.jsonl", [{"question": "1" * 200, "answer": "1"}])
-    cfg = compose_cfg(*SMALL_UNTRAINED_TINY, config="eval")
+    cfg = compose_cfg(*UNTRAINED_TINY, config="eval")
     with open_dict(cfg):
         cfg.data.val_source = {"_target_": "simko.data.LocalFileSource", "path": str(path), "verifier": "exact"}
     with pytest.raises(ConfigError, match="long/0"):

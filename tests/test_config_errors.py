@@ -8,18 +8,8 @@ from __future__ import annotations
 import pytest
 from hydra.errors import MissingConfigException
 
+from helpers import UNTRAINED_TINY
 from simko.train import CONFIG_ERRORS, build
-
-# A small untrained tiny model: these runs fail before any training.
-UNTRAINED_TINY = [
-    "model.num_layers=1",
-    "model.hidden_size=32",
-    "model.num_heads=2",
-    "model.num_kv_heads=1",
-    "model.intermediate_size=64",
-    "model.warm_start_steps=0",
-    "model.eval_problems=0",
-]
 
 
 @pytest.mark.parametrize(

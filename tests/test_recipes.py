@@ -9,10 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import shared_file
+from helpers import UNTRAINED_TINY, shared_file
 from simko.losses import GRPOLoss, SimKOLoss
 from simko.train import build
-from test_config_errors import UNTRAINED_TINY
 
 # trainer.* and model.* replaced so that the preset builds here: a 1-layer untrained tiny model, the CPU
 TINY_ON_CPU = [
