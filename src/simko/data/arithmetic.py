@@ -21,7 +21,7 @@ from __future__ import annotations
 import operator
 import random
 
-from simko.data.split import hash_split
+from simko.data.split import DistinctDraws, hash_split
 
 SPLITS = ("train", "val")
 OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -72,10 +72,8 @@ class ArithmeticSource:
         self.split = split
         self.val_fraction = val_fraction
         self.verifier = verifier
-        # The val split's distinct problems, found so far in draw order (see _distinct).
-        self._problems: list[tuple[str, str]] = []
-        self._seen: set[str] = set()
-        self._next_draw = 0
+        # The val split's distinct problems, found so far in draw order (keyed by the question).
+        self._distinct = DistinctDraws(self._keyed_draw, _MAX_DRAWS, "max_digits, ops, val_fraction")
 
     def __repr__(self) -> str:
         return (
@@ -87,7 +85,7 @@ class ArithmeticSource:
         if self.split == "train":
             question, answer = self._draw(index)
         else:
-            question, answer = self._distinct(index)
+            question, answer = self._distinct.get(index, self)
         return {
             "id": f"arithmetic/{self.split}/{self.seed}/{index}",
             "question": question,
@@ -113,26 +111,9 @@ class ArithmeticSource:
             f"small for val_fraction={self.val_fraction}."
         )
 
-    def _distinct(self, index: int) -> tuple[str, str]:
-        """The ``index``-th distinct problem of the draw sequence (built once, extended as needed)."""
-        misses = 0
-        while len(self._problems) <= index:
-            question, answer = self._draw(self._next_draw)
-            self._next_draw += 1
-            if question in self._seen:
-                misses += 1
-                if misses >= _MAX_DRAWS:
-                    raise ValueError(
-                        f"{self!r}: asked for held-out problem {index}, but only {len(self._problems)} distinct "
-                        f"{self.split!r} problems turned up ({_MAX_DRAWS} draws in a row found nothing new). "
-                        "Ask for fewer (data.val_prompts, eval.limit) or widen the task (max_digits, ops, "
-                        "val_fraction)."
-                    )
-                continue
-            misses = 0
-            self._seen.add(question)
-            self._problems.append((question, answer))
-        return self._problems[index]
+    def _keyed_draw(self, index: int) -> tuple[str, tuple[str, str]]:
+        question, answer = self._draw(index)
+        return question, (question, answer)
 
     def split_of(self, question: str) -> str:
         """The split a problem belongs to: a keyed hash of its text, independent of the seed."""

@@ -22,6 +22,7 @@ import itertools
 import random
 from typing import Any
 
+from simko.data.split import DistinctDraws
 from simko.rewards.countdown_steps import Step, chain_text, solution_key_of
 from simko.rewards.logic import countdown_answer
 
@@ -130,10 +131,8 @@ class CountdownStepsSource:
         self.min_solutions, self.max_solutions = min_solutions, max_solutions
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.verifier = verifier
-        # The val/test split's distinct problems, found so far in draw order (see _distinct).
-        self._problems: list[dict[str, Any]] = []
-        self._seen: set[str] = set()
-        self._next_draw = 0
+        # The val/test split's distinct problems, found so far in draw order (keyed by numbers and target).
+        self._distinct = DistinctDraws(self._draw, _MAX_DRAWS, "value or target range, val_fraction / test_fraction")
 
     def __repr__(self) -> str:
         return (
@@ -143,7 +142,7 @@ class CountdownStepsSource:
         )
 
     def example(self, index: int) -> dict[str, Any]:
-        problem = self._draw(index)[1] if self.split == "train" else self._distinct(index)
+        problem = self._draw(index)[1] if self.split == "train" else dict(self._distinct.get(index, self))
         return {"id": f"countdown_steps/{self.split}/{self.seed}/{index}", **problem, "verifier": self.verifier}
 
     @staticmethod
@@ -201,23 +200,3 @@ class CountdownStepsSource:
                 "num_solutions": len(solutions),
             }
         raise ValueError(f"{self!r}: no {self.split!r} problem passed the filters in {_MAX_DRAWS} draws.")
-
-    def _distinct(self, index: int) -> dict[str, Any]:
-        """The ``index``-th distinct problem of the draw sequence (built once, extended as needed)."""
-        misses = 0
-        while len(self._problems) <= index:
-            key, problem = self._draw(self._next_draw)
-            self._next_draw += 1
-            if key in self._seen:
-                misses += 1
-                if misses >= _MAX_DRAWS:
-                    raise ValueError(
-                        f"{self!r}: asked for held-out problem {index}, but only {len(self._problems)} distinct "
-                        f"{self.split!r} problems turned up. Ask for fewer (data.val_prompts, eval.limit) or widen "
-                        "the task (value or target range, val_fraction / test_fraction)."
-                    )
-                continue
-            misses = 0
-            self._seen.add(key)
-            self._problems.append(problem)
-        return dict(self._problems[index])
