@@ -17,12 +17,11 @@ whatever the seeds. ``val`` chooses hyperparameters and is validated in-loop; ``
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import random
 from typing import Any
 
-from simko.data.split import DistinctDraws
+from simko.data.split import DistinctDraws, hash_unit
 from simko.rewards.countdown_steps import Step, chain_text, solution_key_of
 from simko.rewards.logic import countdown_answer
 
@@ -151,9 +150,7 @@ class CountdownStepsSource:
 
     def split_of(self, numbers: list[int], target: int) -> str:
         """The split a problem belongs to: a keyed hash of its canonical form, independent of the seed."""
-        text = self.problem_key(numbers, target)
-        digest = hashlib.blake2b(text.encode(), digest_size=8, key=b"simko-countdown-steps-split").digest()
-        unit = int.from_bytes(digest, "big") / 2**64
+        unit = hash_unit(self.problem_key(numbers, target), b"simko-countdown-steps-split")
         if unit < self.val_fraction:
             return "val"
         return "test" if unit < self.val_fraction + self.test_fraction else "train"

@@ -7,11 +7,16 @@ from collections.abc import Callable
 from typing import Any
 
 
-def hash_split(text: str, key: bytes, val_fraction: float) -> str:
-    """``"val"`` for about ``val_fraction`` of all problems, ``"train"`` for the rest, decided by a keyed 64-bit
-    BLAKE2b hash of ``text`` (the problem, or its canonical key): the same on every rank, run and seed."""
+def hash_unit(text: str, key: bytes) -> float:
+    """A keyed 64-bit BLAKE2b hash of ``text`` (the problem, or its canonical key) as a number in [0, 1): the same
+    on every rank, run and seed. Splits are intervals of it."""
     digest = hashlib.blake2b(text.encode(), digest_size=8, key=key).digest()
-    return "val" if int.from_bytes(digest, "big") / 2**64 < val_fraction else "train"
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def hash_split(text: str, key: bytes, val_fraction: float) -> str:
+    """``"val"`` for about ``val_fraction`` of all problems, ``"train"`` for the rest (:func:`hash_unit`)."""
+    return "val" if hash_unit(text, key) < val_fraction else "train"
 
 
 class DistinctDraws:
