@@ -363,6 +363,17 @@ def _metric(summary: dict, name: str) -> float:
     return summary.get("diagnostics", {}).get(name, float("nan"))
 
 
+DIVERSITY = ("distinct_correct", "solution_entropy", "solution_coverage")
+
+
+def has_solution_paths(results: dict[str, list[dict]]) -> bool:
+    """Whether the task has several correct solutions per problem: its verifier counts them (``solution_coverage``
+    is finite). With one answer per problem (the arithmetic toy) distinct_correct is only pass@n and the solution
+    entropy is 0, so the report and figures leave the diversity metrics out."""
+    coverage = [s.get("diversity", {}).get("solution_coverage", np.nan) for runs in results.values() for s in runs]
+    return any(np.isfinite(coverage))
+
+
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
@@ -397,7 +408,9 @@ def write_report(toy: Toy, state: dict, out: Path, seconds: float, runner: Runne
     ]
     lines += md_table(["model"] + [f"pass@{k}" for k in ks], rows)
 
-    compare = [f"pass@{ks[0]}", f"pass@{ks[len(ks) // 2]}", f"pass@{ks[-1]}", "distinct_correct", "solution_entropy"]
+    paths = has_solution_paths(results)
+    compare = list(dict.fromkeys([f"pass@{ks[0]}", f"pass@{ks[len(ks) // 2]}", f"pass@{ks[-1]}"]))  # k: 1, mid, n
+    compare += ["distinct_correct", "solution_entropy"] if paths else []
     stats: dict[str, dict] = {}
     if "grpo" in results:
         rows = []
@@ -422,15 +435,21 @@ def write_report(toy: Toy, state: dict, out: Path, seconds: float, runner: Runne
         ]
     diag = ["distinct_correct", "solution_entropy", "solution_coverage", "response_tokens", "p_rank1", "p_rank2",
             "p_rank3", "p_rank2_hi", "p_rank3_hi", "entropy_mean"]  # fmt: skip
+    diag = diag if paths else [m for m in diag if m not in DIVERSITY]
     rows = [[name] + [f"{nanmean([_metric(s, m) for s in summaries]):.4g}" for m in diag]
             for name, summaries in results.items()]  # fmt: skip
-    lines += [
-        "",
+    about_diversity = (
         "Diversity of the correct samples and concentration of all samples at evaluation, mean over seeds "
         "(distinct_correct: distinct correct solutions per problem among the n samples; solution_entropy: nats, over "
-        "solved problems; solution_coverage: distinct_correct / the solver's count of solutions; response_tokens: "
-        "mean response length, EOS included; p_rank k: mean probability of the k-th likeliest token, _hi: on "
-        "high-entropy tokens):",
+        "solved problems; solution_coverage: distinct_correct / the solver's count of solutions; "
+        if paths
+        else "Concentration of all samples at evaluation, mean over seeds (one answer per problem, so no solution "
+        "diversity; "
+    )
+    lines += [
+        "",
+        about_diversity + "response_tokens: mean response length, EOS included; p_rank k: mean probability of the "
+        "k-th likeliest token, _hi: on high-entropy tokens):",
         "",
         *md_table(["model", *diag], rows),
     ]
@@ -462,11 +481,11 @@ def write_report(toy: Toy, state: dict, out: Path, seconds: float, runner: Runne
             diag_cols = [c for c in frame if c.startswith("diag/")]  # training.png: a 10-step rolling mean
             frame[diag_cols] = frame[diag_cols].rolling(SMOOTH_STEPS, min_periods=1).mean()
         logs[label[arm]] = frames
-    figures(results, logs, folder)
+    figures(results, logs, folder, paths)
     return text
 
 
-def figures(results: dict[str, list[dict]], logs: dict, folder: Path) -> None:
+def figures(results: dict[str, list[dict]], logs: dict, folder: Path, paths: bool = True) -> None:
     import matplotlib.pyplot as plt
 
     from simko.plot import (
@@ -480,14 +499,16 @@ def figures(results: dict[str, list[dict]], logs: dict, folder: Path) -> None:
 
     names = list(results)
     colors = colors_for(names)
-    fig, axes = plt.subplots(1, 4, figsize=(21, 4.8))
+    fig, axes = plt.subplots(1, 4 if paths else 2, figsize=(21 if paths else 11, 4.8))
     plot_pass_at_k(results, ax=axes[0], colors=colors)
     if "grpo" in results:
         plot_pass_at_k_difference(results, "grpo", axes[1], colors)
-    for ax, metric, title in (
-        (axes[2], "distinct_correct", "distinct correct solutions per problem"),
-        (axes[3], "solution_entropy", "entropy of the correct solutions (nats)"),
-    ):
+    panels = (
+        ((axes[2], "distinct_correct", "distinct correct solutions per problem"),
+         (axes[3], "solution_entropy", "entropy of the correct solutions (nats)"))
+        if paths else ()
+    )  # fmt: skip
+    for ax, metric, title in panels:
         values = [[s.get("diversity", {}).get(metric, np.nan) for s in results[n]] for n in names]
         means, stds = [nanmean(v) for v in values], [nanstd(v) for v in values]
         ax.bar(range(len(names)), means, yerr=stds, color=[colors[n] for n in names], capsize=3)
@@ -499,7 +520,9 @@ def figures(results: dict[str, list[dict]], logs: dict, folder: Path) -> None:
     fig.savefig(folder / "pass_at_k.png", dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 5, figsize=(27, 4.8))
+    fig, axes = plt.subplots(1, 5 if paths else 4, figsize=(27 if paths else 22, 4.8))
+    if not paths:  # no val distinct-solutions panel: the concentration panels move up one
+        axes = [*axes[:2], None, *axes[2:]]
     plot_curve(logs, "train/reward", axes[0], colors, ylabel="mean train reward")
     axes[0].set_title("train reward (mean ± std over seeds)", fontsize=9)
     ks = sorted(
@@ -508,9 +531,10 @@ def figures(results: dict[str, list[dict]], logs: dict, folder: Path) -> None:
     if ks:
         plot_curve(logs, f"val/pass@{ks[-1]}", axes[1], colors, ylabel=f"val pass@{ks[-1]}")
         axes[1].set_title(f"validation pass@{ks[-1]} (val split, n={ks[-1]})", fontsize=9)
-    if not plot_curve(logs, "val/distinct_correct", axes[2], colors, probability=False, ylabel="distinct correct"):
-        axes[2].set_visible(False)
-    axes[2].set_title("validation: distinct correct solutions per problem", fontsize=9)
+    if paths:
+        if not plot_curve(logs, "val/distinct_correct", axes[2], colors, probability=False, ylabel="distinct correct"):
+            axes[2].set_visible(False)
+        axes[2].set_title("validation: distinct correct solutions per problem", fontsize=9)
     styles = []
     for ax, suffix in ((axes[3], ""), (axes[4], "_hi")):
         baseline = "grpo" if "grpo" in logs and len(logs) > 1 else None

@@ -517,3 +517,41 @@ def test_reproduce_refuses_to_mix_grid_settings_in_one_folder(tmp_path):
         reproduce.check_grid_settings(dataclasses.replace(reproduce.TESTBED, rl_steps=40), tmp_path, [], [])
     with pytest.raises(SystemExit, match="another --out"):
         reproduce.check_grid_settings(reproduce.TESTBED, tmp_path, [], ["paths.cache_dir=/elsewhere"])
+
+
+def test_reproduce_report_leaves_diversity_out_for_one_answer_per_problem(tmp_path):
+    """The arithmetic toy has one answer per problem: its distinct_correct is pass@n and its solution entropy 0,
+    so neither goes in its tables or figures (the report printed both, and a Δ distinct_correct equal to Δ pass@n,
+    before). The testbed's summaries carry a finite solution_coverage and keep them."""
+    import dataclasses
+    import types
+
+    import pandas as pd
+
+    reproduce = _reproduce_module()
+    for toy, coverage in ((reproduce.ARITHMETIC, float("nan")), (reproduce.TESTBED, 0.5)):
+        toy = dataclasses.replace(toy, arms=("grpo", "simko"), seeds=(0, 1), sweep=())
+        folder = tmp_path / toy.name
+        for run in ("base", "grpo", "simko"):
+            for seed, shift in ((0, 0.0), (1, 0.01)):
+                good = {"base": 0.0, "grpo": 0.1, "simko": 0.12}[run] + shift
+                summary = {"pass_at_k": {"1": 0.2 + good, "2": 0.3 + good}, "n": 2, "num_problems": 8,
+                           "diversity": {"distinct_correct": 0.3 + good, "solution_entropy": 0.0,
+                                         "solution_coverage": coverage},
+                           "diagnostics": {"p_rank1": 0.8}, "response_tokens": 3.0,
+                           "config": {"data": "x.Source", "eval": {"temperature": 1.0}}}  # fmt: skip
+                (folder / "eval" / f"{run}_seed{seed}").mkdir(parents=True)
+                (folder / "eval" / f"{run}_seed{seed}" / "pass_at_k.json").write_text(json.dumps(summary))
+                if run != "base":
+                    (folder / "train" / f"{run}_seed{seed}" / "csv").mkdir(parents=True)
+                    frame = pd.DataFrame({"train/rl_step": [1, 2], "train/reward": [0.2, 0.3],
+                                          "val/distinct_correct": [1.0, 1.0], "diag/p_rank1": [0.8, 0.8],
+                                          "diag/p_rank1_hi": [0.6, 0.6]})  # fmt: skip
+                    frame.to_csv(folder / "train" / f"{run}_seed{seed}" / "csv" / "metrics.csv", index=False)
+        runner = types.SimpleNamespace(executed=[])
+        text = reproduce.write_report(toy, {"arms": toy.arms}, tmp_path, 1.0, runner)
+        paths = toy.name == "testbed"
+        assert ("distinct_correct" in text) == paths and ("solution_entropy" in text) == paths
+        assert "| model | Δ pass@1 | Δ pass@2 |" in text  # the mid and the last k are one column here
+        assert "| simko | +0.020 ± 0.000 (2/0) | +0.020 ± 0.000 (2/0) |" in text  # the paired Δ pass@k stay
+        assert (folder / "pass_at_k.png").stat().st_size > 0 and (folder / "training.png").stat().st_size > 0
