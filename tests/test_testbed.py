@@ -355,6 +355,10 @@ def test_reproduce_sweep_names_selection_and_paired_statistics():
     assert stats["mean"] == pytest.approx(0.2) and stats["sd"] == pytest.approx(0.1)
     assert stats["se"] == pytest.approx(0.1 / math.sqrt(3)) and stats["wins"] == 3 and stats["established"]
     assert not reproduce.paired([0.5, 0.3, 0.6], [0.4, 0.4, 0.4])["established"]  # 0.1, -0.1, 0.2: within 2 SE
+    names = {(toy, quick): [t.name for t in reproduce.selected_toys(toy, quick)] for toy in (None, "both")
+             for quick in (False, True)}  # fmt: skip
+    assert names == {(None, False): ["arithmetic", "testbed"], (None, True): ["testbed"],
+                     ("both", False): ["arithmetic", "testbed"], ("both", True): ["arithmetic", "testbed"]}  # fmt: skip
 
 
 def test_reproduce_sweep_orchestration_and_report_with_a_fake_runner(tmp_path):
