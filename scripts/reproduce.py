@@ -434,9 +434,8 @@ def write_report(toy: Toy, state: dict, out: Path, seconds: float, runner: Runne
             "",
             *md_table(["model"] + [f"Δ {m}" for m in compare], rows),
         ]
-    diag = ["distinct_correct", "solution_entropy", "solution_coverage", "response_tokens", "p_rank1", "p_rank2",
-            "p_rank3", "p_rank2_hi", "p_rank3_hi", "entropy_mean"]  # fmt: skip
-    diag = diag if paths else [m for m in diag if m not in DIVERSITY]
+    diag = [*(DIVERSITY if paths else ()), "response_tokens", "p_rank1", "p_rank2", "p_rank3", "p_rank2_hi",
+            "p_rank3_hi", "entropy_mean"]  # fmt: skip
     rows = [[name] + [f"{nanmean([_metric(s, m) for s in summaries]):.4g}" for m in diag]
             for name, summaries in results.items()]  # fmt: skip
     about_diversity = (
@@ -522,8 +521,6 @@ def figures(results: dict[str, list[dict]], logs: dict, folder: Path, paths: boo
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 5 if paths else 4, figsize=(27 if paths else 22, 4.8))
-    if not paths:  # no val distinct-solutions panel: the concentration panels move up one
-        axes = [*axes[:2], None, *axes[2:]]
     plot_curve(logs, "train/reward", axes[0], colors, ylabel="mean train reward")
     axes[0].set_title("train reward (mean ± std over seeds)", fontsize=9)
     ks = sorted(
@@ -537,7 +534,7 @@ def figures(results: dict[str, list[dict]], logs: dict, folder: Path, paths: boo
             axes[2].set_visible(False)
         axes[2].set_title("validation: distinct correct solutions per problem", fontsize=9)
     styles = []
-    for ax, suffix in ((axes[3], ""), (axes[4], "_hi")):
+    for ax, suffix in zip(axes[-2:], ("", "_hi")):  # the last two panels, after the optional distinct-solutions one
         baseline = "grpo" if "grpo" in logs and len(logs) > 1 else None
         styles = plot_concentration(logs, ax, colors=colors, baseline=baseline, suffix=suffix)
     method_legend(fig, [n for n in names if n in logs], colors, styles)
