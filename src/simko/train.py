@@ -24,7 +24,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
-from hydra.errors import InstantiationException  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
@@ -33,7 +32,15 @@ from simko.checkpointing import (  # noqa: E402
     install_atomic_checkpoint_io,
     read_checkpoint,
 )
-from simko.checks import build_data, build_loss, check_against_model, check_train_config, check_world_size  # noqa: E402
+from simko.checks import (  # noqa: E402
+    CONFIG_ERRORS,
+    build_data,
+    build_loss,
+    check_against_model,
+    check_train_config,
+    check_world_size,
+    exit_with_config_error,
+)
 from simko.config import check_config_dir, import_modules  # noqa: E402
 from simko.console import progress_bar_enabled, quiet_library_warnings  # noqa: E402
 from simko.engines import check_engine  # noqa: E402
@@ -45,16 +52,6 @@ from simko.steplog import RLStepLogging  # noqa: E402
 
 log = logging.getLogger(__name__)
 quiet_library_warnings()
-
-# Errors a bad config or bad input raises while the run is being built (a CheckpointError is a ValueError):
-# reported as one message, no traceback.
-CONFIG_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, InstantiationException)
-
-
-def exit_with_config_error(err: BaseException) -> None:
-    message = str(err).strip() or type(err).__name__
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def build(cfg: DictConfig, resume_step: int | None = None):

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import inspect
 import logging
 import os
 import random
@@ -274,10 +273,7 @@ class VLLMEngine(RolloutEngine):
     @classmethod
     def check(cls, **knobs) -> None:
         """At start (``simko.engines.check_engine``): the knobs are this engine's, and vLLM can run here."""
-        own = set(inspect.signature(cls.__init__).parameters) - {"self", "policy", "tokenizer", "synced_gpus"}
-        unknown = sorted(set(knobs) - own)
-        if unknown:
-            raise TypeError(f"unknown rollout.vllm knobs {unknown}; the vLLM engine's knobs: {', '.join(sorted(own))}")
+        super().check(**knobs)
         check_vllm_installed()
 
     # ------------------------------------------------------------------ the contract

@@ -1,6 +1,7 @@
-"""The verifier API every reward source in this package shares.
+"""The verifier API every verifier in this package shares. A verifier's verdict is a completion's **score**; the
+trainer adds any reward term (an overlong penalty) to get the reward the advantages see (simko.sampling_filters).
 
-    v.score(completions, answers) -> list[float]   # one reward per completion, batched
+    v.score(completions, answers) -> list[float]   # one score per completion, batched
     v(completion, answer) -> float                  # one item
     v.final_answer(completion) -> str | None        # the part of the completion this verifier compares
     v.num_timeouts, v.num_errors                    # items that cost a 0.0 because the check hung or failed
@@ -8,7 +9,7 @@
 
 A subclass implements ``_score(completions, answers)`` (lists of equal, non-zero length) and, when its rule
 differs from the default (``extract_final_answer``), ``final_answer``. A failed check is never an exception in
-the trainer: it is a 0.0 reward and a counter, so one degenerate completion can't stop a run.
+the trainer: it is a 0.0 score and a counter, so one degenerate completion can't stop a run.
 """
 
 from __future__ import annotations
@@ -72,13 +73,13 @@ class Verifier:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _reward(self, result: TaskResult) -> float:
-        """A pool result as a reward: the value if the check finished, else 0.0 and one more timeout/error."""
+    def _score_of(self, result: TaskResult) -> float:
+        """A pool result as a score: the value if the check finished, else 0.0 and one more timeout/error."""
         if result.status == "ok":
             try:
-                return to_reward(result.value)
+                return to_score(result.value)
             except (TypeError, ValueError) as e:
-                return self._failed("error", f"bad reward value: {e}")
+                return self._failed("error", f"bad score value: {e}")
         return self._failed(result.status, result.message)
 
     def _failed(self, status: str, message: str) -> float:
@@ -106,11 +107,11 @@ def check_timeouts(timeout_s: float, batch_timeout_s: float | None) -> None:
         raise ValueError(f"batch_timeout_s must be > 0 or None (no limit), got {batch_timeout_s}")
 
 
-def to_reward(value: Any) -> float:
-    """A verifier's return value as a float reward: None counts as 0.0 (not applicable); NaN/inf are errors."""
+def to_score(value: Any) -> float:
+    """A verifier's return value as a float score: None counts as 0.0 (not applicable); NaN/inf are errors."""
     if value is None:
         return 0.0
-    reward = float(value)
-    if not math.isfinite(reward):
-        raise ValueError(f"reward must be finite, got {value!r}")
-    return reward
+    score = float(value)
+    if not math.isfinite(score):
+        raise ValueError(f"score must be finite, got {value!r}")
+    return score
