@@ -3,7 +3,8 @@
 :func:`rollout_token_stats` runs the policy over the rows of a :class:`~simko.rollout.Rollouts` batch and returns
 the :class:`~simko.losses.TokenStats` of their response tokens, the LM head applied in sequence chunks. The G rows
 of a group share their prompt, so each distinct prompt can run once and hand its keys/values to its rows
-(:func:`simko.kv_cache.prefix_cache`, which the HF engine uses to prefill each prompt once).
+(:func:`simko.kv_cache.prefix_cache`, which the HF engine uses to prefill each prompt once). With
+``padding_free`` the rows are instead packed into one sequence without padding (:func:`packed_token_stats`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from simko.losses.stats import TokenStats
 
 
 def rollout_token_stats(
-    model, rows: dict[str, Tensor], top_k: int, temperature: float, chunk_size: int = 256, share_prompt: bool = True
+    model,
+    rows: dict[str, Tensor],
+    top_k: int,
+    temperature: float,
+    chunk_size: int = 256,
+    share_prompt: bool = True,
+    padding_free: bool = False,
 ) -> TokenStats:
     """TokenStats of the response tokens of ``rows`` (see :meth:`Rollouts.rows`) under ``model``.
 
@@ -31,7 +38,11 @@ def rollout_token_stats(
     unshared forward up to float rounding. With G = 8 and prompts as long as the responses this removes about
     half of the update's FLOPs and activations. It falls back to the plain forward where nothing is shared
     (one row per prompt, one-token prompts) or the model's cache is not a plain ``DynamicCache``.
+
+    ``padding_free``: :func:`packed_token_stats` (``share_prompt`` is then not used).
     """
+    if padding_free:
+        return packed_token_stats(model, rows, top_k, temperature, chunk_size)
     attn = rows["attention_mask"]
     position_ids = position_ids_from_mask(attn)
     p = rows["prompt_len"]
@@ -65,6 +76,57 @@ def rollout_token_stats(
         top_k=top_k,
         temperature=temperature,
         chunk_size=chunk_size,
+    )
+
+
+def packed_token_stats(
+    model, rows: dict[str, Tensor], top_k: int, temperature: float, chunk_size: int = 256
+) -> TokenStats:
+    """:func:`rollout_token_stats` without padding: the real tokens of all rows (prompt, then response) packed into
+    one sequence of batch size 1, with position ids restarting at 0 on each row and no attention mask, from which
+    transformers builds a block-diagonal causal mask (sdpa, eager: ``find_packed_sequence_indices``; flash
+    attention: variable-length kernels from the same position ids), so no token attends to another row. The LM
+    head runs on the real response positions only; the statistics come back as ``[rows, response columns]``, zero
+    on padding (masked)."""
+    attn = rows["attention_mask"].bool()
+    B, R = rows["response_mask"].shape
+    p = rows["prompt_len"]
+    position_ids = position_ids_from_mask(attn)
+    out = model(
+        input_ids=rows["input_ids"][attn][None],
+        position_ids=position_ids[attn][None],
+        use_cache=False,
+        output_hidden_states=True,
+        logits_to_keep=1,
+    )
+    # The packed index of every padded position (valid where attn is set); the hidden state that predicts
+    # response token t of a row sits at its column p - 1 + t.
+    packed_index = attn.flatten().long().cumsum(0).view(attn.shape) - 1
+    response_mask = rows["response_mask"].bool()
+    predicting = packed_index[:, p - 1 : p - 1 + R][response_mask]
+    hidden = out.hidden_states[-1][:, predicting]
+    tokens = rows["response_tokens"][response_mask][None]
+    packed = TokenStats.from_hidden(
+        hidden,
+        model.get_output_embeddings(),
+        tokens,
+        torch.ones_like(tokens, dtype=torch.bool),
+        top_k=top_k,
+        temperature=temperature,
+        chunk_size=chunk_size * B,  # as many positions per chunk as the padded path's B rows x chunk_size
+    )
+
+    def unpack(x: Tensor) -> Tensor:
+        full = x.new_zeros((B, R, *x.shape[2:]))
+        full[response_mask] = x[0]
+        return full
+
+    return TokenStats(
+        unpack(packed.logprobs),
+        unpack(packed.entropy),
+        unpack(packed.topk_logprobs),
+        unpack(packed.topk_ids),
+        response_mask,
     )
 
 
