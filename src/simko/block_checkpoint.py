@@ -35,6 +35,13 @@ def enable(model: torch.nn.Module) -> int:
     return len(blocks)
 
 
+def disable(model: torch.nn.Module) -> None:
+    """Undo :func:`enable` (benchmarks compare both in one process)."""
+    for block in transformer_blocks(model):
+        if is_enabled(block):
+            del block.forward
+
+
 def is_enabled(block: torch.nn.Module) -> bool:
     forward = block.__dict__.get("forward")
     return isinstance(forward, types.MethodType) and forward.__func__ is _checkpointed_forward
