@@ -107,7 +107,10 @@ KNOBS = {
 @pytest.mark.parametrize("loss_name", loss_configs())
 def test_every_loss_equals_the_padded_path_in_float64(loss_name):
     """Every loss config: each knob and all three together give the padded row-count path's gradients (each of
-    2 updates), parameters, metrics and diagnostics to 1e-10 relative, in float64 on ragged lengths. Clip-Cov and
+    2 updates), parameters, metrics and diagnostics to 1e-10 relative, in float64 on ragged lengths; packing with
+    the shared prompt (and checkpointing) gives the padded shared-prompt path's. (The shared and unshared paths
+    differ by ~1e-8 relative in float64 whatever the knobs: CPU sdpa in float64 is itself that far from eager
+    attention, measured 2.6e-8, and its rounding depends on the shapes.) Clip-Cov and
     KL-Cov select tokens over each micro-batch, so their token-budget micro-batches are other micro-batches with
     other selections (as another micro_batch_size): they are compared with checkpointing and packing only."""
     from simko.losses.covariance import ClipCovLoss, KLCovLoss
@@ -121,6 +124,8 @@ def test_every_loss_equals_the_padded_path_in_float64(loss_name):
         if isinstance(loss_fn, (ClipCovLoss, KLCovLoss)) and not same_micro_batches:
             continue  # their token selection is over the micro-batch: other micro-batches, other tokens (by design)
         assert_same(base, run_update(model, loss_fn, r, scores, **knobs), 1e-10, same_micro_batches)
+    shared = run_update(model, loss_fn, r, scores, share=True)
+    assert_same(shared, run_update(model, loss_fn, r, scores, share=True, packed=True, checkpointing=True), 1e-10)
 
 
 @pytest.mark.parametrize(
@@ -161,6 +166,8 @@ def test_lora_with_every_knob_equals_the_padded_path():
     assert_same(base, run_update(model, loss_fn, r, scores, **KNOBS["all"]), rel=1e-10, same_micro_batches=False)
     shared = run_update(model, loss_fn, r, scores, share=True, mbs=12)
     assert_same(shared, run_update(model, loss_fn, r, scores, share=True, mbs=12, checkpointing=True), rel=0.0)
+    packed = run_update(model, loss_fn, r, scores, share=True, mbs=12, checkpointing=True, packed=True)
+    assert_same(shared, packed, rel=1e-10)
 
 
 def test_checkpointing_recomputes_blocks_only_under_autograd_and_keeps_parameter_names(monkeypatch):
@@ -213,13 +220,51 @@ def test_packed_rows_do_not_attend_to_each_other(monkeypatch):
     last = slice(7, 8)
 
     def stats(x):
-        s = rollout_token_stats(model, x, 3, 1.0, padding_free=True)
+        s = rollout_token_stats(model, x, 3, 1.0, share_prompt=False, padding_free=True)
         return s.logprobs[last], s.entropy[last], s.topk_logprobs[last]
 
     with torch.no_grad():
         for a, b in zip(stats(rows), stats(other)):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
         monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+        broken = [not torch.allclose(a, b, rtol=1e-6, atol=1e-6) for a, b in zip(stats(rows), stats(other))]
+    assert all(broken)
+
+
+def test_packed_rows_with_a_shared_prompt_see_only_their_prompt_and_themselves(monkeypatch):
+    """Packing with the shared prompt: changing the other prompts and every other row's response leaves a row's
+    statistics unchanged; with a mask that lets rows see each other (causal over the whole packed part) they
+    change."""
+    import simko.forward as forward
+
+    r, _ = ragged_rollouts()
+    model = random_qwen2(seed=7).double()
+    rows = r.rows(torch.arange(12))  # row 6: prompt 1 (rows 4 ... 7)
+    other = copy.deepcopy(rows)
+    p = other["prompt_len"]
+    other["input_ids"][:4, :p] = (other["input_ids"][:4, :p] + 3) % 14  # prompt 0's rows: their prompt
+    other["input_ids"][8:, :p] = (other["input_ids"][8:, :p] + 5) % 14  # prompt 2's rows
+    for i in (0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11):  # every other row's response
+        other["input_ids"][i, p:] = (other["input_ids"][i, p:] + 1) % 14
+    mine = slice(6, 7)
+
+    def stats(x):
+        assert forward._shared_prompt_packed(model, x) is not None
+        s = rollout_token_stats(model, x, 3, 1.0, share_prompt=True, padding_free=True)
+        return s.logprobs[mine], s.entropy[mine], s.topk_logprobs[mine]
+
+    with torch.no_grad():
+        for a, b in zip(stats(rows), stats(other)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        mask = forward.shared_prompt_mask
+
+        def leaky(part, inverse, prompt_mask):
+            allowed = mask(part, inverse, prompt_mask)
+            own = allowed[0, 0, :, prompt_mask.numel() :]
+            allowed[0, 0, :, prompt_mask.numel() :] = torch.ones_like(own).tril()
+            return allowed
+
+        monkeypatch.setattr(forward, "shared_prompt_mask", leaky)
         broken = [not torch.allclose(a, b, rtol=1e-6, atol=1e-6) for a, b in zip(stats(rows), stats(other))]
     assert all(broken)
 

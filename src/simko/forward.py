@@ -4,7 +4,8 @@
 the :class:`~simko.losses.TokenStats` of their response tokens, the LM head applied in sequence chunks. The G rows
 of a group share their prompt, so each distinct prompt can run once and hand its keys/values to its rows
 (:func:`simko.kv_cache.prefix_cache`, which the HF engine uses to prefill each prompt once). With
-``padding_free`` the rows are instead packed into one sequence without padding (:func:`packed_token_stats`).
+``padding_free`` the rows are packed into one sequence without padding, each distinct prompt once with
+``share_prompt`` (:func:`packed_token_stats`).
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ def rollout_token_stats(
     half of the update's FLOPs and activations. It falls back to the plain forward where nothing is shared
     (one row per prompt, one-token prompts) or the model's cache is not a plain ``DynamicCache``.
 
-    ``padding_free``: :func:`packed_token_stats` (``share_prompt`` is then not used).
+    ``padding_free``: :func:`packed_token_stats`, the prompt shared there too with ``share_prompt``.
     """
     if padding_free:
-        return packed_token_stats(model, rows, top_k, temperature, chunk_size)
+        return packed_token_stats(model, rows, top_k, temperature, chunk_size, share_prompt)
     attn = rows["attention_mask"]
     position_ids = position_ids_from_mask(attn)
     p = rows["prompt_len"]
@@ -80,31 +81,38 @@ def rollout_token_stats(
 
 
 def packed_token_stats(
-    model, rows: dict[str, Tensor], top_k: int, temperature: float, chunk_size: int = 256
+    model, rows: dict[str, Tensor], top_k: int, temperature: float, chunk_size: int = 256, share_prompt: bool = False
 ) -> TokenStats:
     """:func:`rollout_token_stats` without padding: the real tokens of all rows (prompt, then response) packed into
     one sequence of batch size 1, with position ids restarting at 0 on each row and no attention mask, from which
     transformers builds a block-diagonal causal mask (sdpa, eager: ``find_packed_sequence_indices``; flash
     attention: variable-length kernels from the same position ids), so no token attends to another row. The LM
     head runs on the real response positions only; the statistics come back as ``[rows, response columns]``, zero
-    on padding (masked)."""
-    attn = rows["attention_mask"].bool()
-    B, R = rows["response_mask"].shape
-    p = rows["prompt_len"]
-    position_ids = position_ids_from_mask(attn)
-    out = model(
-        input_ids=rows["input_ids"][attn][None],
-        position_ids=position_ids[attn][None],
-        use_cache=False,
-        output_hidden_states=True,
-        logits_to_keep=1,
-    )
-    # The packed index of every padded position (valid where attn is set); the hidden state that predicts
-    # response token t of a row sits at its column p - 1 + t.
-    packed_index = attn.flatten().long().cumsum(0).view(attn.shape) - 1
+    on padding (masked).
+
+    ``share_prompt`` (sdpa attention): each distinct prompt (all but its last token) runs once, packed
+    with the other distinct prompts, and the rows' last prompt token and response are packed after them with a mask
+    in which each row sees its own prompt and itself (:func:`_shared_prompt_packed`): neither padding nor G copies of
+    a prompt are computed. Where nothing is shared it is the plain packing above."""
+    shared = _shared_prompt_packed(model, rows) if share_prompt else None
+    if shared is not None:
+        out_hidden, packed_index = shared
+    else:
+        attn = rows["attention_mask"].bool()
+        out = model(
+            input_ids=rows["input_ids"][attn][None],
+            position_ids=position_ids_from_mask(attn)[attn][None],
+            use_cache=False,
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
+        out_hidden = out.hidden_states[-1]
+        # The packed index of every padded position (valid where attn is set); the hidden state that predicts
+        # response token t of a row sits at its column prompt_len - 1 + t.
+        packed_index = (attn.flatten().long().cumsum(0).view(attn.shape) - 1)[:, rows["prompt_len"] - 1 :]
     response_mask = rows["response_mask"].bool()
-    predicting = packed_index[:, p - 1 : p - 1 + R][response_mask]
-    hidden = out.hidden_states[-1][:, predicting]
+    B, R = response_mask.shape
+    hidden = out_hidden[:, packed_index[:, :R][response_mask]]
     tokens = rows["response_tokens"][response_mask][None]
     packed = TokenStats.from_hidden(
         hidden,
@@ -130,6 +138,63 @@ def packed_token_stats(
     )
 
 
+def _shared_prompt_packed(model, rows: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+    """(last hidden states [1, L, D] of the rows' packed last prompt token + response, the packed index [B, 1 + R] of
+    each of those columns) with each distinct prompt run once; None where nothing is shared, the attention is not
+    sdpa or eager (flash attention takes no such mask) or the cache is not a plain ``DynamicCache``.
+
+    The distinct prompts but their last token run as one batch (:func:`simko.kv_cache.prefix_cache`, left padding
+    masked); their keys/values are laid end to end as one prefix of ``u * (p - 1)`` positions. The rows' parts follow
+    it as one packed sequence, with a 4D boolean mask: a query of row i sees the real positions of its own prompt's
+    stretch of the prefix, and its own row up to itself."""
+    group, p = rows.get("prompt_index"), rows["prompt_len"]
+    if group is None or p < 2 or getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return None
+    unique, inverse = torch.unique(group, return_inverse=True)
+    if len(unique) == len(group):
+        return None
+    attn = rows["attention_mask"].bool()
+    position_ids = position_ids_from_mask(attn)
+    first = _first_of_each(inverse, len(unique))
+    prompt_mask = attn[first, : p - 1]
+    cache = prefix_cache(model, rows["input_ids"][first, : p - 1], prompt_mask.long(), position_ids[first, : p - 1])
+    if cache is None:
+        return None
+    for layer in cache.layers:  # [u, heads, p - 1, d] -> [1, heads, u * (p - 1), d]: the prompts end to end
+        layer.keys, layer.values = (x.transpose(0, 1).flatten(1, 2)[None] for x in (layer.keys, layer.values))
+    part = attn[:, p - 1 :]  # each row's last prompt token and its real response tokens
+    allowed = shared_prompt_mask(part, inverse, prompt_mask)
+    out = model(
+        input_ids=rows["input_ids"][:, p - 1 :][part][None],
+        attention_mask=allowed,
+        position_ids=position_ids[:, p - 1 :][part][None],
+        past_key_values=cache,
+        use_cache=True,
+        output_hidden_states=True,
+        logits_to_keep=1,
+    )
+    packed_index = part.flatten().long().cumsum(0).view(part.shape) - 1
+    return out.hidden_states[-1], packed_index
+
+
+def shared_prompt_mask(part: Tensor, inverse: Tensor, prompt_mask: Tensor) -> Tensor:
+    """The [1, 1, L, u * (p - 1) + L] boolean mask (True: attends) of the rows' packed parts (``part`` [B, 1 + R]:
+    the columns of each row that are packed, in row order) over the distinct prompts' prefix (``prompt_mask``
+    [u, p - 1]: its real positions; ``inverse`` [B]: each row's prompt) and the packed parts."""
+    row_of = torch.arange(len(inverse), device=part.device)[:, None].expand_as(part)[part]
+    own = (row_of[:, None] == row_of[None, :]).tril()  # packed in row order: causal within the row
+    width = prompt_mask.shape[1]
+    prefix_owner = torch.arange(len(prompt_mask), device=part.device).repeat_interleave(width)
+    sees_prefix = (inverse[row_of][:, None] == prefix_owner[None, :]) & prompt_mask.flatten()[None, :]
+    return torch.cat([sees_prefix, own], dim=1)[None, None]  # sdpa's boolean mask
+
+
+def _first_of_each(inverse: Tensor, count: int) -> Tensor:
+    """The first row of each of ``count`` distinct prompts (``inverse``: each row's prompt)."""
+    first = torch.full((count,), len(inverse), dtype=torch.long, device=inverse.device)
+    return first.scatter_reduce(0, inverse, torch.arange(len(inverse), device=inverse.device), reduce="amin")
+
+
 def _prompt_cache(model, rows: dict[str, Tensor], position_ids: Tensor):
     """KV cache of ``input_ids[:, :prompt_len - 1]`` computed once per distinct prompt, indexed out to every row
     (differentiable); None where the plain forward is kept (see :func:`rollout_token_stats`)."""
@@ -139,9 +204,7 @@ def _prompt_cache(model, rows: dict[str, Tensor], position_ids: Tensor):
     unique, inverse = torch.unique(group, return_inverse=True)
     if len(unique) == len(group):
         return None
-    # The first row of each distinct prompt stands for all of its rows.
-    first = torch.full((len(unique),), len(group), dtype=torch.long, device=group.device)
-    first = first.scatter_reduce(0, inverse, torch.arange(len(group), device=group.device), reduce="amin")
+    first = _first_of_each(inverse, len(unique))  # the first row of each distinct prompt stands for all of its rows
     cache = prefix_cache(
         model, rows["input_ids"][first, : p - 1], rows["attention_mask"][first, : p - 1], position_ids[first, : p - 1]
     )

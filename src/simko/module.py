@@ -76,7 +76,8 @@ class RLVRModule(LightningModule):
             by their tokens (prompt + response) go first-fit into micro-batches of at most this many tokens (a longer
             row alone); None: ``micro_batch_size`` rows (:func:`simko.update.token_budget_bins`).
         padding_free: pack each micro-batch's rows into one sequence, positions restarting per row, so no padding
-            token is computed (:func:`simko.forward.rollout_token_stats`); the prompt is then not shared.
+            token is computed; with ``share_prompt`` each distinct prompt runs once and the rows' responses are
+            packed after it, each seeing its prompt and itself (:func:`simko.forward.packed_token_stats`).
         share_prompt: run each distinct prompt once per micro-batch in the update and hand its keys/values to the
             G rows that share it (exact up to float rounding; see :func:`simko.forward.rollout_token_stats`).
             Off under FSDP/FSDP2: the backward of the shared prompt would run after FSDP has resharded the
