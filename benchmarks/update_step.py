@@ -5,7 +5,7 @@ Sides are settings of the update (``configs/train.yaml: module.*``), compared on
 
     padded   rows in micro-batches of ``micro_batch_size``, each padded to its longest row, the prompt shared
              (today's defaults)
-    knobs    module.gradient_checkpointing + module.micro_batch_tokens + module.padding_free
+    knobs    module.gradient_checkpointing + module.micro_batch_tokens + module.padding_free (+ the shared prompt)
 
 ``--side LABEL=SPEC`` (repeatable) replaces the default pair. SPEC is comma-separated: ``mbs=N`` (rows per
 micro-batch), ``tokens=N`` (token budget), ``ckpt``, ``packed``, ``noshare`` (no shared prompt), e.g.
@@ -178,6 +178,10 @@ def parse_side(text: str) -> tuple[str, dict]:
     return label, side
 
 
+def schedule_of(side: dict) -> UpdateSchedule:
+    return UpdateSchedule(micro_batch_size=side["mbs"], micro_batch_tokens=side["tokens"], share_prompt=side["share"])
+
+
 def update_step(model, rollouts, scores, loss_fn, side: dict, chunk_size: int) -> float:
     if side["ckpt"]:
         block_checkpoint.enable(model)
@@ -191,7 +195,9 @@ def update_step(model, rollouts, scores, loss_fn, side: dict, chunk_size: int) -
             model, rows, top_k, 1.0, chunk_size, share_prompt=side["share"], padding_free=side["packed"]
         )
     )
-    schedule = UpdateSchedule(micro_batch_size=side["mbs"], micro_batch_tokens=side["tokens"])
+    schedule = UpdateSchedule(
+        micro_batch_size=side["mbs"], micro_batch_tokens=side["tokens"], share_prompt=side["share"]
+    )
     rows = torch.arange(rollouts.num_rows)
     accumulate_gradients(loss_fn, rollouts, scores, advantages, rows, hooks, schedule, metrics)
     return metrics["loss"]
@@ -207,8 +213,10 @@ def flop_count(model, rollouts, side: dict) -> dict:
 
     cfg = model.config
     blocks = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
-    schedule = UpdateSchedule(micro_batch_size=side["mbs"], micro_batch_tokens=side["tokens"])
-    micro = split_rows(torch.arange(rollouts.num_rows), rollouts.attention_mask, schedule, UpdateHooks(None))
+    schedule = UpdateSchedule(
+        micro_batch_size=side["mbs"], micro_batch_tokens=side["tokens"], share_prompt=side["share"]
+    )
+    micro = split_rows(torch.arange(rollouts.num_rows), rollouts, schedule, UpdateHooks(None))
     positions = scores = head = 0
     for idx in micro:
         rows = rollouts.rows(idx)
@@ -216,10 +224,16 @@ def flop_count(model, rollouts, side: dict) -> dict:
         B, W = attn.shape
         R = W - p
         distinct = len(torch.unique(rows["prompt_index"]))
-        if side["packed"]:
+        shared = side["share"] and p >= 2 and distinct < B
+        if side["packed"] and shared:  # the distinct prompts once, then the rows' parts packed (one dense mask)
+            L = int(attn[:, p - 1 :].sum())
+            positions += distinct * (p - 1) + L
+            scores += distinct * (p - 1) ** 2 + L * (distinct * (p - 1) + L)
+            head += int(rows["response_mask"].sum())
+        elif side["packed"]:
             T = int(attn.sum())
             positions, scores, head = positions + T, scores + T * T, head + int(rows["response_mask"].sum())
-        elif side["share"] and p >= 2 and distinct < B:
+        elif shared:
             positions += distinct * (p - 1) + B * (R + 1)
             scores += distinct * (p - 1) ** 2 + B * (R + 1) * W
             head += B * R

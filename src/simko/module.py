@@ -72,9 +72,10 @@ class RLVRModule(LightningModule):
         stats_chunk_size: sequence chunk of the token statistics (memory ~ rows x chunk x vocab).
         gradient_checkpointing: recompute each transformer block's activations in the update's backward instead of
             keeping them (:mod:`simko.block_checkpoint`; autograd forwards only, never generation); exact.
-        micro_batch_tokens: form micro-batches by a token budget instead of ``micro_batch_size`` rows: rows sorted
-            by their tokens (prompt + response) go first-fit into micro-batches of at most this many tokens (a longer
-            row alone); None: ``micro_batch_size`` rows (:func:`simko.update.token_budget_bins`).
+        micro_batch_tokens: form micro-batches by a token budget instead of ``micro_batch_size`` rows: rows (whole
+            groups with ``share_prompt``, the prompt counted once), largest first, go first-fit into micro-batches
+            of at most this many tokens (prompt + response; a longer row alone); None: ``micro_batch_size`` rows
+            (:func:`simko.update.token_budget_bins`).
         padding_free: pack each micro-batch's rows into one sequence, positions restarting per row, so no padding
             token is computed; with ``share_prompt`` each distinct prompt runs once and the rows' responses are
             packed after it, each seeing its prompt and itself (:func:`simko.forward.packed_token_stats`).
@@ -348,6 +349,7 @@ class RLVRModule(LightningModule):
             num_mini_batches=self.num_mini_batches,
             micro_batch_size=self.micro_batch_size,
             micro_batch_tokens=self.micro_batch_tokens,
+            share_prompt=self.share_prompt and not self._sharded,
             shuffle_seed=step_seed(self.seed, step, 0),  # the group shuffle, the same on every rank
             stats_top_k=max(self.loss_fn.top_k, diag_k),
             correction=self.correction,

@@ -15,9 +15,8 @@ in one piece, however the micro-batches split the groups. Metrics are weighted t
 updates.
 
 Micro-batches are ``micro_batch_size`` rows in mini-batch order, or, with ``micro_batch_tokens``, bins of at most
-that many tokens (prompt + response) filled longest row first (:func:`token_budget_bins`), so each forward holds
-about the same number of tokens whatever the lengths, and rows of similar length share a micro-batch (little
-padding; none with ``padding_free``, :mod:`simko.forward`).
+that many tokens (prompt + response) filled largest first (:func:`token_budget_bins`; whole groups, the prompt
+counted once, when the forward shares it), so each forward holds at most that many tokens whatever the lengths.
 """
 
 from __future__ import annotations
@@ -74,6 +73,8 @@ class UpdateSchedule:
         micro_batch_size: rows per forward/backward.
         micro_batch_tokens: tokens (prompt + response) per forward/backward instead (:func:`token_budget_bins`);
             None: ``micro_batch_size`` rows.
+        share_prompt: the forward runs each prompt once per micro-batch (:mod:`simko.forward`): token budgets then
+            keep a prompt's rows together where they fit and count the prompt once.
         shuffle_seed: seeds the group shuffle of every epoch (:func:`minibatch_rows`).
         stats_top_k: top-K candidates computed per token (>= the loss's ``top_k``; more when ``diagnose`` needs
             them); None: the loss's.
@@ -86,6 +87,7 @@ class UpdateSchedule:
     num_mini_batches: int = 1
     micro_batch_size: int = 16
     micro_batch_tokens: int | None = None
+    share_prompt: bool = False
     shuffle_seed: int = 0
     stats_top_k: int | None = None
     correction: RolloutCorrection | None = None
@@ -111,31 +113,44 @@ def minibatch_rows(
     return out
 
 
-def token_budget_bins(lengths: Tensor, budget: int, num_bins: int = 0) -> list[Tensor]:
-    """Positions into ``lengths`` [n] grouped into bins of at most ``budget`` total length: first-fit decreasing
-    (rows longest first, ties by position, each into the first bin it fits; a row longer than the budget gets a
-    bin of its own). With ``num_bins`` above the count that needs, the bins with the most tokens (of more than one
-    row) are halved until there are that many. Each bin lists its positions in increasing order; the bins come in
-    the order they were opened (longest rows first). Deterministic."""
-    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+def token_budget_bins(
+    lengths: Tensor, budget: int, num_bins: int = 0, groups: Tensor | None = None, prompt_lengths: Tensor | None = None
+) -> list[Tensor]:
+    """Positions into ``lengths`` [n] grouped into bins of at most ``budget`` tokens: first-fit decreasing (units
+    largest first, ties by position, each into the first bin it fits; a unit larger than the budget gets a bin of
+    its own). A unit is a row, or with ``groups`` [n] (the rows' prompt ids) and ``prompt_lengths`` [n] a whole
+    group, whose prompt counts once (the forward shares it), as long as the group fits in the budget; a group that
+    does not is split into its rows. With ``num_bins`` above the count that needs, the bins with the most tokens (of
+    more than one row) are halved until there are that many. Each bin lists its positions in increasing order; the
+    bins come in the order they were opened (largest units first). Deterministic."""
+    units: list[tuple[int, list[int]]] = []
+    if groups is None:
+        units = [(int(n), [i]) for i, n in enumerate(lengths)]
+    else:
+        members: dict[int, list[int]] = {}
+        for i, g in enumerate(groups.tolist()):
+            members.setdefault(g, []).append(i)
+        for rows in members.values():
+            cost = sum(int(lengths[i]) for i in rows) - (len(rows) - 1) * int(prompt_lengths[rows[0]])
+            units += [(cost, rows)] if cost <= budget else [(int(lengths[i]), [i]) for i in rows]
+    units.sort(key=lambda unit: (-unit[0], unit[1][0]))
     bins: list[list[int]] = []
     loads: list[int] = []
-    for i in order:
-        n = int(lengths[i])
+    for cost, rows in units:
         for b, load in enumerate(loads):
-            if load + n <= budget:
-                bins[b].append(i)
-                loads[b] += n
+            if load + cost <= budget:
+                bins[b] += rows
+                loads[b] += cost
                 break
         else:
-            bins.append([i])
-            loads.append(n)
+            bins.append(list(rows))
+            loads.append(cost)
     while len(bins) < num_bins:
         splittable = [b for b in range(len(bins)) if len(bins[b]) > 1]
         if not splittable:
             break
         b = max(splittable, key=lambda b: (loads[b], -b))
-        rows = bins[b]  # longest first: alternate them between the halves
+        rows = sorted(bins[b], key=lambda i: (-int(lengths[i]), i))  # longest first: alternate between the halves
         bins[b], half = rows[0::2], rows[1::2]
         loads[b] = sum(int(lengths[i]) for i in bins[b])
         bins.insert(b + 1, half)
@@ -143,16 +158,23 @@ def token_budget_bins(lengths: Tensor, budget: int, num_bins: int = 0) -> list[T
     return [torch.tensor(sorted(rows), dtype=torch.long) for rows in bins]
 
 
-def split_rows(rows: Tensor, attention_mask: Tensor, schedule: UpdateSchedule, hooks: UpdateHooks) -> list[Tensor]:
+def split_rows(rows: Tensor, rollouts: Rollouts, schedule: UpdateSchedule, hooks: UpdateHooks) -> list[Tensor]:
     """The micro-batches (row indices) of ``rows``: ``micro_batch_size`` rows in order, or the token-budget bins of
-    their tokens (``attention_mask`` [N, T] rows summed), as many on every rank (``hooks.max_over_ranks``)."""
+    their tokens (prompt + response; with ``schedule.share_prompt`` whole groups, each prompt counted once), as many
+    on every rank (``hooks.max_over_ranks``)."""
     if schedule.micro_batch_tokens is None:
         return list(rows.split(schedule.micro_batch_size))
-    lengths = attention_mask[rows].sum(1).cpu()
-    bins = token_budget_bins(lengths, schedule.micro_batch_tokens)
+    attention_mask = rollouts.attention_mask[rows].cpu()
+    lengths = attention_mask.sum(1)
+    groups = prompts = None
+    if schedule.share_prompt:
+        groups = (rows // rollouts.group_size).cpu()
+        prompts = attention_mask[:, : rollouts.prompt_len].sum(1)
+    budget = schedule.micro_batch_tokens
+    bins = token_budget_bins(lengths, budget, 0, groups, prompts)
     count = hooks.max_over_ranks(len(bins))
     if count > len(bins):
-        bins = token_budget_bins(lengths, schedule.micro_batch_tokens, count)
+        bins = token_budget_bins(lengths, budget, count, groups, prompts)
     if len(bins) != count:  # fewer rows here than micro-batches elsewhere: cannot match the other ranks' forwards
         raise RuntimeError(
             f"micro_batch_tokens: {len(rows)} rows on this rank make {len(bins)} micro-batches, another rank runs "
@@ -214,7 +236,7 @@ def accumulate_gradients(
     """
     top_k = loss_fn.top_k if schedule.stats_top_k is None else schedule.stats_top_k
     correction = schedule.correction
-    micro = split_rows(rows, rollouts.attention_mask, schedule, hooks)
+    micro = split_rows(rows, rollouts, schedule, hooks)
     weights, total_weight = micro_batches(micro, rollouts.loss_mask, loss_fn, advantages)
     for i, (idx, w) in enumerate(zip(micro, weights)):
         stats = hooks.token_stats(rollouts.rows(idx), top_k)
@@ -282,7 +304,7 @@ def update_policy(
     reference = hooks.reference_stats
     every_row = []
     if needs_old or reference is not None:
-        every_row = split_rows(torch.arange(rollouts.num_rows, device=device), rollouts.attention_mask, schedule, hooks)
+        every_row = split_rows(torch.arange(rollouts.num_rows, device=device), rollouts, schedule, hooks)
     old_logprobs = sampled_logprobs(hooks.token_stats, rollouts, every_row) if needs_old else None
     ref_logprobs = sampled_logprobs(reference, rollouts, every_row) if reference is not None else None
     generator = torch.Generator().manual_seed(schedule.shuffle_seed)
