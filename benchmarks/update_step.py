@@ -8,7 +8,8 @@ Sides are settings of the update (``configs/train.yaml: module.*``), compared on
     knobs    module.gradient_checkpointing + module.micro_batch_tokens + module.padding_free (+ the shared prompt)
 
 ``--side LABEL=SPEC`` (repeatable) replaces the default pair. SPEC is comma-separated: ``mbs=N`` (rows per
-micro-batch), ``tokens=N`` (token budget), ``ckpt``, ``packed``, ``noshare`` (no shared prompt), e.g.
+micro-batch), ``tokens=N`` (token budget), ``ckpt``, ``packed``, ``auto`` (``padding_free=auto``), ``noshare``
+(no shared prompt), e.g.
 ``--side padded8=mbs=8 --side all=ckpt,tokens=4096,packed``.
 
 One step is the update of ``RLVRModule.training_step`` with 1 PPO epoch, 1 mini-batch, the diagnostics off and
@@ -171,10 +172,12 @@ def parse_side(text: str) -> tuple[str, dict]:
             side[name] = int(value)
         elif name in ("ckpt", "packed"):
             side[name] = True
+        elif name == "auto":
+            side["packed"] = "auto"
         elif name == "noshare":
             side["share"] = False
         else:
-            raise SystemExit(f"--side {text}: unknown knob {name!r} (mbs=N, tokens=N, ckpt, packed, noshare)")
+            raise SystemExit(f"--side {text}: unknown knob {name!r} (mbs=N, tokens=N, ckpt, packed, auto, noshare)")
     return label, side
 
 
@@ -207,43 +210,26 @@ def flop_count(model, rollouts, side: dict) -> dict:
     """What a side computes, counted from its micro-batches (no timing, so independent of the machine's load):
     token positions through the blocks, attention score entries (queries x keys of each dense attention call:
     sdpa with a mask computes all of them, a packed sequence's block-diagonal mask included), LM-head positions,
-    and the FLOPs of one step from them (forward: 2 x block parameters per position, 4 x hidden x layers per score
-    entry, 2 x vocab x hidden per head position; backward twice that; checkpointing adds the blocks' forward)."""
+    and the FLOPs of one step (:func:`simko.forward.forward_flops`; backward twice the forward; checkpointing
+    adds the blocks' forward). ``packed="auto"`` counts the choice the forward makes per micro-batch."""
+    from simko.forward import forward_counts, forward_flops, packing_is_cheaper
     from simko.update import split_rows
 
-    cfg = model.config
-    blocks = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
-    schedule = UpdateSchedule(
-        micro_batch_size=side["mbs"], micro_batch_tokens=side["tokens"], share_prompt=side["share"]
-    )
-    micro = split_rows(torch.arange(rollouts.num_rows), rollouts, schedule, UpdateHooks(None))
-    positions = scores = head = 0
+    micro = split_rows(torch.arange(rollouts.num_rows), rollouts, schedule_of(side), UpdateHooks(None))
+    positions = scores = head = flops = chosen = 0
     for idx in micro:
         rows = rollouts.rows(idx)
-        attn, p = rows["attention_mask"], rows["prompt_len"]
-        B, W = attn.shape
-        R = W - p
-        distinct = len(torch.unique(rows["prompt_index"]))
-        shared = side["share"] and p >= 2 and distinct < B
-        if side["packed"] and shared:  # the distinct prompts once, then the rows' parts packed (one dense mask)
-            L = int(attn[:, p - 1 :].sum())
-            positions += distinct * (p - 1) + L
-            scores += distinct * (p - 1) ** 2 + L * (distinct * (p - 1) + L)
-            head += int(rows["response_mask"].sum())
-        elif side["packed"]:
-            T = int(attn.sum())
-            positions, scores, head = positions + T, scores + T * T, head + int(rows["response_mask"].sum())
-        elif shared:
-            positions += distinct * (p - 1) + B * (R + 1)
-            scores += distinct * (p - 1) ** 2 + B * (R + 1) * W
-            head += B * R
-        else:
-            positions, scores, head = positions + B * W, scores + B * W * W, head + B * R
-    block_fwd = 2 * blocks * positions + 4 * cfg.hidden_size * cfg.num_hidden_layers * scores
-    head_fwd = 2 * cfg.vocab_size * cfg.hidden_size * head
-    step = 3 * (block_fwd + head_fwd) + (block_fwd if side["ckpt"] else 0)
-    return dict(micro_batches=len(micro), positions=positions, score_entries=scores, head_positions=head,
-                step_TFLOP=round(step / 1e12, 3))  # fmt: skip
+        packed = side["packed"]
+        if packed == "auto":
+            packed = packing_is_cheaper(model, rows, side["share"])
+        chosen += bool(packed)
+        n_pos, n_scores, n_head = forward_counts(model, rows, side["share"], bool(packed))
+        positions, scores, head = positions + n_pos, scores + n_scores, head + n_head
+        forward = forward_flops(model, rows, side["share"], bool(packed))
+        head_flops = 2 * model.config.vocab_size * model.config.hidden_size * n_head
+        flops += 3 * forward + ((forward - head_flops) if side["ckpt"] else 0)
+    return dict(micro_batches=len(micro), packed_micro_batches=chosen, positions=positions, score_entries=scores,
+                head_positions=head, step_TFLOP=round(flops / 1e12, 3))  # fmt: skip
 
 
 def timed_step(model, rollouts, scores, loss_fn, side, args) -> float:

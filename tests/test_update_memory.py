@@ -310,3 +310,26 @@ def test_micro_batch_tokens_agree_over_ranks_and_bad_values_fail():
     for b in own:
         counts[len(b)] += 1
     assert sum(k * v for k, v in counts.items()) == 12
+
+
+def test_padding_free_auto_packs_where_that_computes_less():
+    """padding_free="auto" packs a micro-batch where the counted FLOPs are fewer (ragged lengths) and pads where
+    they are not (equal lengths: a packed sequence attends over its whole length); either way it is exact."""
+    from simko.forward import forward_counts, packing_is_cheaper
+    from simko.module import RLVRModule
+
+    r, scores = ragged_rollouts()
+    model = random_qwen2(seed=4).double()
+    rows = r.rows(torch.arange(12))
+    for share in (True, False):
+        assert packing_is_cheaper(model, rows, share)
+        packed, padded = forward_counts(model, rows, share, True), forward_counts(model, rows, share, False)
+        assert packed[0] < padded[0] and packed[1] > padded[1]  # fewer positions, more attention entries
+    equal = build_rollouts(digit_tokenizer(), [[3, 4, 5, 6, 7]] * 2, [[5] * 11 + [1]] * 8, G, [1])
+    for share in (True, False):
+        assert not packing_is_cheaper(model, equal.rows(torch.arange(8)), share)
+    for share in (True, False):
+        base = run_update(model, make_loss("simko"), r, scores, share=share)
+        assert_same(base, run_update(model, make_loss("simko"), r, scores, share=share, packed="auto"), 1e-10)
+    with pytest.raises(ValueError, match="padding_free must be true, false or auto"):
+        RLVRModule(random_qwen2(), digit_tokenizer(), build_loss("grpo"), torch.optim.SGD, padding_free="yes")

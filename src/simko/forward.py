@@ -24,7 +24,7 @@ def rollout_token_stats(
     temperature: float,
     chunk_size: int = 256,
     share_prompt: bool = True,
-    padding_free: bool = False,
+    padding_free: bool | str = False,
 ) -> TokenStats:
     """TokenStats of the response tokens of ``rows`` (see :meth:`Rollouts.rows`) under ``model``.
 
@@ -40,8 +40,11 @@ def rollout_token_stats(
     half of the update's FLOPs and activations. It falls back to the plain forward where nothing is shared
     (one row per prompt, one-token prompts) or the model's cache is not a plain ``DynamicCache``.
 
-    ``padding_free``: :func:`packed_token_stats`, the prompt shared there too with ``share_prompt``.
+    ``padding_free``: :func:`packed_token_stats`, the prompt shared there too with ``share_prompt``; ``"auto"``:
+    packed where that computes fewer FLOPs than padding (:func:`packing_is_cheaper`).
     """
+    if padding_free == "auto":
+        padding_free = packing_is_cheaper(model, rows, share_prompt)
     if padding_free:
         return packed_token_stats(model, rows, top_k, temperature, chunk_size, share_prompt)
     attn = rows["attention_mask"]
@@ -136,6 +139,56 @@ def packed_token_stats(
         unpack(packed.topk_ids),
         response_mask,
     )
+
+
+def packing_is_cheaper(model, rows: dict[str, Tensor], share_prompt: bool) -> bool:
+    """Whether the packed forward of ``rows`` computes fewer FLOPs than the padded one (:func:`forward_flops`).
+    Packing removes padding but, without a variable-length kernel, attends over the whole packed sequence: it wins
+    on ragged lengths and loses on nearly equal ones (``benchmarks/update_step.py`` counts both on SmolLM2)."""
+    return forward_flops(model, rows, share_prompt, packed=True) < forward_flops(model, rows, share_prompt, False)
+
+
+def forward_counts(model, rows: dict[str, Tensor], share_prompt: bool, packed: bool) -> tuple[int, int, int]:
+    """(token positions through the blocks, attention score entries, LM-head positions) of the forward of ``rows``
+    (:func:`rollout_token_stats` with these knobs). Score entries are the queries x keys of each attention call:
+    sdpa with a mask computes every entry, so a packed sequence costs the square of its length; flash attention's
+    variable-length kernel only each row's own."""
+    attn = rows["attention_mask"].bool()
+    B, W = attn.shape
+    p = rows["prompt_len"]
+    R = W - p
+    varlen = getattr(model.config, "_attn_implementation", None) in ("flash_attention_2", "flash_attention_3")
+    group = rows.get("prompt_index")
+    distinct = len(torch.unique(group)) if group is not None else B
+    shared = share_prompt and p >= 2 and distinct < B
+    head = int(rows["response_mask"].sum()) if packed else B * R
+    if shared and packed and not varlen:  # as _shared_prompt_packed (flash attention: plain packing)
+        prefix = distinct * (p - 1)
+        L = int(attn[:, p - 1 :].sum())
+        return prefix + L, distinct * (p - 1) ** 2 + L * (prefix + L), head
+    if shared and not packed:
+        return distinct * (p - 1) + B * (R + 1), distinct * (p - 1) ** 2 + B * (R + 1) * W, head
+    if packed:
+        lengths = attn.sum(1)
+        T = int(lengths.sum())
+        return T, int((lengths * lengths).sum()) if varlen else T * T, head
+    return B * W, B * W * W, head
+
+
+def forward_flops(model, rows: dict[str, Tensor], share_prompt: bool, packed: bool) -> int:
+    """FLOPs of the forward of ``rows`` from :func:`forward_counts`: 2 x block parameters per token position,
+    4 x hidden x layers per attention score entry, 2 x vocab x hidden per LM-head position."""
+    positions, scores, head = forward_counts(model, rows, share_prompt, packed)
+    config = model.config
+    blocks = getattr(model, "_simko_block_params", None)
+    if blocks is None:
+        from simko.distributed import transformer_blocks
+
+        blocks = sum(param.numel() for block in transformer_blocks(model) for param in block.parameters())
+        object.__setattr__(model, "_simko_block_params", blocks)
+    hidden = config.hidden_size
+    attention = 4 * hidden * config.num_hidden_layers * scores
+    return 2 * blocks * positions + attention + 2 * config.vocab_size * hidden * head
 
 
 def _shared_prompt_packed(model, rows: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:

@@ -78,7 +78,9 @@ class RLVRModule(LightningModule):
             (:func:`simko.update.token_budget_bins`).
         padding_free: pack each micro-batch's rows into one sequence, positions restarting per row, so no padding
             token is computed; with ``share_prompt`` each distinct prompt runs once and the rows' responses are
-            packed after it, each seeing its prompt and itself (:func:`simko.forward.packed_token_stats`).
+            packed after it, each seeing its prompt and itself (:func:`simko.forward.packed_token_stats`);
+            ``"auto"``: per micro-batch, packed where that computes fewer FLOPs (without a variable-length attention
+            kernel a packed sequence attends over its whole length; :func:`simko.forward.packing_is_cheaper`).
         share_prompt: run each distinct prompt once per micro-batch in the update and hand its keys/values to the
             G rows that share it (exact up to float rounding; see :func:`simko.forward.rollout_token_stats`).
             Off under FSDP/FSDP2: the backward of the shared prompt would run after FSDP has resharded the
@@ -122,7 +124,7 @@ class RLVRModule(LightningModule):
         stats_chunk_size: int = 256,
         gradient_checkpointing: bool = False,
         micro_batch_tokens: int | None = None,
-        padding_free: bool = False,
+        padding_free: bool | str = False,
         share_prompt: bool = True,
         verifiers: dict[str, Any] | None = None,
         verifier: Callable[[list[str], list[str], list[str]], list[float]] | None = None,
@@ -183,7 +185,9 @@ class RLVRModule(LightningModule):
         self.stats_chunk_size = stats_chunk_size
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self.micro_batch_tokens = micro_batch_tokens
-        self.padding_free = bool(padding_free)
+        if padding_free not in (True, False, "auto"):
+            raise ValueError(f"padding_free must be true, false or auto, got {padding_free!r}")
+        self.padding_free = padding_free
         self.share_prompt = share_prompt
         self._sharded = False  # set in setup(), once the strategy is known
         self.val_sampling = dict(group_size=val_samples, temperature=val_temperature, top_p=val_top_p)
