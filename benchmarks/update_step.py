@@ -3,13 +3,14 @@
 
 Sides are settings of the update (``configs/train.yaml: module.*``), compared on the same rollout batch:
 
-    padded   rows in micro-batches of ``micro_batch_size``, each padded to its longest row, the prompt shared
-             (today's defaults)
-    knobs    module.gradient_checkpointing + module.micro_batch_tokens + module.padding_free (+ the shared prompt)
+    padded     rows in micro-batches of 8 (one group), each padded to its longest row, the prompt shared
+    auto       module.padding_free=auto: per micro-batch, packed (prompt once, responses packed) where cheaper
+    ckpt_auto  the same with module.gradient_checkpointing
+    ckpt64     module.gradient_checkpointing, all 64 rows in one padded micro-batch (does it fit in 24 GB?)
 
-``--side LABEL=SPEC`` (repeatable) replaces the default pair. SPEC is comma-separated: ``mbs=N`` (rows per
-micro-batch), ``tokens=N`` (token budget), ``ckpt``, ``packed``, ``auto`` (``padding_free=auto``), ``noshare``
-(no shared prompt), e.g.
+``--side LABEL=SPEC`` (repeatable) replaces the default sides (``DEFAULT_SIDES``). SPEC is comma-separated:
+``mbs=N`` (rows per micro-batch), ``tokens=N`` (token budget), ``ckpt``, ``packed``, ``auto``
+(``padding_free=auto``), ``noshare`` (no shared prompt), e.g.
 ``--side padded8=mbs=8 --side all=ckpt,tokens=4096,packed``.
 
 One step is the update of ``RLVRModule.training_step`` with 1 PPO epoch, 1 mini-batch, the diagnostics off and
@@ -17,13 +18,13 @@ no optimizer step (``zero_grad`` then :func:`simko.update.accumulate_gradients`:
 every micro-batch), with GRPO (``--loss``).
 
 The batch (``--lengths``):
-* ``sampled`` (default): SmolLM2-135M-Instruct's own samples, temperature 1, on the first ``--prompts`` GSM8K
+* ``sampled``: SmolLM2-135M-Instruct's own samples, temperature 1, on the first ``--prompts`` GSM8K
   train questions (``$SIMKO_DATA_DIR/gsm8k/train.jsonl``, the gsm8k_train template, chat template) x
   ``--group-size``, ``--max-new-tokens``; sampled once with the HF engine (seed ``--seed``) and kept in
   ``--batch-file`` (token ids, JSON; ``benchmarks/data/update_batch_smollm2_8x8x128.json`` is in the
   repository), which later runs reuse;
-* ``longtail``: the same prompts, responses of random tokens with log-normal lengths of mean 35 % of the
-  maximum (sd 0.8 in log space, clipped to 1 ... max; the longest row is the maximum);
+* ``longtail`` (default): the same prompts, responses of random tokens with log-normal lengths of mean 35 % of
+  the maximum (sd 0.8 in log space, clipped to 1 ... max; the longest row is the maximum);
 * ``uniform``: the same prompts, every response ``--max-new-tokens`` random tokens (no padding to remove).
 
 Time: the sides alternate in ONE process, the order rotating every repeat, so a slow-down of the machine hits
@@ -38,7 +39,7 @@ after resetting it through ``/proc/self/clear_refs``) and the peak of allocated 
 checkpointing (profiler peak of packed micro-batches of several token counts, least-squares slope), for the
 extrapolation in docs/scaling.md.
 
-    python benchmarks/update_step.py --threads 2                      # sampled batch, padded vs knobs
+    python benchmarks/update_step.py --threads 2                      # long-tailed lengths, the default sides
     python benchmarks/update_step.py --lengths uniform --threads 2
     python benchmarks/update_step.py --per-token --repeats 0 --no-memory
 
@@ -74,7 +75,7 @@ from simko.rollout import build_rollouts, eos_ids  # noqa: E402
 from simko.update import UpdateHooks, UpdateSchedule, accumulate_gradients  # noqa: E402
 
 MIB = 2**20
-DEFAULT_SIDES = ["padded=mbs=8", "knobs=ckpt,tokens=4096,packed"]
+DEFAULT_SIDES = ["padded=mbs=8", "auto=auto,mbs=8", "ckpt_auto=ckpt,auto,mbs=8", "ckpt64=ckpt,mbs=64"]
 
 
 # ---------------------------------------------------------------------------------------------- the batch
@@ -334,7 +335,7 @@ def per_token(model, rollouts, scores, loss_fn, args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
-    p.add_argument("--lengths", choices=["sampled", "longtail", "uniform"], default="sampled")
+    p.add_argument("--lengths", choices=["sampled", "longtail", "uniform"], default="longtail")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=128)
