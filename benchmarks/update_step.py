@@ -30,10 +30,11 @@ The batch (``--lengths``):
 Time: the sides alternate in ONE process, the order rotating every repeat, so a slow-down of the machine hits
 all; reported are each side's median step time and the ratio of each side's median to the first side's.
 
-Memory, per side in a fresh subprocess (``--memory``, on by default): the model and batch are loaded, one step
-runs (first-touch allocations), then the peak RSS of a second step above the RSS before it (Linux: ``VmHWM``
-after resetting it through ``/proc/self/clear_refs``) and the peak of allocated CPU tensor bytes of a third
-(``torch.profiler`` memory events, as ``benchmarks/loss_step.py``; allocations made outside c10 are not counted).
+Memory, per side in a fresh subprocess (unless ``--no-memory``): the model and batch are loaded, then the peak RSS
+of the first step above the RSS before it (Linux: ``VmHWM`` after resetting it through ``/proc/self/clear_refs``;
+a later step would start from an RSS that keeps what the allocator did not return) and the peak of allocated CPU
+tensor bytes of a second step (``torch.profiler`` memory events, as ``benchmarks/loss_step.py``; allocations made
+outside c10 are not counted).
 
 ``--per-token``: the bytes per token of one micro-batch's forward + backward with and without gradient
 checkpointing (profiler peak of packed micro-batches of several token counts, least-squares slope), for the
@@ -267,12 +268,11 @@ def rss_kib(field: str) -> int:
 
 
 def memory_of_side(args) -> None:
-    """(In a fresh subprocess) one warm-up step, then the peak RSS and peak allocated bytes of one step each."""
+    """(In a fresh subprocess) the peak RSS of the first step above the RSS before it, then the peak allocated
+    bytes of a second step."""
     model, rollouts, scores, _ = build_batch(args)
     loss_fn = build_loss(args.loss)
     label, side = parse_side(args.memory_side)
-    update_step(model, rollouts, scores, loss_fn, side, args.chunk_size)
-    model.zero_grad(set_to_none=True)
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = rss_kib("VmRSS")
