@@ -183,7 +183,7 @@ def split_rows(rows: Tensor, rollouts: Rollouts, schedule: UpdateSchedule, hooks
     return [rows[b.to(rows.device)] for b in bins]
 
 
-def micro_batches(
+def micro_batch_weights(
     micro: list[Tensor], response_mask: Tensor, loss_fn: PolicyLoss, advantages: Tensor
 ) -> tuple[list[float], float]:
     """(the aggregation weights of the micro-batches ``micro`` of one mini-batch, the weights' sum)."""
@@ -237,7 +237,7 @@ def accumulate_gradients(
     top_k = loss_fn.top_k if schedule.stats_top_k is None else schedule.stats_top_k
     correction = schedule.correction
     micro = split_rows(rows, rollouts, schedule, hooks)
-    weights, total_weight = micro_batches(micro, rollouts.loss_mask, loss_fn, advantages)
+    weights, total_weight = micro_batch_weights(micro, rollouts.loss_mask, loss_fn, advantages)
     for i, (idx, w) in enumerate(zip(micro, weights)):
         stats = hooks.token_stats(rollouts.rows(idx), top_k)
         if hooks.diagnose is not None and diagnostics is not None:
