@@ -185,9 +185,12 @@ def test_checkpointing_recomputes_blocks_only_under_autograd_and_keeps_parameter
     r, _ = ragged_rollouts()
     plain = random_qwen2(seed=3)
     model = copy.deepcopy(plain)
-    names = [n for n, _ in model.named_parameters()], list(model.state_dict())
+    from simko.engines.vllm import full_weights
+
+    names = [n for n, _ in model.named_parameters()], list(model.state_dict()), [n for n, _ in full_weights(model)]
     assert block_checkpoint.enable(model) == 2 and block_checkpoint.enable(model) == 2  # idempotent
-    assert ([n for n, _ in model.named_parameters()], list(model.state_dict())) == names
+    pushed = [n for n, _ in full_weights(model)]  # what the vLLM engine's weight sync sends
+    assert ([n for n, _ in model.named_parameters()], list(model.state_dict()), pushed) == names
     calls = []
     forward = Qwen2DecoderLayer.forward
     monkeypatch.setattr(Qwen2DecoderLayer, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
