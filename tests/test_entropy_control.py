@@ -20,9 +20,8 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from helpers import digit_tokenizer, fit_in_process, make_loss, random_qwen2
+from helpers import GlooSum, digit_tokenizer, fit_in_process, make_loss, random_qwen2, run_two_ranks
 from simko.checkpointing import read_checkpoint
 from simko.losses import build_loss
 from simko.losses.entropy_control import AdaptiveEntropyCoef, EntroPIC
@@ -209,22 +208,13 @@ def test_measured_entropy_is_the_token_mean_whatever_the_micro_batches():
 
 
 # --------------------------------------------------------------------------------------------- ranks (gloo)
-class _GlooSum:
-    """What RLVRModule._sum_over_ranks needs of a Lightning strategy: ``world_size`` and a summing ``reduce``."""
-
-    world_size = 2
-
-    def reduce(self, tensor, reduce_op="mean"):
-        assert reduce_op == "sum"
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-
 class _FakeModule:
+    """What RLVRModule._sum_over_ranks reads: the device and the trainer's strategy."""
+
     device = torch.device("cpu")
 
     class trainer:  # noqa: N801
-        strategy = _GlooSum()
+        strategy = GlooSum()
 
 
 RANK_ENTROPIES = {0: [[0.9, 0.8, 0.7], [0.2], [1.5, 1.4]], 1: [[0.1], [0.3, 0.2, 0.25, 0.2], [0.9]]}
@@ -244,16 +234,7 @@ def _rank_worker(rank: int, port: int, queue) -> None:
 
 
 def test_two_ranks_measure_the_pooled_entropy_and_keep_the_same_coefficient():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = 29500 + (os.getpid() + 11) % 1000
-    procs = [ctx.Process(target=_rank_worker, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = run_two_ranks(_rank_worker, port_salt=11)
     assert got[0] == got[1]  # bitwise the same state on both ranks
     pooled = [sum(a + b) / len(a + b) for a, b in zip(RANK_ENTROPIES[0], RANK_ENTROPIES[1])]
     alphas = official_entropic_alphas(pooled, 0.5, 0.7, 0.1)

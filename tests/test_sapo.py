@@ -5,14 +5,13 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import pytest
 import torch
 
 from helpers import make_loss
 from simko.losses import build_loss
-from test_losses import Batch, _Rows, finite_diff_grad, ref_aggregate, ref_logits_stats, stats64
+from test_losses import Batch, finite_diff_grad, ref_aggregate, ref_logits_stats
+from test_losses import test_micro_batched_gradient_equals_the_one_batch_gradient as micro_batched_check
 
 
 def ref_sapo_loss(batch, logits, adv, tau_pos, tau_neg, mode="seq_mean_token_mean"):
@@ -71,27 +70,10 @@ def test_sapo_on_policy_is_grpo_and_off_policy_tokens_are_attenuated_not_cut():
     assert out.metrics["sapo/gate_weight_mean"] == pytest.approx(float(weight[batch.mask].mean()), rel=1e-9)
 
 
-def test_sapo_micro_batched_gradient_equals_the_one_batch_gradient():
-    """simko.update.accumulate_gradients over micro-batches of 3 rows == the whole batch (seq-mean weights)."""
-    from simko.update import accumulate_gradients
-
-    batch = Batch()
-    loss_fn = make_loss("sapo", tau_pos=0.5, tau_neg=3.0)
-    adv = batch.advantages(loss_fn)
-    one_grad, one_out = batch.grad(loss_fn)
-    logits = batch.logits.clone().requires_grad_(True)
-
-    def token_stats(idx, top_k):
-        length = max(int(batch.mask[idx].sum(-1).max()), 1)
-        return stats64(logits[idx, :length], batch.tokens[idx, :length], batch.mask[idx, :length], top_k)
-
-    metrics = defaultdict(float)
-    rows = torch.tensor([4, 5, 6, 7, 12, 13, 14, 15, 0, 1, 2, 3, 8, 9, 10, 11])
-    accumulate_gradients(
-        loss_fn, _Rows(batch.mask), rows, token_stats, adv, batch.rewards, 3, metrics, old_logprobs=batch.old_logprobs
-    )
-    torch.testing.assert_close(logits.grad, one_grad, rtol=1e-10, atol=1e-14)
-    assert metrics["loss"] == pytest.approx(one_out.metrics["loss"], rel=1e-10)
+@pytest.mark.parametrize("overrides", [{"tau_pos": 0.5, "tau_neg": 3.0}, {"aggregation": "token_mean"}], ids=str)
+def test_sapo_micro_batched_gradient_equals_the_one_batch_gradient(overrides):
+    """test_losses' check (simko.update.accumulate_gradients in micro-batches of 3 rows == the whole batch)."""
+    micro_batched_check("sapo", overrides)
 
 
 def test_sapo_knobs_are_checked():
