@@ -76,7 +76,8 @@ class EntropyController:
     def observe(self, entropy: Tensor, mask: Tensor) -> None:
         """Add the entropies of the valid tokens of one micro-batch (detached; float64 sums, kept on their device)."""
         mask = mask.bool()
-        total = torch.stack([entropy.detach().double()[mask].sum(), mask.sum().double()])
+        entropy = torch.where(mask, entropy.detach().double(), 0.0)  # no boolean indexing: no device sync
+        total = torch.stack([entropy.sum(), mask.sum().double()])
         self._sums = total if self._sums is None else self._sums + total
 
     def update(self, sum_over_ranks: SumOverRanks | None = None) -> None:
