@@ -112,3 +112,34 @@ def fit_in_process(module, tmp_path, max_steps: int, prompts_per_step: int, logg
     )
     trainer.fit(module, datamodule=data)
     return trainer
+
+
+class GlooSum:
+    """What the module needs of a Lightning strategy for an all-reduce: ``world_size`` and a summing ``reduce``."""
+
+    world_size = 2
+
+    def reduce(self, tensor, reduce_op="mean"):
+        import torch.distributed as dist
+
+        assert reduce_op == "sum"
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+
+def run_two_ranks(worker, port_salt: int = 0) -> dict:
+    """Run ``worker(rank, port, queue)`` in 2 spawned processes (it joins a gloo group on 127.0.0.1:port and puts
+    ``(rank, result)`` on the queue); returns {rank: result} once both exited cleanly."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = 29500 + (os.getpid() + port_salt) % 1000
+    procs = [ctx.Process(target=worker, args=(rank, port, queue)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return got

@@ -245,10 +245,12 @@ class RLVRModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rl_step"] = self.rl_step
+        checkpoint["loss_state"] = self.loss_fn.state_dict()  # e.g. the entropy controller's: resume is exact
         lora.drop_base_weights(checkpoint, self.policy)  # LoRA: the adapter only, and its config
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.rl_step = checkpoint.get("rl_step", 0)
+        self.loss_fn.load_state_dict(checkpoint.get("loss_state", {}))
         lora.restore_base_weights(checkpoint, self.policy)  # LoRA: the base weights back, for the strict load
 
     def score(self, completions: list[str], answers: list[str], names: list[str]) -> list[float]:
@@ -335,6 +337,8 @@ class RLVRModule(LightningModule):
             k if k.startswith("rollout/") else f"train/{k}": v for k, v in {**metrics, **trained.metrics}.items()
         }
         diagnostics = concentration_over_ranks(diagnostics, self.trainer.strategy, self.device)  # same on all ranks
+        if self.loss_fn.entropy_control is not None:  # its measured entropy (all ranks' tokens): equal on all ranks
+            metrics.update({f"train/{k}": v for k, v in self.loss_fn.entropy_control.metrics().items()})
         metrics.update({f"diag/{k}": v for k, v in diagnostics.items()})
         # The step's trained rollouts as text, for logging samples (simko.callbacks.samples.RolloutSamples).
         self.last_rollout = dict(step=step, examples=trained.examples, completions=trained.rollouts.completions,
@@ -361,7 +365,15 @@ class RLVRModule(LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
+        self.loss_fn.end_optimizer_step(self._sum_over_ranks)  # the entropy controller's update (every rank)
         return norm
+
+    def _sum_over_ranks(self, values: Tensor) -> Tensor:
+        """All-reduce (sum) of a tensor through the strategy; itself in one process."""
+        strategy = self.trainer.strategy
+        if getattr(strategy, "world_size", 1) > 1:
+            return strategy.reduce(values.to(self.device), reduce_op="sum")
+        return values
 
     def _log_step(self, rollouts: Rollouts, rewards: Tensor, metrics: dict, timings: dict) -> None:
         G = self.group_size
