@@ -153,14 +153,19 @@ def test_two_nodes_by_hand_equal_one_node(args, one_node, tmp_path):
     assert_written_by_rank_zero(run_dir, logs["node 0"])
 
 
-def test_two_nodes_by_torchrun_equal_one_node(args, one_node, tmp_path):
-    """TorchElasticEnvironment: two torchrun calls, one per node, with the static rendezvous."""
+@pytest.mark.parametrize("rendezvous", ["static", "c10d"])
+def test_two_nodes_by_torchrun_equal_one_node(args, one_node, tmp_path, rendezvous):
+    """TorchElasticEnvironment: two torchrun calls, one per node, with the static rendezvous (--master-addr,
+    --node-rank) or c10d's (--rdzv-endpoint; the node ranks come from the rendezvous)."""
     run_dir, port = tmp_path / "run", str(free_port())
     logs = {f"node {i}": tmp_path / f"node{i}.log" for i in (0, 1)}
     procs = {}
     for i in (0, 1):
-        launcher = [str(BIN / "torchrun"), "--nnodes", "2", "--node-rank", str(i), "--nproc-per-node", "1",
-                    "--master-addr", "127.0.0.1", "--master-port", port]  # fmt: skip
+        if rendezvous == "static":
+            where = ["--node-rank", str(i), "--master-addr", "127.0.0.1", "--master-port", port]
+        else:
+            where = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test"]
+        launcher = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", *where]
         command = [
             *launcher,
             "-m",
@@ -170,7 +175,8 @@ def test_two_nodes_by_torchrun_equal_one_node(args, one_node, tmp_path):
         procs[f"node {i}"] = start(command, environment(), logs[f"node {i}"])
     finish(procs, logs)
     assert_same_run(run_dir, one_node)
-    assert_written_by_rank_zero(run_dir, logs["node 0"])
+    rank_zero = next(log for log in logs.values() if "Initializing distributed: GLOBAL_RANK: 0" in log.read_text())
+    assert_written_by_rank_zero(run_dir, rank_zero)
 
 
 FAKE_SRUN = """#!/usr/bin/env bash
