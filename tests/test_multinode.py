@@ -9,6 +9,7 @@ nodes share this machine's filesystem, as cluster nodes share one: the run folde
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -343,3 +344,36 @@ def test_other_ranks_write_nothing_into_the_run_folder(launched, tmp_path):
     assert ("file" in cfg.hydra.job_logging.handlers) == rank_zero
     assert ("file" in cfg.hydra.job_logging.root.handlers) == rank_zero
     assert (tmp_path / "run" / ".simko-run.json").is_file() == rank_zero  # rank 0 claimed the folder
+
+
+@pytest.mark.vllm
+@pytest.mark.slow  # 3 vLLM engine starts on CPU: 404 s on the loaded 2-core machine
+def test_two_nodes_with_vllm_engines_equal_one_node(args, tmp_path):
+    """rollout.engine=vllm across 2 nodes started by hand: each rank's colocated engine (external launcher on the
+    trainer's group, on the rank's own device although node 1 has no LOCAL_RANK) samples what the 2 engines of a
+    one-node run sample, and the training that follows is the same."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM not installed (make install-vllm)")
+    # head size 32 (hidden 64 / 2 heads): vLLM's CPU attention has no kernel for 16
+    engine = ["rollout.engine=vllm", "rollout.vllm.kv_cache_gib=0.05", "model.num_heads=2", "model.num_kv_heads=1"]
+    reference, run_dir, port = tmp_path / "one_node", tmp_path / "two_nodes", str(free_port())
+    logs = {name: tmp_path / f"{name.replace(' ', '_')}.log" for name in ("one node", "node 0", "node 1")}
+    one = [sys.executable, "-m", "simko.train", *args(reference, "trainer=ddp", *engine)]
+    finish({"one node": start(one, environment(), logs["one node"])}, {"one node": logs["one node"]})
+    two = [
+        sys.executable,
+        "-m",
+        "simko.train",
+        *args(run_dir, "trainer=ddp", "trainer.devices=1", "trainer.num_nodes=2", *engine),
+    ]
+    procs = {
+        f"node {i}": start(
+            two,
+            environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(i), WORLD_SIZE="2"),
+            logs[f"node {i}"],
+        )
+        for i in (0, 1)
+    }
+    finish(procs, {k: logs[k] for k in procs})
+    assert_same_run(run_dir, reference, rtol=1e-5, atol=1e-7)
+    assert (rl_metrics(run_dir)["time/weight_sync"] > 0).all()
