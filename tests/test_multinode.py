@@ -58,6 +58,14 @@ def environment(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
+def by_hand(overrides: list[str], port: str) -> tuple[list[str], dict[int, dict[str, str]]]:
+    """The command of a run of 2 nodes x 1 process started by hand, and each node's environment (LightningEnvironment:
+    MASTER_ADDR, MASTER_PORT, NODE_RANK, WORLD_SIZE)."""
+    command = [sys.executable, "-m", "simko.train", *overrides, "trainer.devices=1", "trainer.num_nodes=2"]
+    env = {i: environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(i), WORLD_SIZE="2") for i in (0, 1)}
+    return command, env
+
+
 def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     with open(log, "w") as out:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
@@ -134,14 +142,8 @@ def test_two_nodes_by_hand_equal_one_node(args, one_node, tmp_path):
     starts first and waits at the rendezvous: it must leave the run folder empty for node 0 to claim (it used to
     write .hydra/ and the log there, and node 0 then refused the folder as another's)."""
     run_dir, port = tmp_path / "run", str(free_port())
-    command = [
-        sys.executable,
-        "-m",
-        "simko.train",
-        *args(run_dir, "trainer=ddp", "trainer.devices=1", "trainer.num_nodes=2"),
-    ]
+    command, env = by_hand(args(run_dir, "trainer=ddp"), port)
     logs = {f"node {i}": tmp_path / f"node{i}.log" for i in (0, 1)}
-    env = {i: environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(i), WORLD_SIZE="2") for i in (0, 1)}
     procs = {"node 1": start(command, env[1], logs["node 1"])}
     deadline = time.monotonic() + 120
     while "Initializing distributed" not in logs["node 1"].read_text() and procs["node 1"].poll() is None:
@@ -256,21 +258,9 @@ def test_two_nodes_fsdp2_equal_one_node_ddp(args, one_node, tmp_path):
     """FSDP2 (fully_shard over a data-parallel mesh of both nodes' processes) across 2 nodes runs the RL steps of
     DDP on one node (as FSDP2 on one node does: tests/test_entry_points.py)."""
     run_dir, port = tmp_path / "run", str(free_port())
-    command = [
-        sys.executable,
-        "-m",
-        "simko.train",
-        *args(run_dir, "trainer=fsdp2", "trainer.devices=1", "trainer.num_nodes=2"),
-    ]
+    command, env = by_hand(args(run_dir, "trainer=fsdp2"), port)
     logs = {f"node {i}": tmp_path / f"node{i}.log" for i in (0, 1)}
-    procs = {
-        f"node {i}": start(
-            command,
-            environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(i), WORLD_SIZE="2"),
-            logs[f"node {i}"],
-        )
-        for i in (0, 1)
-    }
+    procs = {f"node {i}": start(command, env[i], logs[f"node {i}"]) for i in (0, 1)}
     finish(procs, logs)
     assert_same_run(run_dir, one_node, rtol=1e-4, atol=1e-6)
 
@@ -360,20 +350,8 @@ def test_two_nodes_with_vllm_engines_equal_one_node(args, tmp_path):
     logs = {name: tmp_path / f"{name.replace(' ', '_')}.log" for name in ("one node", "node 0", "node 1")}
     one = [sys.executable, "-m", "simko.train", *args(reference, "trainer=ddp", *engine)]
     finish({"one node": start(one, environment(), logs["one node"])}, {"one node": logs["one node"]})
-    two = [
-        sys.executable,
-        "-m",
-        "simko.train",
-        *args(run_dir, "trainer=ddp", "trainer.devices=1", "trainer.num_nodes=2", *engine),
-    ]
-    procs = {
-        f"node {i}": start(
-            two,
-            environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(i), WORLD_SIZE="2"),
-            logs[f"node {i}"],
-        )
-        for i in (0, 1)
-    }
+    two, env = by_hand(args(run_dir, "trainer=ddp", *engine), port)
+    procs = {f"node {i}": start(two, env[i], logs[f"node {i}"]) for i in (0, 1)}
     finish(procs, {k: logs[k] for k in procs})
     assert_same_run(run_dir, reference, rtol=1e-5, atol=1e-7)
     assert (rl_metrics(run_dir)["time/weight_sync"] > 0).all()
