@@ -26,6 +26,26 @@ UNTRAINED_TINY = [
     "model.eval_problems=0",
 ]
 
+# A smaller tiny model than the default (2 layers, width 64), warm-started for a few steps only: the integration
+# tests' model, built once per test module into its cache.
+SMALL_TINY = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.intermediate_size=128",
+    "model.warm_start_steps=40",
+    "model.eval_problems=32",
+]
+
+
+def rl_metrics(run_dir: Path):
+    """A run's ``csv/metrics.csv`` rows of the RL steps (validation-only rows dropped), indexed by RL step."""
+    import pandas as pd
+
+    frame = pd.read_csv(Path(run_dir) / "csv" / "metrics.csv")
+    return frame[frame["train/reward"].notna()].set_index("train/rl_step")
+
 
 def shared_file(relative: str) -> Path:
     """A file under the shared data root; the calling test skips (naming the path) when it is absent."""

@@ -301,6 +301,9 @@ class RLVRModule(LightningModule):
     # ------------------------------------------------------------------ the RL step
     def training_step(self, batch: dict, batch_idx: int) -> None:
         examples, step = batch["examples"], int(batch["step"])
+        t_step = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # mem/max_allocated_gib is this step's peak
         G = self.group_size
         rollouts, scores, timings = self.rollout(examples, step, G, self.temperature, self.top_p)
         trained = module_step_batch(self, examples, step, rollouts, scores, timings)  # filters, refills
@@ -332,6 +335,7 @@ class RLVRModule(LightningModule):
         self.engine.sync_weights(lora.engine_view(self.policy))  # the next RL step samples from the updated policy
         timings["time/update"] = t_sync - t_update
         timings["time/weight_sync"] = time.perf_counter() - t_sync
+        timings["time/step"] = time.perf_counter() - t_step
         self.rl_step = step + 1
         metrics = {
             k if k.startswith("rollout/") else f"train/{k}": v for k, v in {**metrics, **trained.metrics}.items()
@@ -388,14 +392,17 @@ class RLVRModule(LightningModule):
             **metrics,
             **timings,
             **self.verifier_failures(),
+            **self._memory_metrics(),
         }
         for key, value in log.items():
             # Counts are summed over ranks, everything else averaged.
             summed = key in ("solved_all", "solved_none") or key.removeprefix("train/") in SUMMED_METRICS
             reduce = "sum" if summed or key.startswith("verifier/") else "mean"
-            if key.startswith("diag/"):  # already over all ranks' tokens (concentration_over_ranks): equal values
+            if key.startswith(("diag/", "mem/")):  # diag/: equal on all ranks already; mem/: the largest rank's
                 reduce = "max"
-            name = key if key.startswith(("train/", "time/", "diag/", "verifier/", "rollout/")) else f"train/{key}"
+            name = (
+                key if key.startswith(("train/", "time/", "diag/", "verifier/", "rollout/", "mem/")) else f"train/{key}"
+            )
             self.log(
                 name,
                 float(value),
@@ -406,6 +413,13 @@ class RLVRModule(LightningModule):
                 prog_bar=key in ("reward",),
                 batch_size=rollouts.num_rows,
             )
+
+    def _memory_metrics(self) -> dict[str, float]:
+        """On CUDA, the step's peak of memory allocated by tensors on this rank's GPU
+        (``torch.cuda.max_memory_allocated``, reset at the step's start), in GiB; nothing on other devices."""
+        if self.device.type != "cuda":
+            return {}
+        return {"mem/max_allocated_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
