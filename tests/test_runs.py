@@ -96,6 +96,66 @@ def test_sweep_folders_are_claimed_too(args, tmp_path):
     refused(one_folder, "hydra.sweep.subdir", "hydra.job.num")
 
 
+def snapshot(folder: Path) -> dict[str, bytes | str]:
+    """Every entry below ``folder`` (links not followed): file bytes, link targets, folders."""
+    out: dict[str, bytes | str] = {}
+    for path in sorted(folder.rglob("*")):
+        key = str(path.relative_to(folder))
+        if path.is_symlink():
+            out[key] = "link:" + os.readlink(path)
+        elif path.is_dir():
+            out[key] = "dir"
+        else:
+            out[key] = path.read_bytes()
+    return out
+
+
+@pytest.fixture
+def mounts():
+    """``mounts(path, *options)`` mounts a small tmpfs there (skips where mounting is not allowed); unmounted after."""
+    done: list[Path] = []
+
+    def mount(path: Path, *options: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        opts = ",".join(["size=4m", *options])
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()})")
+        done.append(path)
+        return path
+
+    yield mount
+    for path in reversed(done):
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("how", ["lock_is_a_directory", "lock_is_a_symlink_loop", "read_only_folder", "dangling_link"])
+def test_a_folder_that_cannot_be_claimed_stops_the_run(args, tmp_path, mounts, how):
+    """Any failure to claim a run folder stops the run with one message naming the folder, and nothing in it changes.
+
+    Hydra's callback runner turns an exception of a callback into a warning: a lock file replaced by a directory
+    let a second run overwrite a finished run (exit 0, a UserWarning)."""
+    folder = tmp_path / "done"
+    if how == "read_only_folder":
+        mounts(folder)
+    fake_run(folder, 2)
+    if how == "lock_is_a_directory":
+        (folder / ".simko-run.lock").mkdir()
+    elif how == "lock_is_a_symlink_loop":
+        (folder / ".simko-run.lock").symlink_to(folder / ".simko-run.lock")
+    elif how == "read_only_folder":
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+    elif how == "dangling_link":
+        folder = tmp_path / "link"
+        folder.symlink_to(tmp_path / "missing" / "target")
+    before = snapshot(tmp_path)
+    proc = run("simko.train", *args(None, "rl_steps=2", f"hydra.run.dir={folder}"), check=False, timeout=300)
+    refused(proc, f"run folder {folder}")
+    assert proc.returncode == 2 and "UserWarning" not in proc.stderr
+    assert snapshot(tmp_path) == before
+
+
 def test_default_run_folder_names_are_unique_per_process():
     """The default run (and sweep) folder is date_time-milliseconds_pid: two runs started in the same second get
     different folders (it was date_time, and two such runs shared one)."""

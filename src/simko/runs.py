@@ -26,6 +26,8 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +134,9 @@ class RunClaim:
     def __init__(self, run_dir: Path, continue_run: bool = False, allowed: set[str] = frozenset()) -> None:
         self.run_dir = run_dir
         self.allowed = OWN_FILES | set(allowed)
+        if run_dir.is_symlink() and not run_dir.exists():
+            target = os.readlink(run_dir)
+            raise RunDirError(f"run folder {run_dir} is a symbolic link to {target}, which does not exist")
         run_dir.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(run_dir / LOCK)
         try:
@@ -208,6 +213,21 @@ def _fail(err: Exception) -> None:
     raise SystemExit(2)
 
 
+@contextmanager
+def _claiming(folder: Path) -> Iterator[None]:
+    """Any error while claiming ``folder`` stops the run (exit status 2) with one message naming the folder.
+
+    Hydra's callback runner catches an exception raised by a callback and only warns, so an error let through here
+    would let the run go on in a folder it does not own (a lock file replaced by a directory did exactly that).
+    """
+    try:
+        yield
+    except (RunDirError, ValueError, FileNotFoundError) as err:  # messages that name the folder or the file
+        _fail(err)
+    except Exception as err:  # an unreadable, read-only or odd folder: OSError, and anything else
+        _fail(RunDirError(f"run folder {folder} could not be claimed, so the run stops: {type(err).__name__}: {err}"))
+
+
 def _given(config: DictConfig, key: str) -> bool:
     return any(str(o).split("=", 1)[0].lstrip("+~") == key for o in config.hydra.overrides.hydra)
 
@@ -230,19 +250,16 @@ class RunDirGuard(Callback):
             return
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).expanduser().absolute()
         ckpt = OmegaConf.select(config, self.resume_key) if self.resume_key else None
-        try:
+        with _claiming(run_dir):
             plan = plan_run(run_dir, ckpt, _given(config, "hydra.run.dir"))
-            claim = RunClaim(plan.run_dir, continue_run=plan.continue_run)
-        except (RunDirError, ValueError, FileNotFoundError) as err:
-            _fail(err)
-        self._claims.append(claim)
+            self._claims.append(RunClaim(plan.run_dir, continue_run=plan.continue_run))
+            if plan.continue_run:
+                prepare_continued_run(plan.run_dir, plan.resume_step)
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.run.dir = str(plan.run_dir)
             if plan.continue_run and config.hydra.output_subdir is not None:
                 # This attempt's config goes beside the run's first one instead of overwriting it.
                 config.hydra.output_subdir = f"{config.hydra.output_subdir}/resume-{RUN_ID}"
-        if plan.continue_run:
-            prepare_continued_run(plan.run_dir, plan.resume_step)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if is_launched_child():
@@ -256,10 +273,8 @@ class RunDirGuard(Callback):
                 )
             )
         sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir"))).expanduser().absolute()
-        try:
+        with _claiming(sweep_dir):
             self._claims.append(RunClaim(sweep_dir))
-        except RunDirError as err:
-            _fail(err)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if is_launched_child() or config.hydra.mode != RunMode.MULTIRUN:
@@ -267,10 +282,8 @@ class RunDirGuard(Callback):
         # Hydra has just written this job's .hydra/ (and opened its log) inside the sweep folder this sweep owns.
         job_dir = Path(config.hydra.runtime.output_dir)
         written = {str(config.hydra.output_subdir), f"{config.hydra.job.name}.log", f"{config.get('task_name')}.log"}
-        try:
+        with _claiming(job_dir):
             self._job_claim = RunClaim(job_dir, allowed=written)
-        except RunDirError as err:
-            _fail(err)
 
     def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self._job_claim is not None:
