@@ -501,6 +501,58 @@ def test_score_batch_mixes_verifiers_and_keeps_order(math_verifier):
         score_batch(["a"], ["a", "b"], ["exact"])
 
 
+class ReturnsWhatItIsTold(Verifier):
+    """A verifier whose ``_score`` returns ``self.values`` (the first n of them, or all)."""
+
+    name = "test_told"
+
+    def __init__(self, values) -> None:
+        super().__init__()
+        self.values = values
+
+    def _score(self, completions, answers):
+        return self.values
+
+
+@pytest.mark.parametrize("values", [[1.0, 1.0], [1.0, 1.0, 1.0, 1.0], None, 3.0])
+def test_a_verifier_that_returns_the_wrong_number_of_rewards_is_an_error_naming_it(values):
+    """``_score`` returning 2 rewards for 3 completions gave [1.0, 1.0, 0.0] (the rest pre-filled), extra values were
+    dropped: now an error naming the verifier, directly and through score_batch."""
+    from simko.rewards.base import VerifierError
+
+    verifier = ReturnsWhatItIsTold(values)
+    with pytest.raises(VerifierError, match=r"verifier 'test_told' .*for 3 completions"):
+        verifier.score(["a", "b", "c"], ["a", "b", "c"])
+    with pytest.raises(VerifierError, match=r"verifier 'test_told' .*for 3 completions"):
+        score_batch(["a", "b", "c"], ["a", "b", "c"], "mine", verifiers={"mine": verifier})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1.0", 1e39, -1e16, [1.0], object()])
+def test_bad_reward_values_count_as_failed_checks_naming_the_verifier(bad, caplog):
+    """NaN, a string, a list, or a finite value too large for float32 statistics (1e39 became inf and the run died
+    with "non-finite loss", the verifier unnamed) score 0.0 and count in num_errors, as a raising function does."""
+    verifier = ReturnsWhatItIsTold([1.0, bad, None])
+    verifier.name = "test_bad_values"
+    with caplog.at_level("WARNING"):
+        assert verifier.score(["a", "b", "c"], ["a", "b", "c"]) == [1.0, 0.0, 0.0]  # None: not applicable, 0.0
+    assert (verifier.num_errors, verifier.num_timeouts) == (1, 0)
+    assert "test_bad_values" in caplog.text and "bad reward value" in caplog.text
+    assert score_batch(["a", "b", "c"], ["a", "b", "c"], "v", verifiers={"v": verifier}) == [1.0, 0.0, 0.0]
+
+
+def test_score_batch_refuses_bad_values_of_an_object_that_is_no_verifier():
+    """An instance in module.verifiers that does not subclass Verifier (no counters): its bad output is an error
+    naming it."""
+    from simko.rewards.base import VerifierError
+
+    class Plain:
+        def score(self, completions, answers):
+            return [float("nan")] * len(completions)
+
+    with pytest.raises(VerifierError, match=r"verifier 'plain' .*nan"):
+        score_batch(["a"], ["a"], "plain", verifiers={"plain": Plain()})
+
+
 def test_final_answer_is_what_each_verifier_compares(math_verifier):
     text = "<answer>(1) Emma is a knight</answer>\nso \\boxed{7}\nanswer: 8"
     assert final_answer(text, "exact") == "7"  # box first
