@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from simko.faults import start_a_child_and_hang
 from simko.rewards import (
     FINAL_ANSWER_WINDOW,
     VERIFIERS,
@@ -369,6 +370,42 @@ def test_workers_stop_when_the_pool_is_garbage_collected():
     del p
     gc.collect()
     assert len(pids) == 2 and not _wait_gone(pids)
+
+
+def sleepers(seconds: str, within_s: float = 5.0) -> list[psutil.Process]:
+    """The ``sleep <seconds>`` processes still there after up to ``within_s`` seconds (pebble stops workers from
+    its manager thread, every 0.1 s)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        found = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", seconds]]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def test_a_checks_child_processes_die_with_it():
+    """A check that starts ``sleep`` and then hangs left one orphan per timed-out check (16 after one step): the
+    worker's whole process group is killed when its check times out, when the worker dies, and when the pool
+    closes."""
+    seconds = f"1234.{os.getpid()}"  # this test's own sleepers
+    p = KillablePool(num_workers=2, preload=["simko.faults"])
+    try:
+        results = p.map(start_a_child_and_hang, [(seconds, "hang")] * 4, timeout_s=1.0)
+        assert [r.status for r in results] == ["timeout"] * 4
+        results = p.map(start_a_child_and_hang, [(seconds, "die")] * 2, timeout_s=5.0)
+        assert [r.status for r in results] == ["error"] * 2
+        assert sleepers(seconds) == []
+        p.map(start_a_child_and_hang, [(seconds, "hang")] * 2, timeout_s=60.0, budget_s=1.0)  # out of budget
+        assert sleepers(seconds) == []
+        budget_pids = p.pids
+        p._pool.schedule(start_a_child_and_hang, (seconds, "hang"))  # running when the pool closes
+        deadline = time.monotonic() + 30
+        while not sleepers(seconds, within_s=0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sleepers(seconds, within_s=0), "the check did not start its child"
+    finally:
+        p.close()
+    assert sleepers(seconds) == [] and not _wait_gone(budget_pids)
 
 
 def test_unpicklable_call_fails_alone(pool):

@@ -17,6 +17,12 @@ worker's main thread, so libraries that time themselves with ``signal.alarm`` wo
   is cheap. Workers import ``preload`` and run ``initializer`` before they take a task, and a task's timeout
   counts from when a worker takes it: start-up is never charged to a task, nor to a batch's budget when the
   batch begins.
+- A check's child processes die with it. Each worker starts its own process group (``setsid``), and whenever pebble
+  stops a worker (its task timed out or was cancelled, the pool closes) or finds one dead, the worker's whole
+  group is killed with SIGKILL: a check that starts ``sleep 1234`` and then hangs left one orphan per timed-out
+  check before. Each worker also asks the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``), since a
+  kill aimed at the trainer's process group no longer reaches it. A process that leaves the worker's group
+  itself (``setsid``, a daemon) is out of reach.
 - SIGTERM ends a worker at once. pebble stops a worker with SIGTERM, waits up to 3 s, then SIGKILLs, one worker
   after the other in its manager thread; its SIGTERM handler is Python code, which cannot run while a task is
   inside a C loop. Measured (6 tasks of ``sum(range(10**13))``, timeout 0.5 s, 2 workers): 20.1 s with pebble's
@@ -63,7 +69,9 @@ log = logging.getLogger(__name__)
 
 # Modules every pool asked to preload, so the (one, process-wide) fork server imports them all once, whichever
 # pool starts it; pools are usually all built before the first one starts a worker.
-_FORKSERVER_PRELOAD: dict[str, None] = {"__main__": None}  # "__main__" is the standard library's default
+# "__main__" is the standard library's default; this module, because every worker runs its initializer and so
+# imports it (with the simko.rewards package, torch included: 2-9 s on the 2-core machine) unless the fork server did.
+_FORKSERVER_PRELOAD: dict[str, None] = {"__main__": None, __name__: None}
 
 
 @dataclass
@@ -195,6 +203,7 @@ class KillablePool:
         pool = ProcessPool(
             self.num_workers, initializer=_start_worker, initargs=(self.preload, self.initializer), context=context
         )
+        _kill_process_groups_with_workers(pool)
         self._pool = pool
         # Runs on close(), when this object is garbage-collected, or at interpreter exit, whichever comes first.
         self._finalizer = weakref.finalize(self, _shut_down, pool)
@@ -256,12 +265,78 @@ def _budget_result(budget_s: float | None) -> TaskResult:
 
 
 def _start_worker(preload: Sequence[str], initializer: Callable[[], Any] | None) -> None:
-    """pebble's worker initializer: SIGTERM ends the worker at once (see the module docstring), then warm up."""
+    """pebble's worker initializer: its own process group, SIGKILL when its parent dies, SIGTERM ends it at once
+    (see the module docstring); then warm up."""
+    os.setsid()
+    _die_with_parent()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for module in preload:
         importlib.import_module(module)
     if initializer is not None:
         initializer()
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel sends this process SIGKILL when its parent exits (``prctl(PR_SET_PDEATHSIG)``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def kill_process_group(pid: int) -> None:
+    """SIGKILL the process group led by ``pid`` (a worker and whatever it started), if there is one.
+
+    Safe after the worker was reaped: Linux does not reuse a pid while a process group of that id has members, and
+    a pid that led no group (a worker killed before its ``setsid``) names no group.
+    """
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_process_groups_with_workers(pool: ProcessPool) -> None:
+    """Make ``pool`` kill a worker's process group whenever it stops a worker or finds one dead.
+
+    pebble has no hook for this, so the three places of its worker manager that end or drop workers are wrapped on
+    this pool's instance: ``maybe_stop_worker`` (a task timed out or was cancelled), ``force_stop_workers`` (the
+    pool stops) and ``inspect_workers`` (workers that died).
+    """
+    manager = pool._pool_manager.worker_manager
+    maybe_stop_worker, force_stop_workers, inspect_workers = (
+        manager.maybe_stop_worker,
+        manager.force_stop_workers,
+        manager.inspect_workers,
+    )
+
+    def stop_one(worker_id: int) -> bool:
+        stopped = maybe_stop_worker(worker_id)
+        if stopped:
+            kill_process_group(worker_id)
+        return stopped
+
+    def stop_all() -> None:
+        pids = list(manager.workers)
+        for pid in pids:  # the groups first, so that pebble's polite SIGTERM and 3 s wait are not needed
+            kill_process_group(pid)
+        force_stop_workers()
+        for pid in pids:
+            kill_process_group(pid)
+
+    def inspect() -> tuple:
+        before = set(manager.workers)
+        expired = inspect_workers()
+        for pid in before - set(manager.workers):
+            kill_process_group(pid)
+        return expired
+
+    manager.maybe_stop_worker, manager.force_stop_workers, manager.inspect_workers = stop_one, stop_all, inspect
 
 
 def _shut_down(pool: ProcessPool) -> None:
