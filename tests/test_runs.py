@@ -7,6 +7,7 @@ import csv
 import errno
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -261,6 +262,96 @@ def test_killed_run_resumes_in_its_own_folder_exactly(args, tmp_path):
     reward = [(e.step, e.value) for e in events.Scalars("train/reward")]
     assert [step for step, _ in reward] == [1, 2, 3, 4]
     assert [value for _, value in reward] == pytest.approx(list(full["train/reward"]), abs=1e-7)
+
+
+PAUSED_EXACT = (
+    "+module.verifiers.exact={_target_:simko.faults.PauseVerifier,verifier:{_target_:simko.rewards.ExactMatchVerifier}}"
+)
+
+
+def signal_when_paused(cmd_args: list[str], point: str, signum: int, env_extra: dict | None = None):
+    """Run simko.train; when it passes ``point`` (simko.faults, a 3 s pause) send it ``signum``; the finished run."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", SIMKO_PAUSE_AT=point, SIMKO_PAUSE_S="3")
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "simko.train", *cmd_args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr = []
+    try:
+        for line in proc.stderr:
+            stderr.append(line)
+            if line.startswith("SIMKO-PAUSE"):
+                proc.send_signal(signum)
+                break
+        stderr.extend(proc.stderr)
+        stdout = proc.stdout.read()
+        proc.wait(timeout=600)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, "".join(stderr))
+
+
+@pytest.mark.integration
+def test_sigterm_saves_the_step_in_progress_exits_143_and_the_run_continues_exactly(args, tmp_path):
+    """SIGTERM (preemption) exited 0 in about a second with no checkpoint, losing the steps since the last one, and
+    a scheduler recorded the run as completed. Now: SIGTERM inside RL step 2's scoring (last.ckpt due only at
+    steps 3 and 4) finishes step 2 and its validation, writes last.ckpt for it, prints the command that continues the
+    run and exits 143; that command then gives the uninterrupted run's metrics and weights."""
+    common = ["rl_steps=4", "callbacks.model_checkpoint.last_every_n_steps=3", PAUSED_EXACT]
+    run("simko.train", *args("full", *common))
+    # verify calls: step 0's validation (1 batch), step 1, step 2: the 3rd is inside RL step 2
+    proc = signal_when_paused(args("stopped", *common), "verify@3", signal.SIGTERM)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    folder = tmp_path / "stopped"
+    assert "stopped by SIGTERM after RL step 2 of 4" in proc.stderr
+    assert f"{folder / 'checkpoints' / 'last.ckpt'} holds RL step 2" in proc.stderr
+    assert read_checkpoint(folder / "checkpoints" / "last.ckpt")["rl_step"] == 2
+    assert list(pd.read_csv(folder / "csv" / "metrics.csv")["step"]) == [0, 1, 2]  # step 2's validation too
+    command = shlex.split(proc.stderr.split("continue the run with:\n", 1)[1].splitlines()[0])
+    assert command[:3] == ["python", "-m", "simko.train"] and "ckpt_path=last" in command
+    resumed = subprocess.run(
+        [sys.executable, *command[1:]],
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full, again = metrics(tmp_path / "full"), metrics(folder)
+    cols = [c for c in full.columns if not c.startswith("time/")]
+    pd.testing.assert_frame_equal(full[cols], again[cols], check_exact=True)
+    assert list(pd.read_csv(folder / "csv" / "metrics.csv")["step"]) == [0, 1, 2, 3, 4]
+    a = read_checkpoint(tmp_path / "full" / "checkpoints" / "last.ckpt")["state_dict"]
+    b = read_checkpoint(folder / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.integration
+def test_slurm_requeue_signal_saves_requeues_and_exits_non_zero(args, tmp_path):
+    """Under SLURM with Lightning's auto-requeue, the requeue signal (SIGUSR1, `sbatch --signal=USR1@90`) stops the
+    run like SIGTERM, then requeues the job with `scontrol requeue <job id>` (a fake scontrol here)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "simko",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+    }
+    common = ["rl_steps=4", "callbacks.model_checkpoint.last_every_n_steps=3", PAUSED_EXACT]
+    proc = signal_when_paused(args("slurm", *common), "verify@2", signal.SIGUSR1, slurm)
+    assert proc.returncode == 128 + signal.SIGUSR1, proc.stderr[-3000:]
+    assert "stopped by SIGUSR1 after RL step 1 of 4" in proc.stderr and "requeued SLURM job 4242" in proc.stderr
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert read_checkpoint(tmp_path / "slurm" / "checkpoints" / "last.ckpt")["rl_step"] == 1
 
 
 @pytest.mark.integration

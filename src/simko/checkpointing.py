@@ -7,6 +7,8 @@
   empty, truncated or not a torch file, or holding objects whose unpickling could execute code).
 - :class:`RunCheckpoint`: ``last.ckpt`` (full state: weights, optimizer, loops, data position) for resuming, and
   weights-only ``stepNNNNNN.ckpt`` snapshots, both named and scheduled in RL steps.
+- :class:`GracefulStop`: on SIGTERM (or SLURM's requeue signal; ``simko.runs.stopping_on_signals``) the run stops at
+  the next RL step boundary, ``last.ckpt`` written for the last finished step; ``simko.train`` then exits non-zero.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+import signal
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from simko import atomic
+from simko import atomic, runs
 from simko.faults import pause_point
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,57 @@ SNAPSHOT = re.compile(r"^step(\d+)\.ckpt$")
 
 class CheckpointError(ValueError):
     """A checkpoint that can't be used, with the file named in the message."""
+
+
+class RunStopped(Exception):
+    """The run stopped at an RL step boundary because the process received ``signum`` (see :class:`GracefulStop`).
+
+    ``rl_step``: the last finished RL step (``last.ckpt`` holds it when the run writes checkpoints).
+    """
+
+    def __init__(self, signum: int, rl_step: int) -> None:
+        super().__init__(f"stopped by signal {signum} after RL step {rl_step}")
+        self.signum = signum
+        self.rl_step = rl_step
+
+
+def stop_agreed(trainer: Trainer) -> bool:
+    """Whether the run stops after the current RL step: this process, or under DDP any process, received a stop
+    signal. Decided once per optimizer step (one boolean all-reduce) and cached, so every caller in that step, on
+    every rank, gets the same answer."""
+    key = (id(trainer), trainer.global_step)
+    decided = getattr(trainer, "_simko_stop", None)
+    if decided is not None and decided[0] == key:
+        return decided[1]
+    stop = runs.stop_signal() is not None
+    if trainer.world_size > 1:
+        stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
+    trainer._simko_stop = (key, stop)
+    return stop
+
+
+class GracefulStop(Callback):
+    """Stop the run at the next RL step boundary once a stop signal arrived (``simko.runs.stopping_on_signals``).
+
+    The RL step in progress, and its validation when one is due, finish; :class:`RunCheckpoint` writes ``last.ckpt``
+    for that step (also when none is due) and commits it; then :class:`RunStopped` is raised before the next step
+    starts, and ``simko.train`` prints how to continue and exits with 128 + the signal number. The checkpoint is the
+    one a scheduled save would have written at that step, so the continued run equals the uninterrupted one.
+    ``trainer.should_stop`` is not used: Lightning runs an extra validation when it is set.
+    """
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        runs.reclaim_stop_signals()  # Lightning installed its own handlers just before
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        runs.reclaim_stop_signals()  # trainer.validate (validate_first) installs them too
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        stop_agreed(trainer)  # decided here, at the end of the step, the same on every rank
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx) -> None:
+        if stop_agreed(trainer):
+            raise RunStopped(runs.stop_signal() or signal.SIGTERM, int(pl_module.rl_step))
 
 
 def read_checkpoint(path: str | Path, mmap: bool = True) -> dict[str, Any]:
@@ -207,6 +261,7 @@ class RunCheckpoint(Callback):
         self.snapshot_weights_only = snapshot_weights_only
         self.keep_snapshots = keep_snapshots
         self._pending: Path | None = None
+        self._validating = False
 
     @property
     def last_path(self) -> Path:
@@ -233,7 +288,8 @@ class RunCheckpoint(Callback):
         final = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
         if self.every_n_steps and step % self.every_n_steps == 0:
             self._save_snapshot(trainer, step)
-        if final or (self.last_every_n_steps and step % self.last_every_n_steps == 0):
+        due = self.last_every_n_steps and step % self.last_every_n_steps == 0
+        if final or due or stop_agreed(trainer):  # a stop signal: this step's last.ckpt (GracefulStop)
             try:
                 trainer.save_checkpoint(self.pending_path, weights_only=False)
             except OSError as err:
@@ -250,6 +306,22 @@ class RunCheckpoint(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._commit(trainer)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._validating = True
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._validating = False
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """A stop at a step boundary (GracefulStop) commits the finished step's pending ``last.ckpt``, if this
+        callback's ``on_train_batch_start`` did not run before the stop; so does Lightning's own SIGTERM stop (a
+        signal that came before GracefulStop took the handler back), unless it cut a validation short, whose
+        metrics the step would then lack. Any other error leaves ``last.ckpt`` as it was."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, RunStopped) or (isinstance(exception, SIGTERMException) and not self._validating):
+            self._commit(trainer)
 
     def _commit(self, trainer: Trainer) -> None:
         if self._pending is None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
+import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,12 +28,18 @@ import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from hydra.errors import InstantiationException  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
+from lightning.fabric.plugins.environments import SLURMEnvironment  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from simko.checkpointing import (  # noqa: E402
+    GracefulStop,
+    RunCheckpoint,
+    RunStopped,
     checkpoint_step,
     install_atomic_checkpoint_io,
     read_checkpoint,
+    stop_agreed,
 )
 from simko.checks import build_data, build_loss, check_against_model, check_train_config, check_world_size  # noqa: E402
 from simko.config import check_config_dir, import_modules  # noqa: E402
@@ -40,7 +48,7 @@ from simko.engines import check_engine  # noqa: E402
 from simko.logging_utils import log_run_outputs, log_run_start  # noqa: E402
 from simko.models.lora import load_model  # noqa: E402
 from simko.rewards import check_verifier_names  # noqa: E402
-from simko.runs import resolve_ckpt_path  # noqa: E402
+from simko.runs import resolve_ckpt_path, resume_command, stop_signal, stopping_on_signals  # noqa: E402
 from simko.steplog import RLStepLogging  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -75,6 +83,7 @@ def build(cfg: DictConfig, resume_step: int | None = None):
     set_run_length(cfg, module)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(RLStepLogging())  # every logger indexes by RL step; train/lr on the step's row
+    callbacks.append(GracefulStop())  # SIGTERM: stop at the next RL step boundary, with its checkpoint
     loggers = build_loggers(cfg, resume_step)
     trainer = instantiate(
         cfg.trainer,
@@ -154,6 +163,55 @@ def loggers_kept_open(trainer):
             del logger.finalize
 
 
+def stop_signals(trainer) -> list[int]:
+    """The signals that stop a run at an RL step boundary (``simko.runs``): SIGTERM, and SLURM's requeue signal when
+    Lightning's SLURM environment requeues (``auto_requeue``, the default under SLURM)."""
+    # Lightning's own signal connector reads the cluster environment from the accelerator connector, too.
+    environment = getattr(trainer._accelerator_connector, "cluster_environment", None)
+    if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
+        return [signal.SIGTERM, environment.requeue_signal]
+    return [signal.SIGTERM]
+
+
+def exit_stopped(trainer, cfg: DictConfig, rl_step: int) -> None:
+    """After a stop on a signal: say what was saved and how to continue (requeue under SLURM); exit 128 + signal."""
+    signum = stop_signal() or signal.SIGTERM
+    name = signal.Signals(signum).name
+    if trainer.is_global_zero:
+        run_dir = Path(cfg.paths.output_dir)
+        saver = next((c for c in trainer.callbacks if isinstance(c, RunCheckpoint)), None)
+        if saver is None:
+            saved = "this run writes no checkpoints (callbacks.model_checkpoint is off): it can't be continued"
+        elif saver.last_path.is_file():
+            step = checkpoint_step(read_checkpoint(saver.last_path))
+            saved = f"{saver.last_path} holds RL step {step}; continue the run with:\n  {resume_command(run_dir)}"
+        else:
+            saved = f"no RL step finished, so there is no checkpoint; start it again with:\n  {resume_command(run_dir)}"
+        print(f"error: stopped by {name} after RL step {rl_step} of {cfg.rl_steps}: {saved}", file=sys.stderr)
+        if signum != signal.SIGTERM:
+            requeue_slurm_job()
+    raise SystemExit(128 + signum)
+
+
+def requeue_slurm_job() -> None:
+    """``scontrol requeue`` this SLURM job, as Lightning's SLURM auto-requeue does."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    if not job.replace("_", "").isdigit():
+        print(f"error: no SLURM job id to requeue (SLURM_JOB_ID={job!r})", file=sys.stderr)
+        return
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        status = result.returncode
+    except (OSError, subprocess.TimeoutExpired) as err:
+        status = str(err)
+    if status == 0:
+        print(f"requeued SLURM job {job}: its command continues the run when it starts again", file=sys.stderr)
+    else:
+        print(f"error: `scontrol requeue {job}` failed ({status}): requeue the job yourself", file=sys.stderr)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     try:
         ckpt, resume_step = resume_checkpoint(cfg)
@@ -161,17 +219,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
     except CONFIG_ERRORS as err:
         exit_with_config_error(err)
     log_run_start(trainer, cfg)  # the resolved config to every logger; one line on the console
-    try:
-        if cfg.get("validate_first") and ckpt is None:
-            # the starting point of the val/* curves (step 0); the progress bar logs the result in one line
-            with loggers_kept_open(trainer):
-                trainer.validate(module, datamodule=datamodule, verbose=False)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
-            raise
-        print(f"error: the disk is full: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+    with stopping_on_signals(stop_signals(trainer)):
+        try:
+            if cfg.get("validate_first") and ckpt is None:
+                # the starting point of the val/* curves (step 0); the progress bar logs the result in one line
+                with loggers_kept_open(trainer):
+                    trainer.validate(module, datamodule=datamodule, verbose=False)
+                if stop_agreed(trainer):
+                    raise RunStopped(stop_signal() or signal.SIGTERM, 0)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+        except (RunStopped, SIGTERMException):
+            exit_stopped(trainer, cfg, int(module.rl_step))
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            print(f"error: the disk is full: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+    if stop_signal() is not None:  # it came during the last RL step: the run is complete
+        log.info("received %s after the last RL step: the run is complete", signal.Signals(stop_signal()).name)
     log_run_outputs(trainer, cfg)  # where the run dir, the last checkpoint and the metrics are
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
