@@ -363,6 +363,35 @@ def test_workers_stop_at_interpreter_exit():
     assert len(pids) == 2 and not _wait_gone(pids)
 
 
+def test_shutdown_is_bounded_when_pebble_does_not_stop(tmp_path):
+    """Ctrl-C while the pool worked hung for good 2 times in 39: the main thread waited in ``_shut_down`` ->
+    ``pool.join()`` for a pebble thread that never ended. Simulated: pebble's join never returns. The pool still
+    closes within its deadline, and its workers are dead."""
+    code = (
+        "import operator, threading, time\n"
+        "import pebble\n"
+        "from simko.rewards import KillablePool\n"
+        "from simko.rewards import pool as pool_module\n"
+        "pebble.ProcessPool.join = lambda self, timeout=None: threading.Event().wait()\n"
+        "if __name__ == '__main__':\n"
+        "    p = KillablePool(num_workers=2)\n"
+        "    p.map(operator.add, [(1, 2)], timeout_s=5.0)\n"
+        "    print(*p.pids, flush=True)\n"
+        "    t = time.monotonic()\n"
+        "    p.close()\n"
+        "    print(round(time.monotonic() - t, 2), flush=True)\n"
+    )
+    script = tmp_path / "hang.py"
+    script.write_text(code)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    pids, seconds = out.stdout.splitlines()
+    from simko.rewards.pool import SHUTDOWN_DEADLINE_S
+
+    assert float(seconds) < SHUTDOWN_DEADLINE_S + 2.0
+    assert not _wait_gone([int(p) for p in pids.split()])
+
+
 def test_workers_stop_when_the_pool_is_garbage_collected():
     p = KillablePool(num_workers=2)
     assert p.map(operator.add, [(1, 2)], timeout_s=5.0)[0].value == 3
