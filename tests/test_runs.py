@@ -462,3 +462,110 @@ def test_one_row_per_step_and_superseded_rows(tmp_path):
     again.log_metrics({"train/reward": 0.8, "train/lr": 1e-5}, 2)
     again.finalize("success")
     assert list(pd.read_csv(path)["step"]) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------------- samples, links
+
+
+def sample_row(step: int, index: int) -> dict:
+    return {"rl_step": step, "prompt_index": index, "completion": "x" * 2000, "reward": 1.0}
+
+
+def test_a_full_disk_never_leaves_half_a_sample_row(tmp_path, mounts):
+    """A disk full while samples.jsonl was appended to left its last line cut mid-record, with an error that did not
+    name the file (and a resume then appended onto the broken line). Now the file is as it was and the error names
+    it. A real full disk: a small tmpfs, nearly filled."""
+    from simko.callbacks.samples import RolloutSamples
+
+    disk = mounts(tmp_path / "disk", "size=64k")
+    samples = RolloutSamples(str(disk / "samples.jsonl"))
+    samples.write([sample_row(1, 0)], [])
+    before = (disk / "samples.jsonl").read_bytes()
+    (disk / "filler").write_bytes(b"\0" * (64 * 1024 - 3 * 4096 - len(before)))
+    with pytest.raises(OSError) as error:
+        samples.write([sample_row(10, i) for i in range(20)], [])
+    assert error.value.errno == errno.ENOSPC and str(disk / "samples.jsonl") in str(error.value)
+    assert (disk / "samples.jsonl").read_bytes() == before
+
+
+def test_supersede_samples_after_a_step(tmp_path):
+    """Rows a killed attempt wrote after the checkpoint's step, and a last line cut by a kill or a full disk, move
+    aside (as metrics.csv rows do), so the resumed run's rows follow a complete line and each step is there once."""
+    from simko.callbacks.samples import supersede_samples_after
+
+    path = tmp_path / "samples.jsonl"
+    lines = [json.dumps(sample_row(s, 0)) + "\n" for s in (1, 10, 20)]
+    path.write_text("".join(lines) + '{"rl_step": 30, "compl')
+    aside = supersede_samples_after(path, 10)
+    assert path.read_text() == "".join(lines[:2])
+    assert aside.parent == tmp_path / "superseded" and aside.read_text() == lines[2] + '{"rl_step": 30, "compl\n'
+    assert supersede_samples_after(path, 10) is None
+
+
+@pytest.mark.parametrize("what", ["samples", "metrics"])
+def test_appends_never_follow_a_symbolic_link(tmp_path, what):
+    """samples.jsonl symlinked to another file received 24 rows of model text on resume. Every file a run appends
+    to is opened with O_NOFOLLOW: a link there is an error naming it, and its target is untouched."""
+    from simko.callbacks.samples import RolloutSamples
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("someone else's\n")
+    if what == "samples":
+        (tmp_path / "samples.jsonl").symlink_to(outside)
+        write = lambda: RolloutSamples(str(tmp_path / "samples.jsonl")).write([sample_row(1, 0)], [])  # noqa: E731
+    else:
+        logger = StepCSVLogger(tmp_path, name="csv", version="")
+        logger.log_metrics({"train/reward": 0.5}, 0)
+        logger.flush_rows()
+        (tmp_path / "csv" / "metrics.csv").unlink()
+        (tmp_path / "csv" / "metrics.csv").symlink_to(outside)
+        logger.log_metrics({"train/reward": 0.5}, 1)
+        write = logger.flush_rows
+    with pytest.raises(OSError, match="symbolic link"):
+        write()
+    assert outside.read_text() == "someone else's\n"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("where", ["version", "outside"])
+def test_resume_follows_the_csv_loggers_real_path_and_samples_agree(args, tmp_path, where):
+    """Resume found metrics.csv only at <run>/*/metrics.csv: with logger.csv.version=v0 steps were logged twice, and
+    with logger.csv.save_dir outside the run a row cut by a kill stayed and the resumed run crashed ("dict contains
+    fields not in fieldnames: None"). samples.jsonl got the replayed steps' rows again. Now both files hold every
+    step once after a resume."""
+    folder = tmp_path / "run"
+    csv_dir = folder / "csv" / "v0" if where == "version" else tmp_path / "elsewhere" / "csv"
+    logger = ["logger.csv.version=v0"] if where == "version" else [f"logger.csv.save_dir={tmp_path / 'elsewhere'}"]
+    common = [
+        "rl_steps=4",
+        "callbacks.model_checkpoint.last_every_n_steps=2",
+        "callbacks.samples.every_n_steps=1",
+        *logger,
+    ]
+    start_paused(args("run", *common), "checkpoint.commit@2", tmp_path / "killed.log")
+    assert read_checkpoint(folder / "checkpoints" / "last.ckpt")["rl_step"] == 2
+    assert list(pd.read_csv(csv_dir / "metrics.csv")["step"]) == [0, 1, 2, 3, 4]  # 3-4 logged before the kill
+    with open(csv_dir / "metrics.csv", "a") as f:
+        f.write("5,0.1,0.1")  # and a row cut mid-write
+    run("simko.train", *args("run", *common, "ckpt_path=last"))
+    assert list(pd.read_csv(csv_dir / "metrics.csv")["step"]) == [0, 1, 2, 3, 4]
+    rows = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+    keys = [(r["rl_step"], r["prompt_index"], r["completion"]) for r in rows]
+    assert sorted({r["rl_step"] for r in rows}) == [1, 2, 3, 4] and len(keys) == 4 * 2 * 4  # 2 prompts x G=4, once
+    assert [r["rl_step"] for r in rows] == sorted(r["rl_step"] for r in rows)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("link", ["samples.jsonl", "train.log", "csv/metrics.csv"])
+def test_resume_refuses_a_run_folder_with_a_symlinked_file(args, tmp_path, link):
+    """A file of the run folder replaced by a symbolic link (to a file outside it): continuing the run is refused
+    at start, naming the link, and the link's target gets nothing."""
+    folder = tmp_path / "run"
+    fake_run(folder, 2)
+    (folder / "csv").mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("someone else's\n")
+    (folder / link).symlink_to(outside)
+    proc = run("simko.train", *args("run", "rl_steps=4", "ckpt_path=last"), check=False, timeout=300)
+    refused(proc, f"{folder / link}", "symbolic link")
+    assert outside.read_text() == "someone else's\n"

@@ -14,10 +14,12 @@ Resume (``simko.train`` only, ``ckpt_path``):
 - ``ckpt_path=<run>/checkpoints/last.ckpt`` without ``hydra.run.dir`` continues in ``<run>`` (not a new folder).
 - A checkpoint with a *new* ``hydra.run.dir`` branches: a new run that starts from that checkpoint's state.
 
-Continuing a run in place moves the metrics rows the killed attempt logged after the checkpoint's step to
-``csv/superseded/`` (:func:`simko.steplog.supersede_rows_after`), deletes the temporary files a killed writer left
-(:func:`simko.atomic.remove_orphans`), and saves this attempt's Hydra config in ``.hydra/resume-<id>/`` so the
-run's first ``.hydra/`` files stay as they were.
+Continuing a run in place moves the metrics rows and sample rows the killed attempt wrote after the checkpoint's
+step to ``superseded/`` beside their files (:func:`simko.steplog.supersede_rows_after`,
+:func:`simko.callbacks.samples.supersede_samples_after`: each writer does it for its own file, wherever the config
+put it), deletes the temporary files a killed writer left (:func:`simko.atomic.remove_orphans`), and saves this
+attempt's Hydra config in ``.hydra/resume-<id>/`` so the run's first ``.hydra/`` files stay as they were. A run
+folder holding a symbolic link to a file is not continued (a run writes only into its own files).
 """
 
 from __future__ import annotations
@@ -161,6 +163,13 @@ class RunClaim:
         if continue_run:
             if not marker.is_file() and not (self.run_dir / ".hydra").is_dir():
                 raise RunDirError(f"{self.run_dir} is not a simko run folder (no {MARKER}, no .hydra/): not resumed")
+            links = symlinked_files(self.run_dir)
+            if links:
+                raise RunDirError(
+                    f"run folder {self.run_dir} holds a symbolic link, {links[0]} -> {os.readlink(links[0])}"
+                    f"{f' (and {len(links) - 1} more)' if len(links) > 1 else ''}: a run writes only into its own "
+                    "files, never through a link; put the file itself there, then continue the run"
+                )
             info = json.loads(marker.read_text()) if marker.is_file() else {"attempts": []}
             info["attempts"].append(attempt)
             from simko.atomic import atomic_write
@@ -201,14 +210,35 @@ def _owner_text(run_dir: Path) -> str:
         return ""
 
 
+_CONTINUED: dict[str, int | None] = {"step": None}
+
+
+def continued_run_step() -> int | None:
+    """When this process continues a run in its own folder: the RL step of the checkpoint it continues from (-1: the
+    run had none yet). None for a new run (a branch included). The writers of the run's files read it to move aside
+    what a killed attempt wrote after that step (``simko.steplog.StepCSVLogger``, ``RolloutSamples``)."""
+    return _CONTINUED["step"]
+
+
 def prepare_continued_run(run_dir: Path, resume_step: int) -> None:
-    """Before a run continues in its folder: supersede rows logged after the checkpoint, remove orphaned files."""
+    """Before a run continues in its folder: remove the files a killed writer left; the metrics and samples writers
+    move aside what was written after ``resume_step`` when they open their files (see :func:`continued_run_step`)."""
     from simko.atomic import remove_orphans
-    from simko.steplog import METRICS_FILE, supersede_rows_after
 
     remove_orphans(run_dir)
-    for metrics in run_dir.glob(f"*/{METRICS_FILE}"):
-        supersede_rows_after(metrics, resume_step)
+    _CONTINUED["step"] = resume_step
+
+
+def symlinked_files(run_dir: Path) -> list[Path]:
+    """Symbolic links in ``run_dir`` (walked without following links) that do not point to a folder: a run would
+    write through them into another file (a symlinked ``checkpoints/`` folder on another disk is fine)."""
+    found = []
+    for folder, dirs, files in os.walk(run_dir):
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            if path.is_symlink() and not path.is_dir():
+                found.append(path)
+    return sorted(found)
 
 
 # --- stopping on a signal (preemption) ----------------------------------------------------------------------------

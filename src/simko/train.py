@@ -48,7 +48,13 @@ from simko.engines import check_engine  # noqa: E402
 from simko.logging_utils import log_run_outputs, log_run_start  # noqa: E402
 from simko.models.lora import load_model  # noqa: E402
 from simko.rewards import check_verifier_names  # noqa: E402
-from simko.runs import resolve_ckpt_path, resume_command, stop_signal, stopping_on_signals  # noqa: E402
+from simko.runs import (  # noqa: E402
+    continued_run_step,
+    resolve_ckpt_path,
+    resume_command,
+    stop_signal,
+    stopping_on_signals,
+)
 from simko.steplog import RLStepLogging  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -127,6 +133,8 @@ def check_mini_batches(module, datamodule, world_size: int) -> None:
 
 
 def build_loggers(cfg: DictConfig, resume_step: int | None) -> list:
+    continued = continued_run_step()  # -1: a run continued before its first checkpoint
+    resume_step = continued if continued is not None else resume_step
     loggers = []
     for conf in (cfg.get("logger") or {}).values():
         if conf is None:
