@@ -569,3 +569,38 @@ def test_resume_refuses_a_run_folder_with_a_symlinked_file(args, tmp_path, link)
     proc = run("simko.train", *args("run", "rl_steps=4", "ckpt_path=last"), check=False, timeout=300)
     refused(proc, f"{folder / link}", "symbolic link")
     assert outside.read_text() == "someone else's\n"
+
+
+# ---------------------------------------------------------------------------------------------------- one-line errors
+
+
+@pytest.mark.integration
+def test_continuing_with_another_architecture_or_loss_is_one_message(args, tmp_path):
+    """Continuing a run with another model architecture ended in a state-dict traceback from inside fit, and with
+    another loss it was accepted silently. Both are one message now (a new loss is a branch into a new folder)."""
+    run("simko.train", *args("run", "rl_steps=1"))
+    folder = tmp_path / "run"
+    before = snapshot(folder)
+    wider = run("simko.train", *args("run", "rl_steps=2", "ckpt_path=last", "model.intermediate_size=96"), check=False)
+    refused(wider, f"checkpoint {folder / 'checkpoints' / 'last.ckpt'} does not fit this model", "mlp")
+    other_loss = run("simko.train", *args("run", "rl_steps=2", "ckpt_path=last", "loss=simko"), check=False)
+    refused(other_loss, f"{folder / 'checkpoints' / 'last.ckpt'} was trained with another loss", "loss.name: 'grpo'")
+    kept = lambda files: {k: v for k, v in files.items() if k.startswith(("checkpoints", "csv", "samples"))}  # noqa: E731
+    assert kept(snapshot(folder)) == kept(before)  # the attempts' log lines and configs are all they added
+
+
+@pytest.mark.integration
+def test_a_chat_template_refused_by_the_sandbox_is_one_message(args, tmp_path):
+    """A tokenizer whose chat template reaches into Python objects (refused by jinja's sandbox) ended in a
+    SecurityError traceback; now one message naming the tokenizer and the way out."""
+    from helpers import digit_tokenizer, random_qwen2
+
+    folder = tmp_path / "model"
+    random_qwen2().save_pretrained(folder)
+    tokenizer = digit_tokenizer()
+    tokenizer.chat_template = "{{ messages[0]['content'].__class__.__mro__ }}"
+    tokenizer.save_pretrained(folder)
+    overrides = [a for a in args("run", "rl_steps=1") if not a.startswith("model.")]
+    hf = ["model=hf", f"model.name_or_path={folder}", "data.use_chat_template=true"]
+    proc = run("simko.train", *overrides, *hf, check=False)
+    refused(proc, f"the chat template of the tokenizer {folder} failed (SecurityError", "data.use_chat_template=false")

@@ -134,6 +134,62 @@ def checkpoint_step(state: dict[str, Any]) -> int:
     return int(state.get("rl_step", 0))
 
 
+def check_fits(state: dict[str, Any], module: torch.nn.Module, path: str | Path) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` unless its weights fit ``module`` (same names and shapes).
+
+    Checked at start, so a checkpoint of another architecture (``model.*`` settings changed between runs) is one
+    message instead of a traceback from inside ``trainer.fit``. A module that loads part of its state (a LoRA
+    policy: ``strict_loading`` is False) may miss keys; it may not get unknown or misshapen ones.
+    """
+    saved, expected = state["state_dict"], module.state_dict()
+    problems = [f"{k} is {tuple(saved[k].shape)} there, {tuple(expected[k].shape)} here"
+                for k in saved if k in expected and tuple(saved[k].shape) != tuple(expected[k].shape)]  # fmt: skip
+    unexpected = [k for k in saved if k not in expected]
+    missing = [k for k in expected if k not in saved] if getattr(module, "strict_loading", True) else []
+    if unexpected:
+        problems.append(f"{len(unexpected)} weights this model has no place for ({', '.join(unexpected[:3])}, ...)")
+    if missing:
+        problems.append(f"{len(missing)} weights of this model missing from it ({', '.join(missing[:3])}, ...)")
+    if problems:
+        more = f"; and {len(problems) - 2} more differences" if len(problems) > 2 else ""
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model: {'; '.join(problems[:2])}{more}. It was written for another "
+            "architecture: continue with the model settings (model.*) it was trained with"
+        )
+
+
+class RecordConfig(Callback):
+    """Write ``values`` (plain data: the run's resolved loss config) into every checkpoint as ``checkpoint["config"]``,
+    so a resume can check it continues the state with the settings it was trained with (:func:`check_same_loss`)."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["config"] = self.values
+
+
+def check_same_loss(state: dict[str, Any], loss: dict[str, Any], path: str | Path, continued: bool) -> None:
+    """A run continued in its folder keeps its loss: raise :class:`CheckpointError` when ``loss`` (the resolved
+    ``loss`` config) differs from the one the checkpoint's state was trained with. A branch (a new run from the
+    checkpoint) may change it; that is logged. Checkpoints without the record (older ones) are not checked."""
+    before = (state.get("config") or {}).get("loss")
+    if not isinstance(before, dict):
+        return
+    changed = sorted((k for k in set(before) | set(loss) if before.get(k) != loss.get(k)), key=lambda k: k != "name")
+    if not changed:
+        return
+    diffs = ", ".join(f"loss.{k}: {before.get(k)!r} -> {loss.get(k)!r}" for k in changed[:4])
+    if not continued:
+        log.info("branching from %s, trained with another loss (%s)", path, diffs)
+        return
+    raise CheckpointError(
+        f"checkpoint {path} was trained with another loss ({diffs}{', ...' if len(changed) > 4 else ''}). A run keeps "
+        "its loss: continue it with the loss settings it was trained with, or train this state with the new loss as "
+        f"a new run: hydra.run.dir=<new folder> ckpt_path={path}"
+    )
+
+
 def is_full_checkpoint(state: dict[str, Any]) -> bool:
     """True when the checkpoint can resume a run exactly (it carries the optimizer state)."""
     return "optimizer_states" in state

@@ -30,12 +30,15 @@ from hydra.errors import InstantiationException  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from lightning.fabric.plugins.environments import SLURMEnvironment  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from simko.checkpointing import (  # noqa: E402
     GracefulStop,
+    RecordConfig,
     RunCheckpoint,
     RunStopped,
+    check_fits,
+    check_same_loss,
     checkpoint_step,
     install_atomic_checkpoint_io,
     read_checkpoint,
@@ -90,6 +93,7 @@ def build(cfg: DictConfig, resume_step: int | None = None):
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(RLStepLogging())  # every logger indexes by RL step; train/lr on the step's row
     callbacks.append(GracefulStop())  # SIGTERM: stop at the next RL step boundary, with its checkpoint
+    callbacks.append(RecordConfig({"loss": OmegaConf.to_container(cfg.loss, resolve=True)}))  # checked on resume
     loggers = build_loggers(cfg, resume_step)
     trainer = instantiate(
         cfg.trainer,
@@ -223,7 +227,12 @@ def requeue_slurm_job() -> None:
 def train(cfg: DictConfig) -> dict[str, float]:
     try:
         ckpt, resume_step = resume_checkpoint(cfg)
+        if ckpt is not None:
+            loss = OmegaConf.to_container(cfg.loss, resolve=True)
+            check_same_loss(read_checkpoint(ckpt), loss, ckpt, continued=continued_run_step() is not None)
         module, datamodule, trainer = build(cfg, resume_step)
+        if ckpt is not None:
+            check_fits(read_checkpoint(ckpt), module, ckpt)  # another architecture: one message, not a traceback
     except CONFIG_ERRORS as err:
         exit_with_config_error(err)
     log_run_start(trainer, cfg)  # the resolved config to every logger; one line on the console
