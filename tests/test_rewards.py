@@ -7,6 +7,7 @@ import ctypes
 import gc
 import operator
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -435,6 +436,35 @@ def test_a_checks_child_processes_die_with_it():
     finally:
         p.close()
     assert sleepers(seconds) == [] and not _wait_gone(budget_pids)
+
+
+def sleep_then(seconds: float, value: int) -> int:
+    time.sleep(seconds)
+    return value
+
+
+def test_checks_survive_a_sigterm_to_every_process_of_the_job():
+    """A scheduler's preemption sends SIGTERM to every process of the job, and the trainer finishes its RL step
+    before it stops (GracefulStop): the verifier workers and the fork server must not die of it, or that step's
+    checks fail and its rewards (then checkpointed) are not the uninterrupted run's."""
+    p = KillablePool(num_workers=2)
+    try:
+        assert p.map(operator.add, [(1, 2)], timeout_s=30.0)[0].value == 3
+        procs = [psutil.Process(pid) for pid in p.pids]
+        server = {parent.pid for w in procs if (parent := w.parent()) is not None and parent.pid != os.getpid()}
+        results: list = []
+        batch = threading.Thread(target=lambda: results.extend(p.map(sleep_then, [(1.0, i) for i in range(6)], 30.0)))
+        batch.start()
+        time.sleep(0.5)
+        for pid in [*p.pids, *server]:
+            os.kill(pid, signal.SIGTERM)
+        batch.join(60)
+        assert [(r.status, r.value) for r in results] == [("ok", i) for i in range(6)]
+        assert p.map(sleep_then, [(0.0, 7)], timeout_s=0.5)[0].value == 7
+        assert p.map(time.sleep, [(30,)], timeout_s=0.5)[0].status == "timeout"  # a replacement worker: forked
+        assert p.map(operator.add, [(2, 2)], timeout_s=30.0)[0].value == 4
+    finally:
+        p.close()
 
 
 def test_unpicklable_call_fails_alone(pool):

@@ -17,16 +17,20 @@ worker's main thread, so libraries that time themselves with ``signal.alarm`` wo
   is cheap. Workers import ``preload`` and run ``initializer`` before they take a task, and a task's timeout
   counts from when a worker takes it: start-up is never charged to a task, nor to a batch's budget when the
   batch begins.
-- A check's child processes die with it. Each worker starts its own process group (``setsid``), and whenever pebble
-  stops a worker (its task timed out or was cancelled, the pool closes) or finds one dead, the worker's whole
-  group is killed with SIGKILL: a check that starts ``sleep 1234`` and then hangs left one orphan per timed-out
-  check before. Each worker also asks the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``), since a
-  kill aimed at the trainer's process group no longer reaches it. A process that leaves the worker's group
-  itself (``setsid``, a daemon) is out of reach.
-- SIGTERM ends a worker at once. pebble stops a worker with SIGTERM, waits up to 3 s, then SIGKILLs, one worker
-  after the other in its manager thread; its SIGTERM handler is Python code, which cannot run while a task is
-  inside a C loop. Measured (6 tasks of ``sum(range(10**13))``, timeout 0.5 s, 2 workers): 20.1 s with pebble's
-  handler, 2.1 s with the default action (``SIG_DFL``), which the worker initializer restores.
+- A check's child processes die with it. Each worker starts its own process group (``setsid``); when pebble stops
+  a worker (its task timed out or was cancelled, the pool closes; ``Process.terminate``), the worker's whole
+  group gets SIGKILL, and so does the group of a worker found dead: a check that starts ``sleep 1234`` and then
+  hangs left one orphan per timed-out check before. Each worker also asks the kernel for SIGKILL when its parent
+  dies (``PR_SET_PDEATHSIG``), since a kill aimed at the trainer's process group no longer reaches it. A process
+  that leaves the worker's group itself (``setsid``, a daemon) is out of reach.
+- Stopping a worker is immediate: pebble's ``terminate`` (SIGTERM, up to 3 s of waiting, then SIGKILL, one worker
+  after the other in its manager thread) is SIGKILL to the group here. pebble's SIGTERM handler is Python code,
+  which cannot run while a task is inside a C loop: measured (6 tasks of ``sum(range(10**13))``, timeout 0.5 s,
+  2 workers), 20.1 s with it, 2.1 s with an immediate kill.
+- Workers and the fork server ignore SIGTERM (and, as pebble and multiprocessing set them, SIGINT): a scheduler's
+  preemption signals every process of the job, and the trainer finishes its RL step before it stops
+  (``simko.checkpointing.GracefulStop``); killed workers would fail that step's checks, whose rewards then go into
+  the checkpoint. Workers still die with the trainer (the parent-death signal, the fork server's pipe).
 - Each call is pickled here and unpickled inside the task, so a call the worker cannot unpickle (a function in
   a ``__main__`` the worker cannot import) fails alone, as an error, instead of killing the worker between tasks.
 - A main program read from standard input (``python - <<EOF``) has ``__main__.__file__ == "<stdin>"``, which
@@ -72,7 +76,8 @@ log = logging.getLogger(__name__)
 # pool starts it; pools are usually all built before the first one starts a worker.
 # "__main__" is the standard library's default; this module, because every worker runs its initializer and so
 # imports it (with the simko.rewards package, torch included: 2-9 s on the 2-core machine) unless the fork server did.
-_FORKSERVER_PRELOAD: dict[str, None] = {"__main__": None, __name__: None}
+# simko.rewards.fork_server_signals makes the fork server ignore SIGTERM (see the module docstring).
+_FORKSERVER_PRELOAD: dict[str, None] = {"__main__": None, __name__: None, "simko.rewards.fork_server_signals": None}
 
 
 @dataclass
@@ -266,11 +271,11 @@ def _budget_result(budget_s: float | None) -> TaskResult:
 
 
 def _start_worker(preload: Sequence[str], initializer: Callable[[], Any] | None) -> None:
-    """pebble's worker initializer: its own process group, SIGKILL when its parent dies, SIGTERM ends it at once
-    (see the module docstring); then warm up."""
+    """pebble's worker initializer: its own process group, SIGKILL when its parent dies, SIGTERM ignored (see the
+    module docstring); then warm up."""
     os.setsid()
     _die_with_parent()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for module in preload:
         importlib.import_module(module)
     if initializer is not None:
@@ -303,32 +308,13 @@ def kill_process_group(pid: int) -> None:
 
 
 def _kill_process_groups_with_workers(pool: ProcessPool) -> None:
-    """Make ``pool`` kill a worker's process group whenever it stops a worker or finds one dead.
+    """Make ``pool`` kill the process group of a worker it finds dead (what the worker started may live on).
 
-    pebble has no hook for this, so the three places of its worker manager that end or drop workers are wrapped on
-    this pool's instance: ``maybe_stop_worker`` (a task timed out or was cancelled), ``force_stop_workers`` (the
-    pool stops) and ``inspect_workers`` (workers that died).
+    pebble has no hook for this, so its worker manager's ``inspect_workers`` (which drops dead workers) is wrapped on
+    this pool's instance. Workers pebble stops are killed with their group by ``terminate`` (:class:`_GroupKill`).
     """
     manager = pool._pool_manager.worker_manager
-    maybe_stop_worker, force_stop_workers, inspect_workers = (
-        manager.maybe_stop_worker,
-        manager.force_stop_workers,
-        manager.inspect_workers,
-    )
-
-    def stop_one(worker_id: int) -> bool:
-        stopped = maybe_stop_worker(worker_id)
-        if stopped:
-            kill_process_group(worker_id)
-        return stopped
-
-    def stop_all() -> None:
-        pids = list(manager.workers)
-        for pid in pids:  # the groups first, so that pebble's polite SIGTERM and 3 s wait are not needed
-            kill_process_group(pid)
-        force_stop_workers()
-        for pid in pids:
-            kill_process_group(pid)
+    inspect_workers = manager.inspect_workers
 
     def inspect() -> tuple:
         before = set(manager.workers)
@@ -337,7 +323,7 @@ def _kill_process_groups_with_workers(pool: ProcessPool) -> None:
             kill_process_group(pid)
         return expired
 
-    manager.maybe_stop_worker, manager.force_stop_workers, manager.inspect_workers = stop_one, stop_all, inspect
+    manager.inspect_workers = inspect
 
 
 # How long closing a pool may wait for pebble's threads. Ctrl-C while the pool worked left the main thread in
@@ -400,14 +386,24 @@ def _unreadable_main_path_hidden() -> Iterator[None]:
             main.__file__ = path
 
 
-class _ForkServerProcess(multiprocessing.context.ForkServerProcess):
+class _GroupKill:
+    """``terminate()`` (how pebble stops a worker) is SIGKILL to the worker's process group: the worker and what its
+    check started, at once (see the module docstring)."""
+
+    def terminate(self) -> None:
+        if self.pid is not None:
+            kill_process_group(self.pid)
+        self.kill()  # a worker killed before its initializer's setsid leads no group yet
+
+
+class _ForkServerProcess(_GroupKill, multiprocessing.context.ForkServerProcess):
     @staticmethod
     def _Popen(process_obj):
         with _unreadable_main_path_hidden():
             return multiprocessing.context.ForkServerProcess._Popen(process_obj)
 
 
-class _SpawnProcess(multiprocessing.context.SpawnProcess):
+class _SpawnProcess(_GroupKill, multiprocessing.context.SpawnProcess):
     @staticmethod
     def _Popen(process_obj):
         with _unreadable_main_path_hidden():
