@@ -467,6 +467,44 @@ def test_checks_survive_a_sigterm_to_every_process_of_the_job():
         p.close()
 
 
+def test_a_pool_starts_while_every_process_gets_sigterm(tmp_path):
+    """SIGTERM to every process of the job while a pool starts (its fork server still importing its preloads) and
+    works: the fork server and the workers are born immune, so the pool starts and scores (the fork server died of
+    it, and the RL step in progress failed with BrokenProcessPool)."""
+    code = (
+        "import operator, threading, time, os, signal\n"
+        "import psutil\n"
+        "from simko.rewards import KillablePool\n"
+        "def work(p, out):\n"
+        "    try:\n"
+        "        out.extend(r.value for r in p.map(operator.add, [(1, 2), (3, 4)] * 4, timeout_s=60.0))\n"
+        "    except Exception as e:\n"
+        "        out.append(repr(e))\n"
+        "if __name__ == '__main__':\n"
+        "    p, out = KillablePool(num_workers=2), []\n"
+        "    worker = threading.Thread(target=work, args=(p, out))\n"
+        "    worker.start()\n"
+        "    sent = set()\n"
+        "    while worker.is_alive():\n"
+        "        for child in psutil.Process().children(recursive=True):\n"
+        "            try:\n"
+        "                child.send_signal(signal.SIGTERM)\n"
+        "                sent.add(child.pid)\n"
+        "            except psutil.Error:\n"
+        "                pass\n"
+        "        time.sleep(0.01)\n"
+        "    print(len(sent), out, flush=True)\n"
+        "    p.close()\n"
+    )
+    script = tmp_path / "start.py"
+    script.write_text(code)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sent, values = out.stdout.split(" ", 1)
+    assert int(sent) >= 3, out.stdout  # the fork server, its resource tracker, the workers
+    assert values.strip() == str([3, 7] * 4), out.stdout + out.stderr[-3000:]
+
+
 def test_unpicklable_call_fails_alone(pool):
     results = pool.map(operator.add, [(1, 2), (lambda: 0, 1), (3, 4)], timeout_s=5.0)
     assert [r.status for r in results] == ["ok", "error", "ok"]

@@ -27,10 +27,13 @@ worker's main thread, so libraries that time themselves with ``signal.alarm`` wo
   after the other in its manager thread) is SIGKILL to the group here. pebble's SIGTERM handler is Python code,
   which cannot run while a task is inside a C loop: measured (6 tasks of ``sum(range(10**13))``, timeout 0.5 s,
   2 workers), 20.1 s with it, 2.1 s with an immediate kill.
-- Workers and the fork server ignore SIGTERM (and, as pebble and multiprocessing set them, SIGINT): a scheduler's
-  preemption signals every process of the job, and the trainer finishes its RL step before it stops
+- Workers and the fork server are immune to SIGTERM (as pebble and multiprocessing make them to SIGINT): a
+  scheduler's preemption signals every process of the job, and the trainer finishes its RL step before it stops
   (``simko.checkpointing.GracefulStop``); killed workers would fail that step's checks, whose rewards then go into
-  the checkpoint. Workers still die with the trainer (the parent-death signal, the fork server's pipe).
+  the checkpoint. They are started with SIGTERM blocked (a signal mask survives fork and exec, so the fork server
+  is immune from its first instruction, not once it has imported its preloads: a SIGTERM in between killed it), and
+  a worker then ignores SIGTERM (so do the processes its check starts). Workers still die with the trainer (the
+  parent-death signal, the fork server's pipe).
 - Each call is pickled here and unpickled inside the task, so a call the worker cannot unpickle (a function in
   a ``__main__`` the worker cannot import) fails alone, as an error, instead of killing the worker between tasks.
 - A main program read from standard input (``python - <<EOF``) has ``__main__.__file__ == "<stdin>"``, which
@@ -76,8 +79,7 @@ log = logging.getLogger(__name__)
 # pool starts it; pools are usually all built before the first one starts a worker.
 # "__main__" is the standard library's default; this module, because every worker runs its initializer and so
 # imports it (with the simko.rewards package, torch included: 2-9 s on the 2-core machine) unless the fork server did.
-# simko.rewards.fork_server_signals makes the fork server ignore SIGTERM (see the module docstring).
-_FORKSERVER_PRELOAD: dict[str, None] = {"__main__": None, __name__: None, "simko.rewards.fork_server_signals": None}
+_FORKSERVER_PRELOAD: dict[str, None] = {"__main__": None, __name__: None}
 
 
 @dataclass
@@ -275,7 +277,8 @@ def _start_worker(preload: Sequence[str], initializer: Callable[[], Any] | None)
     module docstring); then warm up."""
     os.setsid()
     _die_with_parent()
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a SIGTERM pending since the worker started is dropped here
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by _sigterm_blocked since its start
     for module in preload:
         importlib.import_module(module)
     if initializer is not None:
@@ -386,6 +389,18 @@ def _unreadable_main_path_hidden() -> Iterator[None]:
             main.__file__ = path
 
 
+@contextmanager
+def _sigterm_blocked() -> Iterator[None]:
+    """SIGTERM blocked in the calling thread while a worker (and, the first time, the fork server) is started: the
+    new process inherits the mask, so it can't die of a SIGTERM sent to every process of the job. A SIGTERM for this
+    process meanwhile stays pending and is delivered when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class _GroupKill:
     """``terminate()`` (how pebble stops a worker) is SIGKILL to the worker's process group: the worker and what its
     check started, at once (see the module docstring)."""
@@ -399,14 +414,14 @@ class _GroupKill:
 class _ForkServerProcess(_GroupKill, multiprocessing.context.ForkServerProcess):
     @staticmethod
     def _Popen(process_obj):
-        with _unreadable_main_path_hidden():
+        with _unreadable_main_path_hidden(), _sigterm_blocked():
             return multiprocessing.context.ForkServerProcess._Popen(process_obj)
 
 
 class _SpawnProcess(_GroupKill, multiprocessing.context.SpawnProcess):
     @staticmethod
     def _Popen(process_obj):
-        with _unreadable_main_path_hidden():
+        with _unreadable_main_path_hidden(), _sigterm_blocked():
             return multiprocessing.context.SpawnProcess._Popen(process_obj)
 
 
