@@ -69,3 +69,10 @@ def start_a_child_and_hang(seconds: str, then: str = "hang") -> float:
         os._exit(1)
     time.sleep(3600)
     return 0.0
+
+
+def busy_reward(completions: Sequence[str], answers: Sequence[str]) -> list[float]:
+    """A check that keeps its worker busy for about a second inside one C call (no Python signal handler runs
+    there): the chaos script's busy verifier pool (``scripts/chaos.py --ctrl-c``)."""
+    sum(range(3 * 10**7))
+    return [0.0] * len(completions)
