@@ -252,9 +252,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         except (RunStopped, SIGTERMException):
             exit_stopped(trainer, cfg, int(module.rl_step))
         except OSError as err:
-            if err.errno != errno.ENOSPC:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                print(f"error: the disk is full: {err}", file=sys.stderr)
+            elif err.errno == errno.ELOOP:  # a link put in place of a run's file (simko.atomic.append)
+                print(f"error: {err}", file=sys.stderr)
+            else:
                 raise
-            print(f"error: the disk is full: {err}", file=sys.stderr)
             raise SystemExit(1) from None
     if stop_signal() is not None:  # it came during the last RL step: the run is complete
         log.info("received %s after the last RL step: the run is complete", signal.Signals(stop_signal()).name)
