@@ -604,3 +604,26 @@ def test_a_chat_template_refused_by_the_sandbox_is_one_message(args, tmp_path):
     hf = ["model=hf", f"model.name_or_path={folder}", "data.use_chat_template=true"]
     proc = run("simko.train", *overrides, *hf, check=False)
     refused(proc, f"the chat template of the tokenizer {folder} failed (SecurityError", "data.use_chat_template=false")
+
+
+@pytest.mark.integration
+def test_a_verifier_that_breaks_its_contract_stops_the_run_with_one_message(args, tmp_path):
+    """A verifier returning fewer rewards than completions was padded with 0.0 and trained on; now the run stops
+    at that step with one message naming the verifier (exit 1)."""
+    (tmp_path / "short_verifier.py").write_text(
+        "from simko.rewards import Verifier\n"
+        "class Short(Verifier):\n"
+        "    name = 'short'\n"
+        "    def _score(self, completions, answers):\n"
+        "        return [1.0] * (len(completions) - 1)\n"
+    )
+    proc = run(
+        "simko.train",
+        *args("run", "rl_steps=2", "validate_first=false", "imports=[short_verifier]"),
+        "+module.verifiers.exact={_target_:short_verifier.Short}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "error: verifier 'short' returned 15 rewards for 16 completions" in proc.stderr, proc.stderr[-3000:]
+    assert "at RL step 1" in proc.stderr and "Traceback" not in proc.stderr

@@ -55,6 +55,7 @@ from simko.engines import check_engine  # noqa: E402
 from simko.logging_utils import log_run_outputs, log_run_start  # noqa: E402
 from simko.models.lora import load_model  # noqa: E402
 from simko.rewards import check_verifier_names  # noqa: E402
+from simko.rewards.base import VerifierError  # noqa: E402
 from simko.runs import (  # noqa: E402
     continued_run_step,
     resolve_ckpt_path,
@@ -251,6 +252,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         except (RunStopped, SIGTERMException):
             exit_stopped(trainer, cfg, int(module.rl_step))
+        except VerifierError as err:  # a verifier broke its contract (not one reward per completion): its bug
+            print(f"error: {err} (at RL step {int(module.rl_step) + 1})", file=sys.stderr)
+            raise SystemExit(1) from None
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 print(f"error: the disk is full: {err}", file=sys.stderr)
