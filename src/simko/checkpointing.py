@@ -9,6 +9,9 @@
   weights-only ``stepNNNNNN.ckpt`` snapshots, both named and scheduled in RL steps.
 - :class:`GracefulStop`: on SIGTERM (or SLURM's requeue signal; ``simko.runs.stopping_on_signals``) the run stops at
   the next RL step boundary, ``last.ckpt`` written for the last finished step; ``simko.train`` then exits non-zero.
+- On resume, :func:`check_fits` (the weights' names and shapes against the built model) and :func:`check_same_loss`
+  (the loss config :class:`RecordConfig` wrote into the checkpoint) turn another architecture or another loss into
+  one message at start.
 """
 
 from __future__ import annotations

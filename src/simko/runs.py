@@ -354,6 +354,7 @@ class RunDirGuard(Callback):
             return
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).expanduser().absolute()
         ckpt = OmegaConf.select(config, self.resume_key) if self.resume_key else None
+        _CONTINUED["step"] = None
         with _claiming(run_dir):
             plan = plan_run(run_dir, ckpt, _given(config, "hydra.run.dir"))
             self._claims.append(RunClaim(plan.run_dir, continue_run=plan.continue_run))
