@@ -78,20 +78,23 @@ def train_overrides(args, run_dir: Path) -> list[str]:
     ]
 
 
-def start(overrides: list[str], env_extra: dict[str, str], log_path: Path) -> subprocess.Popen:
+def start(overrides: list[str], env_extra: dict[str, str], log_path: Path, own_group: bool = False) -> subprocess.Popen:
+    """``python -m simko.train`` with stdout to the log and stderr piped; ``own_group``: in its own process group
+    (signalled as a whole, as a terminal or a scheduler does)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env.update(env_extra)
-    log = open(log_path, "a")
-    log.write(f"\n===== {' '.join(overrides)} {env_extra}\n")
-    log.flush()
-    return subprocess.Popen(
-        [sys.executable, "-m", "simko.train", *overrides],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    with open(log_path, "a") as log:
+        log.write(f"\n===== {' '.join(overrides)} {env_extra}\n")
+        log.flush()
+        return subprocess.Popen(
+            [sys.executable, "-m", "simko.train", *overrides],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=own_group,
+        )
 
 
 def descendants(pid: int) -> list[int]:
@@ -220,20 +223,8 @@ def ctrl_c_trial(args, run_dir: Path, rng: random.Random, log_path: Path) -> dic
         f"+module.verifiers.math={BUSY_VERIFIER}",
     ]
     nth = rng.randint(1, 3)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env.update(SIMKO_PAUSE_AT="verify", SIMKO_PAUSE_S="0")  # a marker on stderr before each verifier batch
-    with open(log_path, "a") as log:
-        log.write(f"\n===== ctrl-c {' '.join(overrides)}\n")
-        log.flush()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "simko.train", *overrides],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # its own process group: the Ctrl-C goes to it, not to this script
-        )
+    marker = {"SIMKO_PAUSE_AT": "verify", "SIMKO_PAUSE_S": "0"}  # a marker on stderr before each verifier batch
+    proc = start(overrides, marker, log_path, own_group=True)  # the Ctrl-C goes to its group, not to this script
     seen = 0
     tail: list[str] = []
     for line in proc.stderr:
@@ -288,20 +279,7 @@ def py_spy_dump(pid: int) -> str:
 def sigterm_attempt(args, run_dir: Path, rng: random.Random | None, log_path: Path) -> dict:
     """Start the run; after a random delay SIGTERM its process group (``rng`` None: let it finish); what happened."""
     before = committed_step(run_dir)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    overrides = [*train_overrides(args, run_dir), "ckpt_path=last"]
-    with open(log_path, "a") as log:
-        log.write(f"\n===== sigterm {' '.join(overrides)}\n")
-        log.flush()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "simko.train", *overrides],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # its own process group, signalled as a whole
-        )
+    proc = start([*train_overrides(args, run_dir), "ckpt_path=last"], {}, log_path, own_group=True)
     tail: list[str] = []
     drain = threading.Thread(target=lambda: tail.extend(proc.stderr), daemon=True)
     drain.start()
