@@ -278,7 +278,7 @@ def _on_stop_signal(signum: int, frame: Any) -> None:
 @contextmanager
 def stopping_on_signals(signals: Iterable[int]) -> Iterator[None]:
     """While inside: ``signals`` request a stop at the next RL step boundary instead of ending the process."""
-    signals = tuple(signals)
+    signals = tuple(signals) if threading.current_thread() is threading.main_thread() else ()  # else: can't
     _STOP.update(signal=None, signals=signals, previous={s: signal.getsignal(s) for s in signals})
     for signum in signals:
         signal.signal(signum, _on_stop_signal)
