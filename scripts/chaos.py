@@ -13,7 +13,8 @@
    random delay.
 3. SIGTERM (``<out>/sigterm``): the same, ``--sigterms`` times, with SIGTERM to the run's whole process group (as a
    scheduler preempting a job signals every process of it) after a random delay (start-up, validation, an RL step,
-   a checkpoint write: wherever it lands). Each stopped attempt must exit non-zero (143 once the run's handler is
+   a checkpoint write: wherever it lands), until ``--sigterms`` signals were sent or the run finished. Each stopped
+   attempt must exit non-zero (143 once the run's handler is
    installed, -15 before), with ``last.ckpt`` at the last finished step; an attempt whose run had already finished
    may exit 0. Then left to finish.
 4. Checks of both runs: the final weights (``last.ckpt``) and every weights-only snapshot are bitwise equal to the
@@ -398,7 +399,7 @@ def main() -> int:
     parser.add_argument("--random-min-s", type=float, default=8.0, help="random kills: earliest, after the start")
     parser.add_argument("--random-max-s", type=float, default=30.0)
     parser.add_argument("--sigterm-min-s", type=float, default=2.0, help="SIGTERM: earliest, after the start")
-    parser.add_argument("--sigterm-max-s", type=float, default=40.0)
+    parser.add_argument("--sigterm-max-s", type=float, default=20.0)
     parser.add_argument("--sigterm-deadline-s", type=float, default=300.0, help="a stop slower than this is stuck")
     parser.add_argument("--orphan-wait-s", type=float, default=3.0, help="wait before looking for orphaned workers")
     parser.add_argument("--points", nargs="*", default=POINTS, choices=POINTS, help="kill points, used in turn")
@@ -463,7 +464,7 @@ def main() -> int:
     if args.sigterms:
         t2 = time.perf_counter()
         attempts = []
-        for _ in range(args.sigterms):
+        while sum(1 for a in attempts if a["signalled"]) < args.sigterms and len(attempts) < 3 * args.sigterms:
             record = sigterm_attempt(args, preempted, rng, log_path)
             attempts.append(record)
             print(json.dumps(record), flush=True)

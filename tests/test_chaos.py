@@ -34,7 +34,6 @@ def test_killed_preempted_and_interrupted_runs(tmp_path):
         f"--cache-dir={REPO / 'logs' / 'cache'}",  # the default tiny model's warm start, as `make train` caches it
         "--last-every=3",
         "--snapshot-every=10",
-        "--sigterm-max-s=25",
         "--points",
         "verify",
         "checkpoint.written",
