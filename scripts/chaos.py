@@ -11,12 +11,11 @@
    verifier call, the killable process pool running) and a random moment: the trainer pauses at the chosen
    occurrence of that point (``SIMKO_PAUSE_AT``, ``simko.faults``) and is killed there; random kills come after a
    random delay.
-3. SIGTERM (``<out>/sigterm``): the same, ``--sigterms`` times, with SIGTERM to the run's whole process group (as a
-   scheduler preempting a job signals every process of it) after a random delay (start-up, validation, an RL step,
-   a checkpoint write: wherever it lands), until ``--sigterms`` signals were sent or the run finished. Each stopped
-   attempt must exit non-zero (143 once the run's handler is
-   installed, -15 before), with ``last.ckpt`` at the last finished step; an attempt whose run had already finished
-   may exit 0. Then left to finish.
+3. SIGTERM (``<out>/sigterm``): the same with SIGTERM to the run's whole process group (as a scheduler preempting a
+   job signals every process of it) after a random delay (start-up, validation, an RL step, a checkpoint write:
+   wherever it lands), until ``--sigterms`` signals were sent or the run finished. Each stopped attempt must exit
+   non-zero (143 once the run's handler is installed, -15 before), with ``last.ckpt`` at the last finished step;
+   an attempt whose run had already finished may exit 0. Then left to finish.
 4. Checks of both runs: the final weights (``last.ckpt``) and every weights-only snapshot are bitwise equal to the
    reference's; ``csv/metrics.csv`` has every RL step once and each value (all columns but ``time/*``) is the same
    text as the reference's; no temporary, pending, truncated or unreadable file is left; the verifier worker
