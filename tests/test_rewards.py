@@ -443,10 +443,11 @@ def sleep_then(seconds: float, value: int) -> int:
     return value
 
 
-def test_checks_survive_a_sigterm_to_every_process_of_the_job():
-    """A scheduler's preemption sends SIGTERM to every process of the job, and the trainer finishes its RL step
-    before it stops (GracefulStop): the verifier workers and the fork server must not die of it, or that step's
-    checks fail and its rewards (then checkpointed) are not the uninterrupted run's."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_checks_survive_a_sigterm_to_every_process_of_the_job(signum):
+    """A scheduler's preemption sends SIGTERM (SLURM's requeue: SIGUSR1) to every process of the job, and the trainer
+    finishes its RL step before it stops (GracefulStop): the verifier workers and the fork server must not die of it,
+    or that step's checks fail and its rewards (then checkpointed) are not the uninterrupted run's."""
     p = KillablePool(num_workers=2)
     try:
         assert p.map(operator.add, [(1, 2)], timeout_s=30.0)[0].value == 3
@@ -457,7 +458,7 @@ def test_checks_survive_a_sigterm_to_every_process_of_the_job():
         batch.start()
         time.sleep(0.5)
         for pid in [*p.pids, *server]:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signum)
         batch.join(60)
         assert [(r.status, r.value) for r in results] == [("ok", i) for i in range(6)]
         assert p.map(sleep_then, [(0.0, 7)], timeout_s=0.5)[0].value == 7

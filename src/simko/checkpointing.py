@@ -21,6 +21,7 @@ import pickle
 import re
 import signal
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,16 @@ class GracefulStop(Callback):
     starts, and ``simko.train`` prints how to continue and exits with 128 + the signal number. The checkpoint is the
     one a scheduled save would have written at that step, so the continued run equals the uninterrupted one.
     ``trainer.should_stop`` is not used: Lightning runs an extra validation when it is set.
+
+    Under DDP every process stops at the same step (:func:`stop_agreed`), and none leaves before global rank 0 has
+    committed ``last.ckpt`` and run ``report`` (its message, and under SLURM the requeue): a barrier in
+    :meth:`on_exception`. A launcher that ends every task once one exits non-zero (``srun --kill-on-bad-exit``,
+    torchrun) would otherwise end rank 0 before it renamed the checkpoint or requeued the job.
     """
+
+    def __init__(self, report: Callable[[Trainer], None] | None = None) -> None:
+        self.report = report
+        self.reported = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         runs.reclaim_stop_signals()  # Lightning installed its own handlers just before
@@ -90,6 +100,18 @@ class GracefulStop(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx) -> None:
         if stop_agreed(trainer):
             raise RunStopped(runs.stop_signal() or signal.SIGTERM, int(pl_module.rl_step))
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, RunStopped):
+            return
+        for callback in trainer.callbacks:  # whatever the callbacks' order: the checkpoint first, then the message
+            if isinstance(callback, RunCheckpoint):
+                callback.commit(trainer)
+        if trainer.is_global_zero and self.report is not None:
+            self.report(trainer)
+            self.reported = True
+        if trainer.world_size > 1:  # every rank raised RunStopped at the same step: all of them get here
+            trainer.strategy.barrier("simko_stop")
 
 
 def read_checkpoint(path: str | Path, mmap: bool = True) -> dict[str, Any]:
@@ -361,10 +383,10 @@ class RunCheckpoint(Callback):
             self._pending = self.pending_path
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx) -> None:
-        self._commit(trainer)  # the previous step is complete: its validation ran and its rows are logged
+        self.commit(trainer)  # the previous step is complete: its validation ran and its rows are logged
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._commit(trainer)
+        self.commit(trainer)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._validating = True
@@ -380,9 +402,9 @@ class RunCheckpoint(Callback):
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         if isinstance(exception, RunStopped) or (isinstance(exception, SIGTERMException) and not self._validating):
-            self._commit(trainer)
+            self.commit(trainer)
 
-    def _commit(self, trainer: Trainer) -> None:
+    def commit(self, trainer: Trainer) -> None:
         if self._pending is None:
             return
         self._pending = None

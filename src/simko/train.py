@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -97,7 +98,8 @@ def build(cfg: DictConfig, resume_step: int | None = None):
     set_run_length(cfg, module)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(RLStepLogging())  # every logger indexes by RL step; train/lr on the step's row
-    callbacks.append(GracefulStop())  # SIGTERM: stop at the next RL step boundary, with its checkpoint
+    # SIGTERM: stop at the next RL step boundary, with its checkpoint and the message that says how to continue
+    callbacks.append(GracefulStop(report=partial(report_stop, cfg=cfg)))
     callbacks.append(RecordConfig({"loss": OmegaConf.to_container(cfg.loss, resolve=True)}))  # checked on resume
     loggers = build_loggers(cfg, resume_step)
     trainer = instantiate(
@@ -190,24 +192,34 @@ def stop_signals(trainer) -> list[int]:
     return [signal.SIGTERM]
 
 
-def exit_stopped(trainer, cfg: DictConfig, rl_step: int) -> None:
-    """After a stop on a signal: say what was saved and how to continue (requeue under SLURM); exit 128 + signal."""
+def exit_stopped(trainer, cfg: DictConfig) -> None:
+    """After a stop on a signal: say what was saved and how to continue (requeue under SLURM), unless GracefulStop
+    did before the ranks' barrier; exit 128 + signal."""
+    signum = stop_signal() or signal.SIGTERM
+    stopper = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
+    if trainer.is_global_zero and not (stopper is not None and stopper.reported):
+        report_stop(trainer, cfg)
+    raise SystemExit(128 + signum)
+
+
+def report_stop(trainer, cfg: DictConfig) -> None:
+    """Global rank 0, after a stop on a signal: what was saved, the command that continues the run; under SLURM's
+    requeue signal, requeue the job."""
     signum = stop_signal() or signal.SIGTERM
     name = signal.Signals(signum).name
-    if trainer.is_global_zero:
-        run_dir = Path(cfg.paths.output_dir)
-        saver = next((c for c in trainer.callbacks if isinstance(c, RunCheckpoint)), None)
-        if saver is None:
-            saved = "this run writes no checkpoints (callbacks.model_checkpoint is off): it can't be continued"
-        elif saver.last_path.is_file():
-            step = checkpoint_step(read_checkpoint(saver.last_path))
-            saved = f"{saver.last_path} holds RL step {step}; continue the run with:\n  {resume_command(run_dir)}"
-        else:
-            saved = f"no RL step finished, so there is no checkpoint; start it again with:\n  {resume_command(run_dir)}"
-        print(f"error: stopped by {name} after RL step {rl_step} of {cfg.rl_steps}: {saved}", file=sys.stderr)
-        if signum != signal.SIGTERM:
-            requeue_slurm_job()
-    raise SystemExit(128 + signum)
+    rl_step = int(trainer.lightning_module.rl_step)
+    run_dir = Path(cfg.paths.output_dir)
+    saver = next((c for c in trainer.callbacks if isinstance(c, RunCheckpoint)), None)
+    if saver is None:
+        saved = "this run writes no checkpoints (callbacks.model_checkpoint is off): it can't be continued"
+    elif saver.last_path.is_file():
+        step = checkpoint_step(read_checkpoint(saver.last_path))
+        saved = f"{saver.last_path} holds RL step {step}; continue the run with:\n  {resume_command(run_dir)}"
+    else:
+        saved = f"no RL step finished, so there is no checkpoint; start it again with:\n  {resume_command(run_dir)}"
+    print(f"error: stopped by {name} after RL step {rl_step} of {cfg.rl_steps}: {saved}", file=sys.stderr)
+    if signum != signal.SIGTERM:
+        requeue_slurm_job()
 
 
 def requeue_slurm_job() -> None:
@@ -251,7 +263,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     raise RunStopped(stop_signal() or signal.SIGTERM, 0)
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         except (RunStopped, SIGTERMException):
-            exit_stopped(trainer, cfg, int(module.rl_step))
+            exit_stopped(trainer, cfg)
         except VerifierError as err:  # a verifier broke its contract (not one reward per completion): its bug
             print(f"error: {err} (at RL step {int(module.rl_step) + 1})", file=sys.stderr)
             raise SystemExit(1) from None

@@ -27,13 +27,13 @@ worker's main thread, so libraries that time themselves with ``signal.alarm`` wo
   after the other in its manager thread) is SIGKILL to the group here. pebble's SIGTERM handler is Python code,
   which cannot run while a task is inside a C loop: measured (6 tasks of ``sum(range(10**13))``, timeout 0.5 s,
   2 workers), 20.1 s with it, 2.1 s with an immediate kill.
-- Workers and the fork server are immune to SIGTERM (as pebble and multiprocessing make them to SIGINT): a
-  scheduler's preemption signals every process of the job, and the trainer finishes its RL step before it stops
-  (``simko.checkpointing.GracefulStop``); killed workers would fail that step's checks, whose rewards then go into
-  the checkpoint. They are started with SIGTERM blocked (a signal mask survives fork and exec, so the fork server
-  is immune from its first instruction, not once it has imported its preloads: a SIGTERM in between killed it), and
-  a worker then ignores SIGTERM (so do the processes its check starts). Workers still die with the trainer (the
-  parent-death signal, the fork server's pipe).
+- Workers and the fork server are immune to SIGTERM and to SIGUSR1, SLURM's requeue signal (as pebble and
+  multiprocessing make them to SIGINT): a scheduler's preemption signals every process of the job, and the trainer
+  finishes its RL step before it stops (``simko.checkpointing.GracefulStop``); killed workers would fail that
+  step's checks, whose rewards then go into the checkpoint. They are started with both blocked (a signal mask
+  survives fork and exec, so the fork server is immune from its first instruction, not once it has imported its
+  preloads: a SIGTERM in between killed it), and a worker then ignores them (so do the processes its check
+  starts). Workers still die with the trainer (the parent-death signal, the fork server's pipe).
 - Each call is pickled here and unpickled inside the task, so a call the worker cannot unpickle (a function in
   a ``__main__`` the worker cannot import) fails alone, as an error, instead of killing the worker between tasks.
 - A main program read from standard input (``python - <<EOF``) has ``__main__.__file__ == "<stdin>"``, which
@@ -268,17 +268,23 @@ def _result(future: Future) -> TaskResult:
     return TaskResult("error", message=f"{type(error).__name__}: {error}"[:500])
 
 
+# The signals a scheduler sends every process of a job to stop it (simko.runs.stopping_on_signals): SIGTERM, and
+# SLURM's requeue signal (SIGUSR1 by default; `sbatch --signal`, sent to every process of the job's steps).
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGUSR1})
+
+
 def _budget_result(budget_s: float | None) -> TaskResult:
     return TaskResult("timeout", message=f"not finished within the batch budget of {budget_s:g} s")
 
 
 def _start_worker(preload: Sequence[str], initializer: Callable[[], Any] | None) -> None:
-    """pebble's worker initializer: its own process group, SIGKILL when its parent dies, SIGTERM ignored (see the
-    module docstring); then warm up."""
+    """pebble's worker initializer: its own process group, SIGKILL when its parent dies, the stop signals ignored
+    (see the module docstring); then warm up."""
     os.setsid()
     _die_with_parent()
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a SIGTERM pending since the worker started is dropped here
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by _sigterm_blocked since its start
+    for signum in STOP_SIGNALS:  # one pending since the worker started is dropped here
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by _stop_signals_blocked since its start
     for module in preload:
         importlib.import_module(module)
     if initializer is not None:
@@ -390,11 +396,11 @@ def _unreadable_main_path_hidden() -> Iterator[None]:
 
 
 @contextmanager
-def _sigterm_blocked() -> Iterator[None]:
-    """SIGTERM blocked in the calling thread while a worker (and, the first time, the fork server) is started: the
-    new process inherits the mask, so it can't die of a SIGTERM sent to every process of the job. A SIGTERM for this
-    process meanwhile stays pending and is delivered when the block ends."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+def _stop_signals_blocked() -> Iterator[None]:
+    """:data:`STOP_SIGNALS` blocked in the calling thread while a worker (and, the first time, the fork server) is
+    started: the new process inherits the mask, so it can't die of a stop signal sent to every process of the job.
+    One for this process meanwhile stays pending and is delivered when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
@@ -414,14 +420,14 @@ class _GroupKill:
 class _ForkServerProcess(_GroupKill, multiprocessing.context.ForkServerProcess):
     @staticmethod
     def _Popen(process_obj):
-        with _unreadable_main_path_hidden(), _sigterm_blocked():
+        with _unreadable_main_path_hidden(), _stop_signals_blocked():
             return multiprocessing.context.ForkServerProcess._Popen(process_obj)
 
 
 class _SpawnProcess(_GroupKill, multiprocessing.context.SpawnProcess):
     @staticmethod
     def _Popen(process_obj):
-        with _unreadable_main_path_hidden(), _sigterm_blocked():
+        with _unreadable_main_path_hidden(), _stop_signals_blocked():
             return multiprocessing.context.SpawnProcess._Popen(process_obj)
 
 
