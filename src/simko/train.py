@@ -192,13 +192,16 @@ def stop_signals(trainer) -> list[int]:
     return [signal.SIGTERM]
 
 
-def exit_stopped(trainer, cfg: DictConfig) -> None:
+def exit_stopped(trainer, cfg: DictConfig, every_rank: bool = False) -> None:
     """After a stop on a signal: say what was saved and how to continue (requeue under SLURM), unless GracefulStop
-    did before the ranks' barrier; exit 128 + signal."""
+    did before the ranks' barrier; exit 128 + signal. ``every_rank``: all ranks stop here (they agreed), so none
+    leaves before rank 0 has reported (see GracefulStop)."""
     signum = stop_signal() or signal.SIGTERM
     stopper = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
     if trainer.is_global_zero and not (stopper is not None and stopper.reported):
         report_stop(trainer, cfg)
+    if every_rank and trainer.world_size > 1:
+        trainer.strategy.barrier("simko_stop")
     raise SystemExit(128 + signum)
 
 
@@ -259,8 +262,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 # the starting point of the val/* curves (step 0); the progress bar logs the result in one line
                 with loggers_kept_open(trainer):
                     trainer.validate(module, datamodule=datamodule, verbose=False)
-                if stop_agreed(trainer):
-                    raise RunStopped(stop_signal() or signal.SIGTERM, 0)
+                if stop_agreed(trainer):  # the same answer on every rank: all of them stop here
+                    exit_stopped(trainer, cfg, every_rank=True)
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         except (RunStopped, SIGTERMException):
             exit_stopped(trainer, cfg)
