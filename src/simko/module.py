@@ -255,7 +255,9 @@ class RLVRModule(LightningModule):
 
     def score(self, completions: list[str], answers: list[str], names: list[str]) -> list[float]:
         if self._verifier is not None:
-            return self._verifier(completions, answers, names)
+            from simko.rewards.base import checked_rewards
+
+            return checked_rewards(self._verifier(completions, answers, names), len(completions), "module.verifier")
         from simko.rewards import score_batch
 
         return score_batch(completions, answers, names, verifiers=self.verifiers)

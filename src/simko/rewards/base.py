@@ -9,6 +9,15 @@
 A subclass implements ``_score(completions, answers)`` (lists of equal, non-zero length) and, when its rule
 differs from the default (``extract_final_answer``), ``final_answer``. A failed check is never an exception in
 the trainer: it is a 0.0 reward and a counter, so one degenerate completion can't stop a run.
+
+What ``score`` makes of ``_score``'s result:
+
+- not one value per completion (a shorter or longer list, None, a number): :class:`VerifierError` naming the
+  verifier. That is a bug in the verifier, and padding or cutting the list would train on rewards of the wrong
+  completions, so the run stops.
+- a value that is not a reward (NaN, inf, a string, a list, or beyond ``MAX_ABS_REWARD``): 0.0 and one more
+  ``num_errors``, with a warning naming the verifier, as for a check that raised. ``None`` is 0.0 ("does not
+  apply"), not an error.
 """
 
 from __future__ import annotations
@@ -22,6 +31,14 @@ from simko.rewards.extract import extract_final_answer
 from simko.rewards.pool import TaskResult
 
 logger = logging.getLogger(__name__)
+
+# The largest |reward| taken. Rewards, advantages and the group statistics are float32: a reward of 1e39 is inf
+# there, and sums of squares of rewards near 1e19 overflow; 1e15 leaves room for a million rows.
+MAX_ABS_REWARD = 1e15
+
+
+class VerifierError(ValueError):
+    """A verifier returned something that is not one reward per completion; the message names the verifier."""
 
 
 class Verifier:
@@ -45,7 +62,15 @@ class Verifier:
             raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
         if not completions:
             return []
-        return self._score(completions, answers)
+        values = self._score(completions, answers)
+        check_reward_count(values, len(completions), self.name)
+        scores = []
+        for value in values:
+            try:
+                scores.append(to_reward(value))
+            except (TypeError, ValueError) as e:
+                scores.append(self._failed("error", f"bad reward value: {e}"))
+        return scores
 
     def __call__(self, completion: str, answer: str) -> float:
         return self.score([completion], [answer])[0]
@@ -107,10 +132,42 @@ def check_timeouts(timeout_s: float, batch_timeout_s: float | None) -> None:
 
 
 def to_reward(value: Any) -> float:
-    """A verifier's return value as a float reward: None counts as 0.0 (not applicable); NaN/inf are errors."""
+    """A verifier's return value as a float reward: None counts as 0.0 (not applicable); anything but a number
+    (a string too), NaN, inf and |value| > ``MAX_ABS_REWARD`` raise TypeError/ValueError."""
     if value is None:
         return 0.0
-    reward = float(value)
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"reward must be a number, got the {type(value).__name__} {value!r:.50}")
+    try:
+        reward = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"reward must be a number, got {type(value).__name__}: {value!r:.50}") from None
     if not math.isfinite(reward):
         raise ValueError(f"reward must be finite, got {value!r}")
+    if abs(reward) > MAX_ABS_REWARD:
+        raise ValueError(f"reward {reward:g} is beyond +-{MAX_ABS_REWARD:g}, where float32 statistics overflow")
     return reward
+
+
+def check_reward_count(values: Any, count: int, name: str) -> None:
+    """Raise :class:`VerifierError` unless ``values`` is a sequence of ``count`` rewards."""
+    try:
+        got = len(values)
+    except TypeError:
+        got = None
+    if got != count or isinstance(values, (str, bytes, dict)):
+        what = f"{got} rewards" if got is not None else f"a {type(values).__name__}"
+        raise VerifierError(
+            f"verifier {name!r} returned {what} for {count} completions: a verifier must return one reward per "
+            "completion, in order"
+        )
+
+
+def checked_rewards(values: Any, count: int, name: str) -> list[float]:
+    """``count`` rewards as floats, or :class:`VerifierError` naming the verifier (for scorers that are not a
+    :class:`Verifier`, whose bad values can't be counted as failed checks)."""
+    check_reward_count(values, count, name)
+    try:
+        return [to_reward(v) for v in values]
+    except (TypeError, ValueError) as e:
+        raise VerifierError(f"verifier {name!r} returned a bad reward value: {e}") from None

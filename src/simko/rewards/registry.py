@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from simko.rewards.base import Verifier
+from simko.rewards.base import Verifier, checked_rewards
 from simko.rewards.exact import ExactMatchVerifier
 from simko.rewards.function import FunctionVerifier
 from simko.rewards.math import MathVerifier
@@ -96,7 +96,7 @@ def score_batch(
     for name, items in groups.items():
         verifier = verifiers[name] if verifiers and name in verifiers else shared_verifier(name)
         group_scores = verifier.score([completions[i] for i in items], [answers[i] for i in items])
-        for i, score in zip(items, group_scores):
+        for i, score in zip(items, checked_rewards(group_scores, len(items), name), strict=True):
             scores[i] = score
     return scores
 
