@@ -21,7 +21,8 @@ runs are reused (a train run with ``checkpoints/last.ckpt``, an evaluation with 
 unfinished one is moved aside (``<dir>.incomplete-<time>``), never overwritten. Seeds are paired: two arms with the
 same seed share the warm start, the prompts and their order, and the sampling seeds. For each toy it writes
 ``<out>/<toy>/results.md`` (pass@k and cover@τ, mean over seeds with 95 % bootstrap intervals over seeds and
-problems, the paired differences to GRPO with paired-bootstrap intervals, diversity and concentration, the sweep),
+problems, the paired differences to GRPO with paired-bootstrap intervals, the problems that change hands against
+GRPO, diversity and concentration, the sweep),
 ``results.json`` and three figures: ``pass_at_k.png`` (pass@k with bands, the paired difference to GRPO, cover@τ,
 solution diversity), ``frontier.png`` (pass@1 against pass@k, seeds as points with intervals) and ``training.png``
 (reward and val pass@k, val distinct solutions and p(rank k) relative to GRPO, against the RL step);
@@ -463,6 +464,8 @@ def write_report(toy: Toy, state: dict, out: Path, seconds: float, runner: Runne
             "",
             *md_table(["model"] + [f"Δ {m}" for m in compare], rows),
         ]
+    if "grpo" in results:
+        lines += ["", *transitions_table(counts, n, "grpo")]
     diag = [*(DIVERSITY if paths else ()), "response_tokens", "p_rank1", "p_rank2", "p_rank3", "p_rank2_hi",
             "p_rank3_hi", "entropy_mean"]  # fmt: skip
     rows = [[name] + [f"{nanmean([_metric(s, m) for s in summaries]):.4g}" for m in diag]
@@ -541,6 +544,30 @@ def read_counts_by_seed(folder: Path, runs: dict[str, str], seeds) -> tuple[dict
     if len(ns) != 1:
         raise SystemExit(f"{folder}: the evaluations used different n ({sorted(ns)}); the report compares equal n")
     return counts, ns.pop()
+
+
+def transitions_table(counts: dict[str, list[np.ndarray]], n: int, baseline: str) -> list[str]:
+    """Problems newly solved / newly unsolved against the baseline at the same seed (``simko.metrics.transitions``),
+    mean over seeds, for pass@1 >= 0.5 and for c > 0 (a correct sample among the n)."""
+    from simko.metrics.transitions import transitions
+
+    rows = []
+    for name, seeds in counts.items():
+        if name == baseline:
+            continue
+        per_seed = [transitions(c, n, b, n, ks=[1]) for c, b in zip(seeds, counts[baseline])]
+        cells = []
+        for i in (0, 1):  # the pass@1 >= 0.5 row, the c > 0 row
+            gained = np.mean([rows_[i]["newly_solved"] for rows_ in per_seed])
+            lost = np.mean([rows_[i]["newly_unsolved"] for rows_ in per_seed])
+            cells.append(f"+{gained:.1f} / −{lost:.1f}")
+        rows.append([name, *cells])
+    return [
+        f"Problems that change hands against {baseline} at the same seed: newly solved / newly unsolved, mean over "
+        "seeds (`python -m simko.plot transitions` gives every k):",
+        "",
+        *md_table(["model", "pass@1 ≥ 0.5", "c > 0 (of n)"], rows),
+    ]
 
 
 def with_interval(stats: dict, key: str, name: str) -> str:

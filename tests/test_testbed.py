@@ -436,6 +436,7 @@ def test_reproduce_sweep_orchestration_and_report_with_a_fake_runner(tmp_path):
     low, high = payload["intervals"][tuned]["pass_at_k_ci95"]["1"]
     assert f"| {tuned} | 0.500 [{low:.3f}, {high:.3f}] |" in text and low < 0.5 < high  # over seeds and problems
     assert "| model | cover@0.1 | cover@0.3 |" in text  # the cover@tau table
+    assert f"| {tuned} | +6.0 / −0.0 | +0.0 / −0.0 |" in text  # transitions: c >= 2 of 4 on 6 problems, against 1
     paired = payload["paired_to_grpo"][tuned]["pass@1"]
     assert paired["mean"] == pytest.approx(0.25) and paired["wins"] == 3 and paired["low"] > 0 and paired["established"]
     assert f"| {tuned} | **+0.250 [{paired['low']:+.3f}, {paired['high']:+.3f}] (3/0)** |" in text  # paired Δ pass@1

@@ -466,12 +466,14 @@ def plot_frontier(points: dict[str, dict], ks: Sequence[int], out: Path, title: 
                 ax.errorbar(x, y, xerr=[[x - xlo], [xhi - x]], yerr=[[y - ylo], [yhi - y]], color=colors[label],
                             capsize=2, **style)  # fmt: skip
         ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":")  # pass@k >= pass@1: points lie above the diagonal
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
+        ax.set_xlim(-0.01, 1.01)  # a margin: points at 1 (pass@256 often is) stay whole
+        ax.set_ylim(-0.01, 1.01)
         ax.set_xlabel("pass@1")
         ax.set_ylabel(f"pass@{k}")
-        ax.set_title(f"pass@1 against pass@{k}" + (f": {title}" if title else ""), fontsize=9)
+        ax.set_title(f"pass@1 against pass@{k}", fontsize=9)
         ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
     styles = [
         Line2D([], [], color="gray", marker="o", ls="", label="seed (95 % CI over problems)"),
         Line2D([], [], color="gray", marker="D", mec="black", ls="", label="mean (95 % CI over seeds and problems)"),
