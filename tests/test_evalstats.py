@@ -219,6 +219,10 @@ def test_transitions_command_matches_problems_by_id_prints_and_writes_csv(tmp_pa
         run_transitions(other, base)
     with pytest.raises(FileNotFoundError, match="per_problem.csv"):
         read_counts(tmp_path)
+    with pytest.raises(SystemExit, match=r"^error: .*evaluated different problems"):  # the command: one line
+        plot.main(["transitions", f"run={other}", f"baseline={base}"])
+    with pytest.raises(SystemExit, match="usage"):
+        plot.main(["transitions", f"run={run}"])
 
 
 def test_frontier_has_seeds_as_points_with_intervals_and_means_over_seeds(tmp_path, capsys):

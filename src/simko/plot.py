@@ -522,6 +522,13 @@ USAGE = """usage:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except (FileNotFoundError, ValueError) as err:  # a missing folder, runs that do not match: one line, no traceback
+        raise SystemExit(f"error: {err}") from None
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     mode = argv.pop(0) if argv and argv[0] in ("frontier", "transitions") else None
     cfg = OmegaConf.from_cli(argv)
