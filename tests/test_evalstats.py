@@ -251,8 +251,19 @@ def test_frontier_has_seeds_as_points_with_intervals_and_means_over_seeds(tmp_pa
     assert out.stat().st_size > 5000 and f"wrote {out}" in capsys.readouterr().out
 
 
-def test_plot_runs_adds_a_cover_panel(tmp_path):
+def test_plot_runs_adds_a_cover_panel_and_a_single_evaluation_shows_its_interval(tmp_path):
+    import matplotlib.pyplot as plt
+
     rng = np.random.default_rng(8)
     runs = [_eval_folder(tmp_path / f"r{i}", _counts(rng, 30, 8), 8) for i in range(2)]
     out = plot.plot_runs([str(r) for r in runs], str(tmp_path / "p.png"), ["a", "b"])
     assert out.stat().st_size > 5000
+    summary = json.loads((runs[0] / "pass_at_k.json").read_text())
+    fig, ax = plt.subplots()
+    plot.plot_pass_at_k({"a": summary}, ax=ax)
+    (band,) = ax.collections  # the interval over problems, not a std over seeds (there is one seed)
+    low, high = band.get_paths()[0].vertices[:, 1].min(), band.get_paths()[0].vertices[:, 1].max()
+    assert low == pytest.approx(min(lo for lo, _ in summary["pass_at_k_ci95"].values()))
+    assert high == pytest.approx(max(hi for _, hi in summary["pass_at_k_ci95"].values()))
+    assert ax.get_legend_handles_labels()[1] == ["a (95 % CI)"]
+    plt.close(fig)

@@ -173,7 +173,8 @@ def plot_pass_at_k(
     groups: dict[str, list[dict] | dict], out: Path | None = None, ax=None, colors: dict[str, str] | None = None
 ) -> Path | None:
     """pass@k against k (log2 axis): mean ± std over each group's summaries (``pass_at_k.json`` contents; a single
-    summary is a group of one). Draws into ``ax``, or into a figure of its own saved to ``out``."""
+    summary is a group of one, drawn with its 95 % interval over problems where it has one). Draws into ``ax``, or
+    into a figure of its own saved to ``out``."""
     groups = {label: value if isinstance(value, list) else [value] for label, value in groups.items()}
     colors = colors or colors_for(list(groups))
     own = ax is None
@@ -183,7 +184,11 @@ def plot_pass_at_k(
         ks = [int(k) for k in summaries[0]["pass_at_k"]]
         rows = [[s["pass_at_k"][str(k)] for k in ks] for s in summaries]
         seeds = f" ({len(summaries)} seeds)" if len(summaries) > 1 else ""
-        band(ax, ks, rows, colors[label], label=f"{label}{seeds}", marker="o")
+        interval = summaries[0].get("pass_at_k_ci95") if len(summaries) == 1 else None
+        band(ax, ks, rows, colors[label], label=f"{label}{seeds}" + (" (95 % CI)" if interval else ""), marker="o")
+        if interval:  # one evaluation: its bootstrap interval over problems as the band
+            low, high = zip(*(interval[str(k)] for k in ks))
+            ax.fill_between(ks, low, high, color=colors[label], alpha=0.2, lw=0)
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1)
     ax.set_xlabel("k")
