@@ -21,6 +21,8 @@ two matrix products and 2000 resamples of 5 seeds x 1024 problems x 20 statistic
 Hand-rolled rather than ``scipy.stats.bootstrap``: scipy is not a dependency of the project, and its resampling
 is of one level (or of paired samples along one axis); it has no crossed seeds x problems scheme, and running it
 per statistic would redraw the problems for each statistic, so pass@1 and pass@256 would not share a resample.
+At a report's size (1024 problems x 20 statistics, 2000 resamples) this is 2.4x faster than scipy per statistic
+and 6.6x faster than scipy on resampled problem indices (``benchmarks/bootstrap.py``, docs/evaluation.md).
 """
 
 from __future__ import annotations
