@@ -22,11 +22,10 @@ unfinished one is moved aside (``<dir>.incomplete-<time>``), never overwritten. 
 same seed share the warm start, the prompts and their order, and the sampling seeds. For each toy it writes
 ``<out>/<toy>/results.md`` (pass@k and cover@τ, mean over seeds with 95 % bootstrap intervals over seeds and
 problems, the paired differences to GRPO with paired-bootstrap intervals, the problems that change hands against
-GRPO, diversity and concentration, the sweep),
-``results.json`` and three figures: ``pass_at_k.png`` (pass@k with bands, the paired difference to GRPO, cover@τ,
-solution diversity), ``frontier.png`` (pass@1 against pass@k, seeds as points with intervals) and ``training.png``
-(reward and val pass@k, val distinct solutions and p(rank k) relative to GRPO, against the RL step);
-``<out>/results.md`` joins both toys' tables.
+GRPO, diversity and concentration, the sweep), ``results.json`` and three figures: ``pass_at_k.png`` (pass@k and
+the paired difference to GRPO with the tables' intervals as bands, cover@τ, solution diversity), ``frontier.png``
+(pass@1 against pass@k, seeds as points with intervals) and ``training.png`` (reward and val pass@k, val distinct
+solutions and p(rank k) relative to GRPO, against the RL step); ``<out>/results.md`` joins both toys' tables.
 """
 
 from __future__ import annotations
@@ -515,7 +514,19 @@ def write_report(toy: Toy, state: dict, out: Path, seconds: float, runner: Runne
             diag_cols = [c for c in frame if c.startswith("diag/")]  # training.png: a 10-step rolling mean
             frame[diag_cols] = frame[diag_cols].rolling(SMOOTH_STEPS, min_periods=1).mean()
         logs[label[arm]] = frames
-    figures(results, logs, folder, paths)
+    ks_int = [int(k) for k in ks]  # the figure's bands: the intervals of the tables, at every k
+    bands = {name: intervals[name]["pass_at_k_ci95"] for name in results}
+    diff_bands = {}
+    if "grpo" in results:
+        from simko.metrics.uncertainty import interval_dict, paired_bootstrap, per_problem_pass_at_k
+
+        values = {name: np.stack([per_problem_pass_at_k(c, n, ks_int) for c in counts[name]]) for name in results}
+        diff_bands = {
+            name: interval_dict(ks, paired_bootstrap(values[name], values["grpo"], BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED))
+            for name in results
+            if name != "grpo"
+        }
+    figures(results, logs, folder, paths, bands, diff_bands)
     frontier_figure({name: [folder / "eval" / f"{run}_seed{s}" for s in toy.seeds] for name, run in runs_of.items()},
                     n, folder / "frontier.png", describe(results))  # fmt: skip
     return text
@@ -603,7 +614,14 @@ def frontier_figure(groups: dict[str, list[Path]], n: int, out: Path, title: str
     plot_frontier(frontier_points(groups, ks, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED), ks, out, title)
 
 
-def figures(results: dict[str, list[dict]], logs: dict, folder: Path, paths: bool = True) -> None:
+def figures(
+    results: dict[str, list[dict]],
+    logs: dict,
+    folder: Path,
+    paths: bool = True,
+    bands: dict | None = None,
+    diff_bands: dict | None = None,
+) -> None:
     import matplotlib.pyplot as plt
 
     from simko.plot import (
@@ -619,9 +637,9 @@ def figures(results: dict[str, list[dict]], logs: dict, folder: Path, paths: boo
     names = list(results)
     colors = colors_for(names)
     fig, axes = plt.subplots(1, 5 if paths else 3, figsize=(26 if paths else 16, 4.8))
-    plot_pass_at_k(results, ax=axes[0], colors=colors)
+    plot_pass_at_k(results, ax=axes[0], colors=colors, intervals=bands)
     if "grpo" in results:
-        plot_pass_at_k_difference(results, "grpo", axes[1], colors)
+        plot_pass_at_k_difference(results, "grpo", axes[1], colors, intervals=diff_bands)
     plot_cover(results, axes[2], colors)
     panels = (
         ((axes[3], "distinct_correct", "distinct correct solutions per problem"),

@@ -155,12 +155,16 @@ def _held_out(summary: dict) -> str | None:
 # --- drawing --------------------------------------------------------------------------------------------------
 
 
-def band(ax, x, rows, color, label=None, linestyle="-", marker=None, alpha=0.2, lw=1.5) -> None:
-    """Mean of ``rows`` (one row per seed) against ``x``, with a ± one standard deviation band (>= 2 seeds)."""
+def band(ax, x, rows, color, label=None, linestyle="-", marker=None, alpha=0.2, lw=1.5, interval=None) -> None:
+    """Mean of ``rows`` (one row per seed) against ``x``, with a ± one standard deviation band (>= 2 seeds), or
+    with ``interval`` (``[(low, high)]`` per x, e.g. a bootstrap interval) as the band where given."""
     values = np.asarray(rows, dtype=float).reshape(-1, len(x))
     mean = np.nanmean(values, axis=0)
     ax.plot(x, mean, color=color, label=label, linestyle=linestyle, marker=marker, markersize=3, lw=lw)
-    if values.shape[0] > 1:
+    if interval is not None:
+        low, high = np.asarray(interval, dtype=float).T
+        ax.fill_between(x, low, high, color=color, alpha=alpha, lw=0)
+    elif values.shape[0] > 1:
         std = np.nanstd(values, axis=0, ddof=1)
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=alpha, lw=0)
 
@@ -170,10 +174,15 @@ def colors_for(labels: Sequence[str]) -> dict[str, str]:
 
 
 def plot_pass_at_k(
-    groups: dict[str, list[dict] | dict], out: Path | None = None, ax=None, colors: dict[str, str] | None = None
+    groups: dict[str, list[dict] | dict],
+    out: Path | None = None,
+    ax=None,
+    colors: dict[str, str] | None = None,
+    intervals: dict[str, dict[str, list[float]]] | None = None,
 ) -> Path | None:
     """pass@k against k (log2 axis): mean ± std over each group's summaries (``pass_at_k.json`` contents; a single
-    summary is a group of one, drawn with its 95 % interval over problems where it has one). Draws into ``ax``, or
+    summary is a group of one, drawn with its 95 % interval over problems where it has one). ``intervals``
+    (``{label: {k: [low, high]}}``, e.g. over seeds and problems) replace a group's band. Draws into ``ax``, or
     into a figure of its own saved to ``out``."""
     groups = {label: value if isinstance(value, list) else [value] for label, value in groups.items()}
     colors = colors or colors_for(list(groups))
@@ -184,17 +193,16 @@ def plot_pass_at_k(
         ks = [int(k) for k in summaries[0]["pass_at_k"]]
         rows = [[s["pass_at_k"][str(k)] for k in ks] for s in summaries]
         seeds = f" ({len(summaries)} seeds)" if len(summaries) > 1 else ""
-        interval = summaries[0].get("pass_at_k_ci95") if len(summaries) == 1 else None
-        band(ax, ks, rows, colors[label], label=f"{label}{seeds}" + (" (95 % CI)" if interval else ""), marker="o")
-        if interval:  # one evaluation: its bootstrap interval over problems as the band
-            low, high = zip(*(interval[str(k)] for k in ks))
-            ax.fill_between(ks, low, high, color=colors[label], alpha=0.2, lw=0)
+        interval = (intervals or {}).get(label) or (summaries[0].get("pass_at_k_ci95") if len(summaries) == 1 else None)
+        interval = [interval[str(k)] for k in ks] if interval else None  # the 95 % interval as the band
+        name = f"{label}{seeds}" + (" (95 % CI)" if interval else "")
+        band(ax, ks, rows, colors[label], label=name, marker="o", interval=interval)
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1)
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k (unbiased)")
     everything = [s for summaries in groups.values() for s in summaries]
-    ax.set_title("pass@k: " + describe_eval(everything), fontsize=9)
+    ax.set_title(("pass@k, bands 95 % CI: " if intervals else "pass@k: ") + describe_eval(everything), fontsize=9)
     ax.grid(alpha=0.3)
     if not own:
         return None
@@ -206,9 +214,14 @@ def plot_pass_at_k(
 
 
 def plot_pass_at_k_difference(
-    groups: dict[str, list[dict]], baseline: str, ax, colors: dict[str, str] | None = None
+    groups: dict[str, list[dict]],
+    baseline: str,
+    ax,
+    colors: dict[str, str] | None = None,
+    intervals: dict[str, dict[str, list[float]]] | None = None,
 ) -> None:
-    """pass@k minus the baseline's, paired by position (seed i with seed i): mean ± std of the differences."""
+    """pass@k minus the baseline's, paired by position (seed i with seed i): mean ± std of the differences, or
+    with ``intervals`` (``{label: {k: [low, high]}}``, the paired bootstrap's) as the bands."""
     colors = colors or colors_for(list(groups))
     base = groups[baseline]
     ks = [int(k) for k in base[0]["pass_at_k"]]
@@ -217,12 +230,14 @@ def plot_pass_at_k_difference(
             continue
         pairs = list(zip(summaries, base))
         rows = [[s["pass_at_k"][str(k)] - b["pass_at_k"][str(k)] for k in ks] for s, b in pairs]
-        band(ax, ks, rows, colors[label], label=label, marker="o")
+        interval = [intervals[label][str(k)] for k in ks] if intervals and label in intervals else None
+        band(ax, ks, rows, colors[label], label=label, marker="o", interval=interval)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k")
     ax.set_ylabel(f"pass@k − {baseline} (paired by seed)")
-    ax.set_title(f"difference to {baseline}, mean ± std over seeds", fontsize=9)
+    spread = "95 % paired-bootstrap interval" if intervals else "mean ± std over seeds"
+    ax.set_title(f"difference to {baseline}, {spread}", fontsize=9)
     ax.grid(alpha=0.3)
 
 
