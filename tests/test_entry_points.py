@@ -202,6 +202,11 @@ def test_eval_writes_table_csv_and_plot(train_args, tmp_path, cache_dir):
     assert all(0 <= v <= 1 for v in values) and values == sorted(values)
     per_problem = pd.read_csv(out / "per_problem.csv")
     assert len(per_problem) == 8 and (per_problem["n"] == 8).all()
+    # 95 % intervals over the problems and cover@tau, from the same counts as per_problem.csv
+    assert all(lo <= summary["pass_at_k"][k] <= hi for k, (lo, hi) in summary["pass_at_k_ci95"].items())
+    assert list(summary["cover_at_tau"]) == ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9", "1"]
+    assert summary["cover_at_tau"]["0.5"] == (per_problem["c"] >= 4).mean()
+    assert summary["bootstrap"]["resamples"] == 1000 and summary["bootstrap"]["seeds"] == 1
     assert per_problem["prompt"].str.endswith("=").all() and "sample_completion" in per_problem
     assert (out / "pass_at_k.png").stat().st_size > 1000
     assert "p_rank1" in summary["diagnostics"]
@@ -244,10 +249,11 @@ def test_reproduce_script_smoke(cache_dir, tmp_path):
     assert "Arithmetic toy" in table and "Multi-path testbed" in table
     for toy in ("arithmetic", "testbed"):
         table = (out / toy / "results.md").read_text()
-        assert "| base |" in table and "| grpo |" in table and "±" in table
+        assert "| base |" in table and "| grpo |" in table and "95 % interval" in table and "cover@0.5" in table
         results = json.loads((out / toy / "results.json").read_text())["results"]
         assert len(results["base"]) == len(results["grpo"]) == 2
         assert all(0.0 <= s["pass_at_k"]["1"] <= s["pass_at_k"]["4"] <= 1.0 for s in results["grpo"])
+        assert (out / toy / "frontier.png").stat().st_size > 0
         assert all("distinct_correct" in s["diversity"] for s in results["grpo"])
         assert (out / toy / "pass_at_k.png").stat().st_size > 0 and (out / toy / "training.png").stat().st_size > 0
     testbed = json.loads((out / "testbed" / "results.json").read_text())["results"]
