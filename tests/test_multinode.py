@@ -9,8 +9,10 @@ nodes share this machine's filesystem, as cluster nodes share one: the run folde
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 import torch
 
@@ -183,19 +186,29 @@ def test_two_nodes_by_torchrun_equal_one_node(args, one_node, tmp_path, rendezvo
 
 
 FAKE_SRUN = """#!/usr/bin/env bash
-# srun's stand-in: every task of the job on this machine, with the variables srun gives a task.
-while [[ $1 == -* ]]; do shift; done
+# srun's stand-in: every task of the job on this machine, with the variables srun gives a task. As srun's
+# --kill-on-bad-exit=1: once a task exits non-zero, the other tasks are killed.
+kill_on_bad_exit=0
+while [[ $1 == -* ]]; do [[ $1 == --kill-on-bad-exit=1 ]] && kill_on_bad_exit=1; shift; done
 export SLURM_NTASKS=$((SLURM_NNODES * SLURM_NTASKS_PER_NODE)) SLURM_STEP_ID=0 SLURM_NODELIST=$SLURM_JOB_NODELIST
 pids=()
 for ((node = 0; node < SLURM_NNODES; node++)); do
   for ((task = 0; task < SLURM_NTASKS_PER_NODE; task++)); do
-    SLURM_NODEID=$node SLURM_LOCALID=$task SLURM_PROCID=$((node * SLURM_NTASKS_PER_NODE + task)) "$@" \\
-      > "$SRUN_LOG_DIR/task$((node * SLURM_NTASKS_PER_NODE + task)).log" 2>&1 &
+    rank=$((node * SLURM_NTASKS_PER_NODE + task))
+    SLURM_NODEID=$node SLURM_LOCALID=$task SLURM_PROCID=$rank "$@" > "$SRUN_LOG_DIR/task$rank.log" 2>&1 &
     pids+=($!)
+    echo $! > "$SRUN_LOG_DIR/task$rank.pid"
   done
 done
 rc=0
-for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+for _ in "${pids[@]}"; do
+  wait -n
+  status=$?
+  if ((status != 0)); then
+    ((rc == 0)) && rc=$status
+    ((kill_on_bad_exit)) && kill -KILL "${pids[@]}" 2>/dev/null
+  fi
+done
 exit $rc
 """
 
@@ -233,6 +246,48 @@ def test_sbatch_script_under_srun_equals_one_node(args, one_node, tmp_path):
     assert "2 node(s) x 1 task(s)" in proc.stdout
     assert_same_run(run_dir, one_node)
     assert_written_by_rank_zero(run_dir, tmp_path / "task0.log")
+
+
+def test_sbatch_requeue_signal_to_every_process_saves_and_requeues_before_any_task_exits(args, tmp_path):
+    """SLURM's requeue signal (``--signal=SIGUSR1@90``) reaches every process of every task (the verifier workers
+    too) inside RL step 1 of 2: both tasks finish that step, global rank 0 writes last.ckpt for it, prints how to
+    continue and requeues the job (``scontrol requeue``, a stand-in), and only then does any task exit (138). srun's
+    --kill-on-bad-exit ends every task once one exits non-zero, so rank 1 leaving first (rank 0's commit is made
+    slow here: a 3 s pause before the rename) killed rank 0 before it renamed the checkpoint or requeued the job."""
+    run_dir = tmp_path / "run"
+    job_id = str(20000 + free_port() % 10000)
+    job = slurm_job(tmp_path, job_id)
+    calls = tmp_path / "scontrol.calls"
+    (tmp_path / "bin" / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    job.update(SIMKO_PAUSE_AT="verify@1,checkpoint.commit", SIMKO_PAUSE_S="3")
+    exact = "{_target_:simko.rewards.ExactMatchVerifier}"
+    paused = f"+module.verifiers.exact={{_target_:simko.faults.PauseVerifier,verifier:{exact}}}"
+    overrides = args(run_dir, "trainer.accelerator=cpu", "trainer.precision=32-true", paused)
+    with open(tmp_path / "srun.log", "w") as out:
+        srun = subprocess.Popen(["bash", "scripts/slurm/train.sbatch", *overrides], cwd=REPO, env=job, stdout=out,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    logs = [tmp_path / f"task{rank}.log" for rank in (0, 1)]
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not all(log.is_file() and "SIMKO-PAUSE verify 1" in log.read_text() for log in logs):
+            assert srun.poll() is None and time.monotonic() < deadline, "the tasks never reached RL step 1's checks"
+            time.sleep(0.2)
+        for rank in (0, 1):  # as SLURM's process tracking does: every process of the task
+            task = psutil.Process(int((tmp_path / f"task{rank}.pid").read_text()))
+            for proc in [task, *task.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(signal.SIGUSR1)
+        srun.wait(timeout=TIMEOUT)
+    finally:
+        srun.kill()
+    shown = "\n".join(f"--- {log.name}:\n{log.read_text()[-3000:]}" for log in logs if log.is_file())
+    assert srun.returncode == 128 + signal.SIGUSR1, shown
+    assert calls.read_text().split() == ["requeue", job_id], shown
+    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["rl_step"] == 1, shown
+    printed = logs[0].read_text()
+    assert "stopped by SIGUSR1 after RL step 1 of 2" in printed and f"requeued SLURM job {job_id}" in printed
+    assert "stopped by" not in logs[1].read_text()  # one message, from global rank 0
 
 
 def test_sbatch_script_dry_run_prints_the_srun_command(tmp_path):

@@ -38,6 +38,7 @@ from simko.losses import PolicyLoss, TokenStats
 from simko.metrics import default_ks
 from simko.models import lora
 from simko.rewards import failure_counts, score_batch
+from simko.rewards.base import checked_scores
 from simko.rollout import Rollouts, eos_ids
 from simko.sampling_filters import (
     SUMMED_METRICS,
@@ -258,7 +259,7 @@ class RLVRModule(LightningModule):
     def score(self, completions: list[str], answers: list[str], names: list[str]) -> list[float]:
         """The verifiers' scores of ``completions`` (or those of the ``verifier`` given to the constructor)."""
         if self._verifier is not None:
-            return self._verifier(completions, answers, names)
+            return checked_scores(self._verifier(completions, answers, names), len(completions), "module.verifier")
         return score_batch(completions, answers, names, verifiers=self.verifiers)
 
     def verifier_failures(self) -> dict[str, float]:
