@@ -482,7 +482,9 @@ def test_a_pool_starts_while_every_process_gets_sigterm(tmp_path):
         "    except Exception as e:\n"
         "        out.append(repr(e))\n"
         "if __name__ == '__main__':\n"
-        "    p, out = KillablePool(num_workers=2), []\n"
+        # torch as a preload: a fork server that takes seconds to start (importing simko.rewards is fast, it
+        # imports no torch), so the signals reach it, its resource tracker and the workers while the pool starts
+        "    p, out = KillablePool(num_workers=2, preload=('torch',)), []\n"
         "    worker = threading.Thread(target=work, args=(p, out))\n"
         "    worker.start()\n"
         "    sent = set()\n"
