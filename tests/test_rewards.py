@@ -167,6 +167,7 @@ KK_GOLD_ONE = '{"roles": {"Emma": "knight"}}'
 @pytest.mark.parametrize("name", list(ADVERSARIAL))
 def test_adversarial_completions_are_scored_in_linear_time(name):
     text = ADVERSARIAL[name]
+    VERIFIERS.names()  # the registry's one package scan (it imports torch once) is no check's time
     checks = [
         lambda: extract_boxed(text),
         lambda: has_box_command(text),
