@@ -11,8 +11,8 @@ so GRPO builds its token statistics with ``top_k=0`` and SimKO with ``top_k=3``:
 per-response entropy quantile and the smoothed ratio are the whole extra cost of SimKO. No optimizer step is
 taken (it would be the same work for both losses). ``old_logprobs`` are the current detached log-probs.
 
-The rollout batch is generated once per model and reused by every step, with fixed seeded rewards (every group
-mixed, so no advantage is zero): both losses see identical inputs.
+The rollout batch is generated once per model and reused by every step, with fixed seeded verifier scores (every
+group mixed, so no advantage is zero): both losses see identical inputs.
 
 * Time: steps of the two losses alternate in ONE process (grpo, simko, simko, grpo, ...: the order flips every
   pair), so a slow-down of the machine hits both; reported are the median step time of each loss, the ratio of
@@ -57,10 +57,12 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from simko.data import ArithmeticSource, render_prompt  # noqa: E402
 from simko.data.sources import gsm8k_final_answer  # noqa: E402
-from simko.forward import position_ids_from_mask, rollout_token_stats  # noqa: E402
+from simko.engines.hf import generate_rollouts  # noqa: E402
+from simko.forward import rollout_token_stats  # noqa: E402
+from simko.kv_cache import position_ids_from_mask  # noqa: E402
 from simko.losses import build_loss  # noqa: E402
-from simko.rollout import Rollouts, generate_rollouts  # noqa: E402
-from simko.update import accumulate_gradients  # noqa: E402
+from simko.rollout import Rollouts  # noqa: E402
+from simko.update import UpdateHooks, UpdateSchedule, accumulate_gradients  # noqa: E402
 
 LOSSES = ("grpo", "simko")
 MIB = 2**20
@@ -110,7 +112,7 @@ def gsm8k_examples(n: int) -> tuple[list[dict[str, str]], str]:
 
 
 def build_batch(name: str, args) -> tuple[torch.nn.Module, Rollouts, torch.Tensor, dict]:
-    """(model in train mode, fixed rollouts, fixed rewards [N], description) of one benchmark model."""
+    """(model in train mode, fixed rollouts, fixed verifier scores [N], description) of one benchmark model."""
     from simko.models import load_smollm2, load_tiny
 
     if name == "tiny":
@@ -132,7 +134,7 @@ def build_batch(name: str, args) -> tuple[torch.nn.Module, Rollouts, torch.Tenso
     )
     gen_s = time.perf_counter() - t0
     model.train()  # as during the update (dropout is 0 in both models)
-    rewards = mixed_rewards(prompts_n, G, args.seed)
+    scores = mixed_scores(prompts_n, G, args.seed)
     lengths = rollouts.response_mask.sum(1)
     info = {
         "model": name,
@@ -148,41 +150,38 @@ def build_batch(name: str, args) -> tuple[torch.nn.Module, Rollouts, torch.Tenso
         "response_tokens_mean": round(float(lengths.float().mean()), 1),
         "response_tokens_total": int(lengths.sum()),
         "truncated_rows": int((lengths == new_tokens).sum()),
-        "reward_mean": round(float(rewards.mean()), 3),
+        "score_mean": round(float(scores.mean()), 3),
         "generate_s": round(gen_s, 2),
     }
-    return model, rollouts, rewards, info
+    return model, rollouts, scores, info
 
 
-def mixed_rewards(num_prompts: int, group_size: int, seed: int) -> torch.Tensor:
-    """{0, 1} rewards [P * G], seeded; every group has between 1 and G - 1 correct responses."""
+def mixed_scores(num_prompts: int, group_size: int, seed: int) -> torch.Tensor:
+    """{0, 1} verifier scores [P * G], seeded; every group has between 1 and G - 1 correct responses."""
     gen = torch.Generator().manual_seed(seed + 1)
-    rewards = torch.zeros(num_prompts, group_size)
+    scores = torch.zeros(num_prompts, group_size)
     for p in range(num_prompts):
         n_correct = int(torch.randint(1, group_size, (1,), generator=gen))
-        rewards[p, torch.randperm(group_size, generator=gen)[:n_correct]] = 1.0
-    return rewards.reshape(-1)
+        scores[p, torch.randperm(group_size, generator=gen)[:n_correct]] = 1.0
+    return scores.reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------- one step
 def update_step(
-    model, rollouts: Rollouts, rewards: torch.Tensor, loss_fn, micro_batch_size: int, chunk_size: int
+    model, rollouts: Rollouts, scores: torch.Tensor, loss_fn, micro_batch_size: int, chunk_size: int
 ) -> float:
     """One update of RLVRModule.training_step (1 PPO epoch, 1 mini-batch, diagnostics off), no optimizer step;
     returns the mini-batch loss."""
     G = rollouts.group_size
     model.zero_grad(set_to_none=True)
-    advantages = loss_fn.compute_advantages(rewards.view(-1, G)).reshape(-1)
+    advantages = loss_fn.compute_advantages(scores.view(-1, G)).reshape(-1)
     metrics: dict[str, float] = defaultdict(float)
+    hooks = UpdateHooks(
+        lambda rows, top_k: rollout_token_stats(model, rows, top_k=top_k, temperature=1.0, chunk_size=chunk_size)
+    )
+    schedule = UpdateSchedule(micro_batch_size=micro_batch_size)
     accumulate_gradients(
-        loss_fn,
-        rollouts,
-        torch.arange(rollouts.num_rows),
-        lambda rows, top_k: rollout_token_stats(model, rows, top_k=top_k, temperature=1.0, chunk_size=chunk_size),
-        advantages,
-        rewards,
-        micro_batch_size,
-        metrics,
+        loss_fn, rollouts, scores, advantages, torch.arange(rollouts.num_rows), hooks, schedule, metrics
     )
     return metrics["loss"]
 
@@ -198,14 +197,14 @@ def no_gc():
         gc.enable()
 
 
-def timed_step(model, rollouts, rewards, loss_fn, args) -> float:
+def timed_step(model, rollouts, scores, loss_fn, args) -> float:
     with no_gc():
         t0 = time.perf_counter()
-        update_step(model, rollouts, rewards, loss_fn, args.micro_batch_size, args.chunk_size)
+        update_step(model, rollouts, scores, loss_fn, args.micro_batch_size, args.chunk_size)
         return time.perf_counter() - t0
 
 
-def peak_allocated_bytes(model, rollouts, rewards, loss_fn, args) -> tuple[int, str]:
+def peak_allocated_bytes(model, rollouts, scores, loss_fn, args) -> tuple[int, str]:
     """Peak of allocated CPU tensor bytes during one step above the state before it (no gradients yet), and the
     innermost op running at that moment.
 
@@ -214,7 +213,7 @@ def peak_allocated_bytes(model, rollouts, rewards, loss_fn, args) -> tuple[int, 
     """
     model.zero_grad(set_to_none=True)
     with no_gc(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        update_step(model, rollouts, rewards, loss_fn, args.micro_batch_size, args.chunk_size)
+        update_step(model, rollouts, scores, loss_fn, args.micro_batch_size, args.chunk_size)
     events = list(prof.profiler.kineto_results.events())
     memory = sorted(
         (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
@@ -233,14 +232,14 @@ def peak_allocated_bytes(model, rollouts, rewards, loss_fn, args) -> tuple[int, 
     return peak, where
 
 
-def print_profile(model, rollouts, rewards, loss_fn, args) -> None:
+def print_profile(model, rollouts, scores, loss_fn, args) -> None:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        update_step(model, rollouts, rewards, loss_fn, args.micro_batch_size, args.chunk_size)
+        update_step(model, rollouts, scores, loss_fn, args.micro_batch_size, args.chunk_size)
     print(f"\n### {loss_fn.name}: top ops by self CPU time (one step)\n")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
 
 
-def head_only_times(model, rollouts, rewards, losses, args) -> dict:
+def head_only_times(model, rollouts, scores, losses, args) -> dict:
     """Time the part of the step that differs between the losses, alone: TokenStats from the (detached) last
     hidden states of the first micro-batch + loss + backward through the LM head, alternating, ``--head-repeats``
     times each. Its GRPO -> SimKO difference is SimKO's whole extra cost, measured with far less noise than the
@@ -277,8 +276,8 @@ def head_only_times(model, rollouts, rewards, losses, args) -> dict:
                 temperature=1.0,
                 chunk_size=args.chunk_size,
             )
-            adv = loss_fn.compute_advantages(rewards[:n_rows].view(-1, G)).reshape(-1)
-            out = loss_fn(stats, old_logprobs=stats.logprobs.detach(), advantages=adv, rewards=rewards[:n_rows])
+            adv = loss_fn.compute_advantages(scores[:n_rows].view(-1, G)).reshape(-1)
+            out = loss_fn(stats, old_logprobs=stats.logprobs.detach(), advantages=adv, scores=scores[:n_rows])
             out.loss.backward()
             return time.perf_counter() - t0
 
@@ -300,37 +299,37 @@ def head_only_times(model, rollouts, rewards, losses, args) -> dict:
 
 # ---------------------------------------------------------------------------------------------- run
 def bench_model(name: str, args) -> dict:
-    model, rollouts, rewards, info = build_batch(name, args)
+    model, rollouts, scores, info = build_batch(name, args)
     losses = {n: build_loss(n) for n in LOSSES}  # configs/loss/{grpo,simko}.yaml defaults
     log(f"[{name}] {info}")
 
     if args.profile:
         for n in LOSSES:
-            update_step(model, rollouts, rewards, losses[n], args.micro_batch_size, args.chunk_size)
-            print_profile(model, rollouts, rewards, losses[n], args)
+            update_step(model, rollouts, scores, losses[n], args.micro_batch_size, args.chunk_size)
+            print_profile(model, rollouts, scores, losses[n], args)
 
     # Memory first: these profiled steps also warm the process up (first-touch allocations, lazy init).
     peaks: dict[str, list[int]] = {n: [] for n in LOSSES}
     peak_at: dict[str, str] = {}
     for _ in range(args.memory_repeats):
         for n in LOSSES:
-            nbytes, peak_at[n] = peak_allocated_bytes(model, rollouts, rewards, losses[n], args)
+            nbytes, peak_at[n] = peak_allocated_bytes(model, rollouts, scores, losses[n], args)
             peaks[n].append(nbytes)
     log(f"[{name}] peak allocated MiB: " + ", ".join(f"{n} {max(peaks[n]) / MIB:.1f}" for n in LOSSES))
 
     for _ in range(args.warmup):
         for n in LOSSES:
-            timed_step(model, rollouts, rewards, losses[n], args)
+            timed_step(model, rollouts, scores, losses[n], args)
 
     repeats = args.smollm2_repeats if name == "smollm2" and args.smollm2_repeats is not None else args.repeats
     times: dict[str, list[float]] = {n: [] for n in LOSSES}
     for r in range(repeats):
         order = LOSSES if r % 2 == 0 else LOSSES[::-1]
         for n in order:
-            times[n].append(timed_step(model, rollouts, rewards, losses[n], args))
+            times[n].append(timed_step(model, rollouts, scores, losses[n], args))
         log(f"[{name}] repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in LOSSES))
 
-    head = head_only_times(model, rollouts, rewards, losses, args) if args.head_repeats else None
+    head = head_only_times(model, rollouts, scores, losses, args) if args.head_repeats else None
 
     timed = repeats > 0  # --repeats 0: memory only
     median = {n: statistics.median(times[n]) if timed else None for n in LOSSES}
@@ -422,7 +421,7 @@ def parse_args(argv=None):
     p.add_argument("--smollm2-prompts", type=int, default=4)
     p.add_argument("--smollm2-group-size", type=int, default=4)
     p.add_argument("--cache-dir", default="logs/cache", help="model cache (load_tiny / load_smollm2)")
-    p.add_argument("--seed", type=int, default=0, help="rollout sampling and reward seed")
+    p.add_argument("--seed", type=int, default=0, help="rollout sampling and score seed")
     p.add_argument("--profile", action="store_true", help="also print a per-op profile of one step per loss")
     p.add_argument("--profile-rows", type=int, default=25)
     p.add_argument("--out", default="logs/benchmarks/loss_step.json")

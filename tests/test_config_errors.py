@@ -9,7 +9,8 @@ import pytest
 from hydra.errors import MissingConfigException
 
 from helpers import UNTRAINED_TINY
-from simko.train import CONFIG_ERRORS, build
+from simko.checks import CONFIG_ERRORS
+from simko.train import build
 
 
 @pytest.mark.parametrize(

@@ -182,8 +182,8 @@ def test_is_weights_shape_is_checked():
 
 # ------------------------------------------------------------------------------------- in the update (simko.update)
 def _rollouts_with_sampler(model, tok, offset_seed=0):
+    from simko.engines.hf import generate_rollouts
     from simko.forward import rollout_token_stats
-    from simko.rollout import generate_rollouts
 
     r = generate_rollouts(model, tok, ["12+3=", "5+5=", "71+40="], group_size=4, max_new_tokens=6, seed=2)
     with torch.no_grad():
@@ -204,13 +204,13 @@ def test_update_logs_the_mismatch_and_applies_the_correction(mode, ppo_epochs):
     from helpers import digit_tokenizer, random_qwen2
     from simko.forward import rollout_token_stats
     from simko.losses import build_loss
-    from simko.update import update_policy
+    from simko.update import UpdateHooks, UpdateSchedule, update_policy
 
     tok, model = digit_tokenizer(), random_qwen2(seed=5)
     r, lp = _rollouts_with_sampler(model, tok)
-    rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1])
+    scores = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1])
     loss_fn = build_loss("grpo")
-    adv = loss_fn.compute_advantages(rewards.view(-1, 4)).reshape(-1)
+    adv = loss_fn.compute_advantages(scores.view(-1, 4)).reshape(-1)
     correction = RolloutCorrection(mode=mode, cap=1.2)
     reference = copy.deepcopy(model)
     grads = []
@@ -219,19 +219,13 @@ def test_update_logs_the_mismatch_and_applies_the_correction(mode, ppo_epochs):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         return 0.0  # no optimizer step: every update sees the sampling policy
 
-    metrics, _ = update_policy(
-        loss_fn,
-        r,
-        rewards,
-        adv,
+    hooks = UpdateHooks(
         lambda rows, top_k: rollout_token_stats(model, rows, top_k, 1.0),
-        step,
-        lambda: model.zero_grad(set_to_none=True),
-        torch.Generator().manual_seed(7),
-        ppo_epochs=ppo_epochs,
-        micro_batch_size=5,
-        correction=correction,
+        optimizer_step=step,
+        zero_grad=lambda: model.zero_grad(set_to_none=True),
     )
+    schedule = UpdateSchedule(ppo_epochs=ppo_epochs, micro_batch_size=5, shuffle_seed=7, correction=correction)
+    metrics, _ = update_policy(loss_fn, r, scores, adv, hooks, schedule)
     R = lp.shape[1]
     mask, sampler = r.response_mask[:, :R], r.sampler_logprobs[:, :R]
     for key, value in mismatch_metrics(lp, sampler, mask).items():
@@ -239,7 +233,7 @@ def test_update_logs_the_mismatch_and_applies_the_correction(mode, ppo_epochs):
     assert metrics["rollout/ratio_outside_frac"] > 0.3  # noise of 0.3 nats: most ratios are outside +-10 %
     s = rollout_token_stats(reference, r.rows(torch.arange(12)), 0, 1.0)
     weights = correction.weights(lp, sampler, mask)
-    out = loss_fn(s, old_logprobs=lp, advantages=adv, rewards=rewards, is_weights=weights)
+    out = loss_fn(s, old_logprobs=lp, advantages=adv, scores=scores, is_weights=weights)
     out.loss.backward()
     want = torch.cat([p.grad.flatten() for p in reference.parameters()])
     for got in grads:
@@ -252,24 +246,22 @@ def test_update_logs_the_mismatch_and_applies_the_correction(mode, ppo_epochs):
 
 def test_hf_rollouts_log_no_mismatch():
     from helpers import digit_tokenizer, random_qwen2
+    from simko.engines.hf import generate_rollouts
     from simko.forward import rollout_token_stats
     from simko.losses import build_loss
-    from simko.rollout import generate_rollouts
-    from simko.update import update_policy
+    from simko.update import UpdateHooks, UpdateSchedule, update_policy
 
     tok, model = digit_tokenizer(), random_qwen2(seed=5)
     r = generate_rollouts(model, tok, ["12+3="], group_size=4, max_new_tokens=4, seed=2)
     loss_fn = build_loss("grpo")
-    rewards = torch.tensor([1.0, 0, 0, 1])
-    metrics, _ = update_policy(
-        loss_fn,
-        r,
-        rewards,
-        loss_fn.compute_advantages(rewards.view(1, 4)).reshape(-1),
+    scores = torch.tensor([1.0, 0, 0, 1])
+    hooks = UpdateHooks(
         lambda rows, top_k: rollout_token_stats(model, rows, top_k, 1.0),
-        lambda: 0.0,
-        lambda: model.zero_grad(set_to_none=True),
-        torch.Generator().manual_seed(0),
-        correction=RolloutCorrection(mode="token_truncate"),
+        optimizer_step=lambda: 0.0,
+        zero_grad=lambda: model.zero_grad(set_to_none=True),
+    )
+    schedule = UpdateSchedule(correction=RolloutCorrection(mode="token_truncate"))
+    metrics, _ = update_policy(
+        loss_fn, r, scores, loss_fn.compute_advantages(scores.view(1, 4)).reshape(-1), hooks, schedule
     )
     assert not any(k.startswith("rollout/") for k in metrics)

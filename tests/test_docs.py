@@ -134,16 +134,16 @@ def run_extend_it_examples() -> None:
     tokens = torch.randint(0, 11, (6, 5), generator=generator)
     mask = torch.ones(6, 5, dtype=torch.bool)
     mask[1, 3:] = False
-    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
-    advantages = build_loss("grpo").compute_advantages(rewards.view(2, 3)).view(-1)
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64)  # the verifier's (here also the rewards)
+    advantages = build_loss("grpo").compute_advantages(scores.view(2, 3)).view(-1)
     grads = {}
     for name, fn in (("grpo", build_loss("grpo")), ("example", loss_fn)):
         leaf = logits.clone().requires_grad_(True)
         stats = TokenStats.from_logits(leaf, tokens, mask, top_k=0)
-        out = fn(stats, old_logprobs=stats.logprobs.detach(), advantages=advantages, rewards=rewards)
+        out = fn(stats, old_logprobs=stats.logprobs.detach(), advantages=advantages, scores=scores)
         out.loss.backward()
         grads[name] = leaf.grad
-    scale = torch.where(rewards < 1.0, loss_fn.neg_weight, 1.0).to(torch.float64)[:, None, None]
+    scale = torch.where(scores < 1.0, loss_fn.neg_weight, 1.0).to(torch.float64)[:, None, None]
     torch.testing.assert_close(grads["example"], grads["grpo"] * scale, rtol=1e-12, atol=1e-15)
     assert out.metrics["neg_weight/incorrect_frac"] == 0.5
 

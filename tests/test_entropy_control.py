@@ -176,7 +176,7 @@ def test_adaptive_coef_bonus_gradient_matches_finite_differences():
 def test_measured_entropy_is_the_token_mean_whatever_the_micro_batches():
     """simko.update.accumulate_gradients in micro-batches of 3 rows: the controller measures the mini-batch's token
     mean of the entropy over the loss's tokens, and the gradient equals the one-batch gradient."""
-    from simko.update import accumulate_gradients
+    from simko.update import UpdateHooks, UpdateSchedule, accumulate_gradients
 
     batch = Batch()
     one = make_loss("entropy_control", entropy_control={"high_prob": 0.6})
@@ -197,8 +197,8 @@ def test_measured_entropy_is_the_token_mean_whatever_the_micro_batches():
 
     rows = torch.tensor([4, 5, 6, 7, 12, 13, 14, 15, 0, 1, 2, 3, 8, 9, 10, 11])
     accumulate_gradients(
-        micro, _Rows(batch.mask), rows, token_stats, adv, batch.rewards, 3, defaultdict(float),
-        old_logprobs=batch.old_logprobs,
+        micro, _Rows(batch.mask), batch.scores, adv, rows, UpdateHooks(token_stats), UpdateSchedule(micro_batch_size=3),
+        defaultdict(float), old_logprobs=batch.old_logprobs,
     )  # fmt: skip
     micro.end_optimizer_step()
     torch.testing.assert_close(logits.grad, one_grad, rtol=1e-10, atol=1e-14)

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from helpers import digit_tokenizer, fit_in_process, random_qwen2
-from simko.engines import HFEngine, register_engine
+from simko.engines import register_engine
+from simko.engines.hf import HFEngine, generate_rollouts
 from simko.forward import rollout_token_stats
 from simko.losses import build_loss
 from simko.models import lora
 from simko.module import RLVRModule
-from simko.rollout import generate_rollouts
 
 TOK = digit_tokenizer()
 SMALL = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}

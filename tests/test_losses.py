@@ -18,13 +18,13 @@ from simko.advantages import build_advantage
 from simko.losses import (
     AGGREGATIONS,
     LOSSES,
-    SimKOLoss,
     TokenStats,
     aggregate,
     aggregation_weight,
     build_loss,
     response_quantile_mask,
 )
+from simko.losses.simko import SimKOLoss
 
 F64 = torch.float64
 
@@ -65,7 +65,8 @@ class Batch:
         self.tokens = torch.where(use_argmax, self.logits.argmax(-1), random_tokens)
         lengths = torch.tensor([6, 3, 6, 4, 0, 2, 6, 6, 1, 6, 5, 6, 6, 4, 6, 3])
         self.mask = torch.arange(T)[None, :] < lengths[:, None]
-        self.rewards = torch.tensor([1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0], dtype=F64)
+        # The verifier's scores; with no reward term (overlong penalty) they are also the rewards.
+        self.scores = torch.tensor([1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0], dtype=F64)
         lp0 = ref_logits_stats(self.logits, self.tokens)[0]
         sign = torch.where(torch.rand(B, T, generator=gen) < 0.5, -1.0, 1.0).to(F64)
         offset = sign * (0.02 + 0.06 * torch.rand(B, T, generator=gen, dtype=F64))
@@ -81,13 +82,13 @@ class Batch:
         """The same batch with only the responses ``keep`` (as RLVR-Decomposed's ``batch.subset``)."""
         sub = Batch.__new__(Batch)
         sub.B = int(keep.sum())
-        for name in ("logits", "tokens", "mask", "rewards", "old_logprobs", "ref_logprobs"):
+        for name in ("logits", "tokens", "mask", "scores", "old_logprobs", "ref_logprobs"):
             setattr(sub, name, getattr(self, name)[keep])
         return sub
 
     def advantages(self, loss_fn):
         # float32 values: PolicyLoss takes advantages in float32, so the float64 references use the same numbers
-        return loss_fn.compute_advantages(self.grouped(self.rewards)).reshape(-1).float().to(F64)
+        return loss_fn.compute_advantages(self.grouped(self.scores)).reshape(-1).float().to(F64)
 
     def loss(self, loss_fn, logits=None, top_k=None, advantages=None, **kwargs):
         logits = self.logits if logits is None else logits
@@ -95,7 +96,7 @@ class Batch:
         adv = self.advantages(loss_fn) if advantages is None else advantages
         stats = stats64(logits, self.tokens, self.mask, top_k)
         kwargs.setdefault("ref_logprobs", self.ref_logprobs)
-        return loss_fn(stats, old_logprobs=self.old_logprobs, advantages=adv, rewards=self.rewards, **kwargs)
+        return loss_fn(stats, old_logprobs=self.old_logprobs, advantages=adv, scores=self.scores, **kwargs)
 
     def grad(self, loss_fn, **kwargs):
         logits = self.logits.clone().requires_grad_(True)
@@ -212,7 +213,7 @@ def simko_reference(batch, adv, k, alpha, lam, tau, eps_low=0.2, eps_high=0.2):
             forking = bool(entropy[b, t] > q)
             top1 = int(batch.tokens[b, t]) == int(z[b, t].argmax())
             a_used = lam * a if (a < 0 and top1 and forking) else a
-            m = alpha if (forking and batch.rewards[b] >= 1) else 0.0
+            m = alpha if (forking and batch.scores[b] >= 1) else 0.0
             dlog = lambda j, b=b, t=t: eye[j] - p[b, t]
             direction = (1 - m) * dlog(batch.tokens[b, t]) + (m / k) * sum(dlog(c) for c in topk_ids[b, t])
             coef[b, t] = -a_used * r / n_valid
@@ -337,7 +338,7 @@ def test_ppo_family_gradient_matches_finite_differences(name, overrides, ref_kwa
 
 def test_fixed_sign_advantages_of_psr_nsr_w_reinforce():
     batch = Batch()
-    correct = batch.rewards == 1
+    correct = batch.scores == 1
     torch.testing.assert_close(batch.advantages(make_loss("psr")), correct.to(F64))
     torch.testing.assert_close(batch.advantages(make_loss("nsr")), -(~correct).to(F64))
     torch.testing.assert_close(batch.advantages(make_loss("w_reinforce")), torch.where(correct, 0.1, -1.0).to(F64))
@@ -376,7 +377,7 @@ def test_psr_nsr_are_the_loss_of_the_subset_batch(name, overrides, kept, ref_kwa
     batch = Batch()
     loss_fn = make_loss(name, **overrides)
     assert loss_fn.subset == "nonzero_advantage"
-    keep = batch.rewards == 1 if kept == "correct" else batch.rewards != 1
+    keep = batch.scores == 1 if kept == "correct" else batch.scores != 1
     sub = batch.select(keep)
     adv = batch.advantages(loss_fn)
     entropy_coef = ref_kwargs.pop("entropy_coef", 0.0)
@@ -400,7 +401,7 @@ def test_whole_batch_psr_is_the_subset_gradient_times_the_token_share():
     batch = Batch()
     subset_grad, _ = batch.grad(make_loss("psr"))
     whole_grad, _ = batch.grad(make_loss("psr", subset="all"))
-    share = int(batch.mask[batch.rewards == 1].sum()) / int(batch.mask.sum())
+    share = int(batch.mask[batch.scores == 1].sum()) / int(batch.mask.sum())
     assert 0.3 < share < 0.7
     torch.testing.assert_close(whole_grad, share * subset_grad, rtol=1e-12, atol=1e-15)
     # an empty subset (no correct response): zero loss and gradient, no NaN
@@ -490,7 +491,7 @@ def test_entropy_coef_is_a_knob_of_every_loss():
     simko_kwargs = dict(k=2, alpha=0.3, lam=1.5, tau=0.5, kl_coef=0.1)
     with_bonus = build_loss("simko", entropy_coef=0.05, **simko_kwargs)
     assert with_bonus.top_k == 2 and with_bonus.needs_reference and isinstance(with_bonus, SimKOLoss)
-    rewards = batch.grouped(batch.rewards).float()
+    rewards = batch.grouped(batch.scores).float()
     torch.testing.assert_close(with_bonus.compute_advantages(rewards), build_advantage("grpo")(rewards))
     simko = build_loss("simko", **simko_kwargs)
     grad_bonus, out = batch.grad(with_bonus)
@@ -754,7 +755,7 @@ def test_simko_touches_only_forking_tokens_and_scales_only_top1_negatives():
     torch.testing.assert_close(neg_only_grad[scaled], 2.0 * grpo_grad[scaled], rtol=1e-12, atol=0)  # 2.0: exact
 
     pos_only_grad, _ = batch.grad(make_loss("simko_pos_only", k=3, alpha=0.3, tau=0.5))
-    correct_rows = (batch.rewards == 1)[:, None].expand_as(batch.mask)
+    correct_rows = (batch.scores == 1)[:, None].expand_as(batch.mask)
     changed = (pos_only_grad - grpo_grad).abs().amax(-1) > 1e-12
     assert changed.any() and not (changed & ~(forking & correct_rows)).any()
 
@@ -811,13 +812,13 @@ def test_simko_knob_validation():
 def test_docs_functional_api_float32_matches_analytic_gradient():
     batch = Batch(seed=3)
     logits = batch.logits.float().requires_grad_(True)
-    rew = batch.rewards.float()
-    adv = build_advantage("grpo")(batch.grouped(rew)).reshape(-1)
+    scores = batch.scores.float()
+    adv = build_advantage("grpo")(batch.grouped(scores)).reshape(-1)
     old_lp = batch.old_logprobs.float()
     # --- as in docs/losses.md (Functional API)
     stats = TokenStats.from_logits(logits, batch.tokens, batch.mask, top_k=3, temperature=1.0)
     loss_fn = build_loss("simko", k=3, alpha=0.01, lam=1.1, tau=0.8, clip_eps=0.2)
-    out = loss_fn(stats, old_logprobs=old_lp, advantages=adv, rewards=rew)
+    out = loss_fn(stats, old_logprobs=old_lp, advantages=adv, scores=scores)
     out.loss.backward()
     # ---
     assert all(isinstance(v, float) for v in out.metrics.values())
@@ -867,7 +868,7 @@ MICRO_CASES = [
 def test_micro_batched_gradient_equals_the_one_batch_gradient(name, overrides):
     """simko.update.accumulate_gradients with micro-batches of 3 rows (groups of 4 split across micro-batches,
     each micro-batch trimmed to its own longest response, as Rollouts.rows does) == the loss of the whole batch."""
-    from simko.update import accumulate_gradients
+    from simko.update import UpdateHooks, UpdateSchedule, accumulate_gradients
 
     batch = Batch()
     loss_fn = make_loss(name, **overrides)
@@ -884,11 +885,11 @@ def test_micro_batched_gradient_equals_the_one_batch_gradient(name, overrides):
     accumulate_gradients(
         loss_fn,
         _Rows(batch.mask),
-        rows,
-        token_stats,
+        batch.scores,
         adv,
-        batch.rewards,
-        3,
+        rows,
+        UpdateHooks(token_stats),
+        UpdateSchedule(micro_batch_size=3),
         metrics,
         old_logprobs=batch.old_logprobs,
         ref_logprobs=batch.ref_logprobs,
@@ -907,9 +908,9 @@ def test_all_masked_batch_gives_zero_loss_and_gradient(name):
     tokens = torch.randint(0, V, (B, T))
     mask = torch.zeros(B, T, dtype=torch.bool)
     stats = TokenStats.from_logits(logits, tokens, mask, top_k=loss_fn.top_k)
-    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
-    adv = loss_fn.compute_advantages(rewards.view(1, 4)).reshape(-1)
-    out = loss_fn(stats, old_logprobs=stats.logprobs.detach() - 0.1, advantages=adv, rewards=rewards)
+    scores = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    adv = loss_fn.compute_advantages(scores.view(1, 4)).reshape(-1)
+    out = loss_fn(stats, old_logprobs=stats.logprobs.detach() - 0.1, advantages=adv, scores=scores)
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.loss.item() == 0.0
     assert torch.equal(logits.grad, torch.zeros_like(logits))

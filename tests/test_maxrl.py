@@ -119,7 +119,7 @@ def test_maxrl_preset_gradient_matches_finite_differences(overrides):
     batch = Batch()
     loss_fn = make_loss("maxrl", **overrides)
     order = overrides.get("advantage_kwargs", {}).get("truncate_order")
-    groups = batch.grouped(batch.rewards).tolist()
+    groups = batch.grouped(batch.scores).tolist()
     if order is None:
         adv = torch.tensor([official_maxrl(g) for g in groups]).float().to(F64).reshape(-1)
     else:

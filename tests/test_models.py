@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from simko.forward import position_ids_from_mask
+from simko.kv_cache import position_ids_from_mask
 from simko.models import (
     build_char_tokenizer,
     build_tiny_model,

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from helpers import UNTRAINED_TINY, shared_file
-from simko.losses import GRPOLoss, SimKOLoss
+from simko.losses.grpo import GRPOLoss
+from simko.losses.simko import SimKOLoss
 from simko.train import build
 
 # trainer.* and model.* replaced so that the preset builds here: a 1-layer untrained tiny model, the CPU
@@ -89,7 +90,7 @@ def test_the_recipes_validation_temperature_is_greedy_decoding():
     """module.val_temperature 1e-6 (their validation: do_sample=False): the HF engine's samples are the greedy
     completions, whatever the seed."""
     from helpers import digit_tokenizer, random_qwen2
-    from simko.rollout import generate_rollouts
+    from simko.engines.hf import generate_rollouts
 
     tok, model = digit_tokenizer(), random_qwen2(seed=3)
     prompts = ["12+3=", "5+5=", "71+40="]

@@ -167,6 +167,7 @@ KK_GOLD_ONE = '{"roles": {"Emma": "knight"}}'
 @pytest.mark.parametrize("name", list(ADVERSARIAL))
 def test_adversarial_completions_are_scored_in_linear_time(name):
     text = ADVERSARIAL[name]
+    VERIFIERS.names()  # the registry's one package scan (it imports torch once) is no check's time
     checks = [
         lambda: extract_boxed(text),
         lambda: has_box_command(text),
@@ -482,7 +483,9 @@ def test_a_pool_starts_while_every_process_gets_sigterm(tmp_path):
         "    except Exception as e:\n"
         "        out.append(repr(e))\n"
         "if __name__ == '__main__':\n"
-        "    p, out = KillablePool(num_workers=2), []\n"
+        # torch as a preload: a fork server that takes seconds to start (importing simko.rewards is fast, it
+        # imports no torch), so the signals reach it, its resource tracker and the workers while the pool starts
+        "    p, out = KillablePool(num_workers=2, preload=('torch',)), []\n"
         "    worker = threading.Thread(target=work, args=(p, out))\n"
         "    worker.start()\n"
         "    sent = set()\n"
@@ -582,7 +585,7 @@ def test_registry_builds_and_errors():
     assert {"math", "exact"} <= set(VERIFIERS)
     v = build_verifier("exact", case_sensitive=True)
     assert isinstance(v, ExactMatchVerifier) and v.case_sensitive and v.name == "exact"
-    with pytest.raises(ValueError, match="registered verifiers: .*exact.*math"):
+    with pytest.raises(ValueError, match="unknown verifier 'nope'; available: .*exact.*math"):
         build_verifier("nope")
     with pytest.raises(ValueError, match="registered twice"):
         register_verifier("math")(MathVerifier)
@@ -601,7 +604,7 @@ def test_registered_class_plugin():
     try:
         assert build_verifier("test_always_one").score(["a", "b"], ["x", "y"]) == [1.0, 1.0]
     finally:
-        del VERIFIERS["test_always_one"]
+        VERIFIERS.unregister("test_always_one")
 
 
 def test_function_verifier_isolates_crash_hang_raise():
@@ -651,7 +654,7 @@ class ReturnsWhatItIsTold(Verifier):
 
 @pytest.mark.parametrize("values", [[1.0, 1.0], [1.0, 1.0, 1.0, 1.0], None, 3.0])
 def test_a_verifier_that_returns_the_wrong_number_of_rewards_is_an_error_naming_it(values):
-    """``_score`` returning 2 rewards for 3 completions gave [1.0, 1.0, 0.0] (the rest pre-filled), extra values were
+    """``_score`` returning 2 scores for 3 completions gave [1.0, 1.0, 0.0] (the rest pre-filled), extra values were
     dropped: now an error naming the verifier, directly and through score_batch."""
     from simko.rewards.base import VerifierError
 
@@ -671,7 +674,7 @@ def test_bad_reward_values_count_as_failed_checks_naming_the_verifier(bad, caplo
     with caplog.at_level("WARNING"):
         assert verifier.score(["a", "b", "c"], ["a", "b", "c"]) == [1.0, 0.0, 0.0]  # None: not applicable, 0.0
     assert (verifier.num_errors, verifier.num_timeouts) == (1, 0)
-    assert "test_bad_values" in caplog.text and "bad reward value" in caplog.text
+    assert "test_bad_values" in caplog.text and "bad score value" in caplog.text
     assert score_batch(["a", "b", "c"], ["a", "b", "c"], "v", verifiers={"v": verifier}) == [1.0, 0.0, 0.0]
 
 

@@ -3,18 +3,20 @@ accumulation, old log-probs, engine weight syncs."""
 
 import copy
 from collections import defaultdict
+from functools import partial
 
 import lightning.pytorch as pl
 import pytest
 import torch
 
 from helpers import digit_tokenizer, random_qwen2
-from simko.engines import HFEngine, Sampling, available_engines, build_engine, register_engine
+from simko.engines import Sampling, available_engines, build_engine, register_engine, tokenize_prompts
+from simko.engines.hf import HFEngine, generate_rollouts
 from simko.forward import rollout_token_stats
 from simko.losses import build_loss
 from simko.module import RLVRModule
-from simko.rollout import build_rollouts, generate_rollouts, response_mask_from_tokens, tokenize_prompts
-from simko.update import accumulate_gradients, minibatch_rows, update_policy
+from simko.rollout import build_rollouts, response_mask_from_tokens
+from simko.update import UpdateHooks, UpdateSchedule, accumulate_gradients, minibatch_rows, update_policy
 
 
 def test_response_mask_stops_after_first_eos():
@@ -76,15 +78,16 @@ def test_micro_batch_accumulation_equals_one_batch(loss_kwargs):
     big, small = _module(64, **loss_kwargs), _module(3, **loss_kwargs)
     small.policy.load_state_dict(big.policy.state_dict())
     r = generate_rollouts(big.policy, big.tokenizer, ["12+3=", "5+5=", "7+40="], group_size=4, max_new_tokens=6, seed=3)
-    rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1])
-    adv = big.loss_fn.compute_advantages(rewards.view(-1, 4)).reshape(-1)
+    scores = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1])
+    adv = big.loss_fn.compute_advantages(scores.view(-1, 4)).reshape(-1)
     grads = []
     for mod in (big, small):
         mod.policy.zero_grad()
         rows = torch.tensor([4, 5, 6, 7, 0, 1, 2, 3, 8, 9, 10, 11])  # shuffled groups, as a mini-batch
-        stats_fn = lambda rows, top_k, mod=mod: mod.token_stats(mod.policy, rows, top_k)  # noqa: E731
+        hooks = UpdateHooks(partial(mod.token_stats, mod.policy))
+        schedule = UpdateSchedule(micro_batch_size=mod.micro_batch_size)
         metrics = defaultdict(float)
-        accumulate_gradients(mod.loss_fn, r, rows, stats_fn, adv, rewards, mod.micro_batch_size, metrics)
+        accumulate_gradients(mod.loss_fn, r, scores, adv, rows, hooks, schedule, metrics)
         grads.append((torch.cat([p.grad.flatten() for p in mod.policy.parameters()]), dict(metrics)))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-7)
     assert grads[0][0].abs().sum() > 0
@@ -115,9 +118,9 @@ def test_update_policy_ppo_epochs_and_mini_batches_match_a_float64_reference(los
     of the sampling policy) equals a float64 reference computed in one batch per mini-batch, step by step."""
     tok, model = digit_tokenizer(), random_qwen2(seed=5)
     r = generate_rollouts(model, tok, ["12+3=", "5+5=", "71+40="], group_size=4, max_new_tokens=6, seed=2)
-    rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1])
+    scores = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1])
     loss_fn = build_loss("grpo", **loss_kwargs)
-    adv = loss_fn.compute_advantages(rewards.view(-1, 4)).reshape(-1)
+    adv = loss_fn.compute_advantages(scores.view(-1, 4)).reshape(-1)
     lr = 2.0  # large: the policy moves, so the ratios of later updates are far from 1 (and clip)
     reference = copy.deepcopy(model).double()
     ref_old = rollout_token_stats(reference, r.rows(torch.arange(12)), 0, 1.0, share_prompt=False).logprobs.detach()
@@ -135,19 +138,9 @@ def test_update_policy_ppo_epochs_and_mini_batches_match_a_float64_reference(los
         return float(grads[-1].norm())
 
     counting = lambda rows, top_k: calls.append(torch.is_grad_enabled()) or stats(model)(rows, top_k)  # noqa: E731
-    metrics, _ = update_policy(
-        loss_fn,
-        r,
-        rewards,
-        adv,
-        counting,
-        step,
-        lambda: opt.zero_grad(set_to_none=True),
-        torch.Generator().manual_seed(7),
-        ppo_epochs=2,
-        num_mini_batches=2,
-        micro_batch_size=5,
-    )
+    hooks = UpdateHooks(counting, optimizer_step=step, zero_grad=lambda: opt.zero_grad(set_to_none=True))
+    schedule = UpdateSchedule(ppo_epochs=2, num_mini_batches=2, micro_batch_size=5, shuffle_seed=7)
+    metrics, _ = update_policy(loss_fn, r, scores, adv, hooks, schedule)
     assert calls.count(False) == 3  # the old log-probs: one no-grad pass over the 12 rows in micro-batches of 5
     batches = minibatch_rows(12, 4, 2, 2, torch.Generator().manual_seed(7))
     assert len(grads) == len(batches) == 4
@@ -156,7 +149,7 @@ def test_update_policy_ppo_epochs_and_mini_batches_match_a_float64_reference(los
         reference.zero_grad(set_to_none=True)
         s = rollout_token_stats(reference, r.rows(rows), 0, 1.0, share_prompt=False)
         R = s.mask.shape[1]
-        out = loss_fn(s, old_logprobs=ref_old[rows, :R], advantages=adv[rows], rewards=rewards[rows])
+        out = loss_fn(s, old_logprobs=ref_old[rows, :R], advantages=adv[rows], scores=scores[rows])
         out.loss.backward()
         want = torch.cat([p.grad.flatten() for p in reference.parameters()])
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
@@ -168,23 +161,106 @@ def test_update_policy_ppo_epochs_and_mini_batches_match_a_float64_reference(los
     assert metrics["grad_norm"] == pytest.approx(sum(float(g.norm()) for g in grads) / 4)
 
 
+def test_update_hooks_and_schedule_in_float64_scores_to_the_loss_rewards_to_the_advantages():
+    """update_policy(loss, rollouts, scores, advantages, UpdateHooks, UpdateSchedule) on a float64 model with every
+    hook in use (a KL reference, backward, no_sync, diagnose with a wider top-K, SGD): each update's gradient equals
+    a float64 reference of SimKO + KL over the whole mini-batch, whose advantages come from the rewards (scores +
+    the overlong penalty) and whose correctness comes from the scores; handing the loss the rewards instead changes
+    the gradient (a correct response with a penalty is no longer correct)."""
+    from contextlib import contextmanager
+
+    from simko.diagnostics import concentration_sums
+    from simko.sampling_filters import OverlongPenalty
+
+    tok, model = digit_tokenizer(), random_qwen2(seed=5)
+    r = generate_rollouts(model, tok, ["12+3=", "5+5=", "71+40="], group_size=4, max_new_tokens=6, seed=2)
+    model, frozen = model.double(), random_qwen2(seed=6).double().requires_grad_(False)
+    scores = torch.tensor([1.0, 0, 0, 1, 0, 1, 0, 1, 1, 1, 0, 1])
+    rewards = scores + OverlongPenalty(buffer=4).penalty(r.response_mask.sum(1), 6)
+    assert ((scores == 1) & (rewards < 1)).any()  # correct, and punished for its length
+    loss_fn = build_loss("simko", k=2, alpha=0.5, lam=1.5, tau=0.5, kl_coef=0.1, clip_eps=0.05)
+    adv = loss_fn.compute_advantages(rewards.view(-1, 4)).reshape(-1)
+    reference, initial = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        every_row = torch.arange(12)
+        ref_old = rollout_token_stats(reference, r.rows(every_row), 0, 1.0, share_prompt=False).logprobs
+        ref_kl = rollout_token_stats(frozen, r.rows(every_row), 0, 1.0, share_prompt=False).logprobs
+
+    lr, events, grads = 0.5, [], []
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def step() -> float:
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        opt.step()
+        return float(grads[-1].norm())
+
+    @contextmanager
+    def no_sync():
+        events.append("no_sync")
+        yield
+
+    def diagnose(stats):
+        events.append(("diagnose", stats.top_k))
+        return concentration_sums(stats.with_top_k(3), 0.8)
+
+    hooks = UpdateHooks(
+        # without the shared prompt, whose other summation order moves float64 values by up to ~1e-8 relative
+        token_stats=lambda rows, top_k: rollout_token_stats(model, rows, top_k, 1.0, share_prompt=False),
+        optimizer_step=step,
+        zero_grad=lambda: opt.zero_grad(set_to_none=True),
+        reference_stats=lambda rows, top_k: rollout_token_stats(frozen, rows, top_k, 1.0, share_prompt=False),
+        backward=lambda loss: events.append("backward") or loss.backward(),
+        no_sync=no_sync,
+        diagnose=diagnose,
+    )
+    schedule = UpdateSchedule(ppo_epochs=2, num_mini_batches=2, micro_batch_size=3, shuffle_seed=11, stats_top_k=5)
+    metrics, diagnostics = update_policy(loss_fn, r, scores, adv, hooks, schedule)
+
+    batches = minibatch_rows(12, 4, 2, 2, torch.Generator().manual_seed(11))
+    micro = [len(rows.split(3)) for rows in batches]
+    assert events.count("backward") == sum(micro) and events.count("no_sync") == sum(m - 1 for m in micro)
+    assert [e for e in events if isinstance(e, tuple)] == [("diagnose", 5)] * micro[0]  # the first mini-batch
+    assert diagnostics["tokens"] == float(r.response_mask[batches[0]].sum())
+    assert len(grads) == len(batches) == 4
+    for rows, got in zip(batches, grads):
+        reference.zero_grad(set_to_none=True)
+        s = rollout_token_stats(reference, r.rows(rows), 2, 1.0, share_prompt=False)
+        R = s.mask.shape[1]
+        kwargs = dict(old_logprobs=ref_old[rows, :R], advantages=adv[rows], ref_logprobs=ref_kl[rows, :R])
+        out = loss_fn(s, scores=scores[rows], **kwargs)
+        out.loss.backward()
+        want = torch.cat([p.grad.flatten() for p in reference.parameters()])
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-13)
+        with torch.no_grad():
+            for p in reference.parameters():
+                p -= lr * p.grad
+    assert metrics["grad_norm"] == pytest.approx(sum(float(g.norm()) for g in grads) / 4, rel=1e-12)
+    assert metrics["kl_ref"] > 0 and "simko/forking_frac" in metrics
+    # The loss reads the scores: given the rewards in their place, the first update's gradient is another one.
+    rows = batches[0]
+    s = rollout_token_stats(initial, r.rows(rows), 2, 1.0, share_prompt=False)
+    R = s.mask.shape[1]
+    out = loss_fn(s, ref_old[rows, :R], adv[rows], scores=rewards[rows], ref_logprobs=ref_kl[rows, :R])
+    out.loss.backward()
+    as_rewards = torch.cat([p.grad.flatten() for p in initial.parameters()])
+    assert not torch.allclose(as_rewards, grads[0], rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="optimizer_step"):
+        update_policy(loss_fn, r, scores, adv, UpdateHooks(hooks.token_stats), schedule)
+
+
 def test_on_policy_update_computes_no_old_logprobs():
     tok, model = digit_tokenizer(), random_qwen2(seed=5)
     r = generate_rollouts(model, tok, ["12+3=", "5+5="], group_size=4, max_new_tokens=6, seed=2)
-    rewards = torch.tensor([1.0, 0, 0, 1, 0, 1, 0, 0])
+    scores = torch.tensor([1.0, 0, 0, 1, 0, 1, 0, 0])
     loss_fn = build_loss("grpo")
     calls = []
-    update_policy(
-        loss_fn,
-        r,
-        rewards,
-        loss_fn.compute_advantages(rewards.view(-1, 4)).reshape(-1),
+    hooks = UpdateHooks(
         lambda rows, top_k: calls.append(torch.is_grad_enabled()) or rollout_token_stats(model, rows, top_k, 1.0),
-        lambda: 0.0,
-        lambda: model.zero_grad(set_to_none=True),
-        torch.Generator().manual_seed(0),
-        micro_batch_size=3,
+        optimizer_step=lambda: 0.0,
+        zero_grad=lambda: model.zero_grad(set_to_none=True),
     )
+    advantages = loss_fn.compute_advantages(scores.view(-1, 4)).reshape(-1)
+    update_policy(loss_fn, r, scores, advantages, hooks, UpdateSchedule(micro_batch_size=3))
     assert calls == [True] * 3  # three micro-batches with autograd; no no-grad pass for old log-probs
 
 

@@ -625,5 +625,5 @@ def test_a_verifier_that_breaks_its_contract_stops_the_run_with_one_message(args
         check=False,
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "error: verifier 'short' returned 15 rewards for 16 completions" in proc.stderr, proc.stderr[-3000:]
+    assert "error: verifier 'short' returned 15 scores for 16 completions" in proc.stderr, proc.stderr[-3000:]
     assert "at RL step 1" in proc.stderr and "Traceback" not in proc.stderr

@@ -26,7 +26,7 @@ from simko.sampling_filters import (
     take_groups,
     zero_variance,
 )
-from simko.update import accumulate_gradients
+from simko.update import UpdateHooks, UpdateSchedule, accumulate_gradients
 
 TOK = digit_tokenizer()  # <pad> = 0, <eos> = 1, "0".."9" = 2..11
 EOS = [1]
@@ -130,13 +130,13 @@ def test_rows_without_loss_give_the_gradient_of_a_batch_with_zero_advantage_rows
     rollouts, _ = _part(0, num_groups=2)
     loss = build_loss("grpo", aggregation=aggregation, norm_len=4)
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    scores = torch.tensor([1.0, 0.0, 1.0, 0.0])
     keep = torch.tensor([True, True, False, False])
 
     def grads(r, rows, adv):
         model.zero_grad(set_to_none=True)
-        stats = lambda rows_, k: rollout_token_stats(model, rows_, k, 1.0)
-        accumulate_gradients(loss, r, rows, stats, adv, rewards, 2, defaultdict(float))
+        hooks = UpdateHooks(lambda rows_, k: rollout_token_stats(model, rows_, k, 1.0))
+        accumulate_gradients(loss, r, scores, adv, rows, hooks, UpdateSchedule(micro_batch_size=2), defaultdict(float))
         return [p.grad.clone() for p in model.parameters()]
 
     masked = grads(mask_rows(rollouts, keep), torch.arange(4), advantages)
@@ -252,7 +252,7 @@ def test_take_groups_rebuilds_like_build_rollouts():
 
 
 def test_refill_seeds_are_distinct_per_step_rank_round_and_reproducible():
-    from simko.rollout import step_seed
+    from simko.engines import step_seed
 
     seeds = {refill_seed(0, s, r, k) for s in range(20) for r in range(4) for k in range(1, 4)}
     main = {step_seed(seed, s, r) for seed in range(4) for s in range(20) for r in range(4)}
@@ -394,8 +394,10 @@ def test_rows_without_loss_are_still_in_the_diagnostics():
     out = {}
     for keep in (torch.ones(4, dtype=torch.bool), torch.tensor([False, False, False, True])):
         diagnostics, metrics = defaultdict(float), defaultdict(float)
-        accumulate_gradients(loss, mask_rows(rollouts, keep), torch.arange(4), stats, torch.ones(4), torch.ones(4), 2,
-                             metrics, stats_top_k=3, diagnose=diagnose, diagnostics=diagnostics)  # fmt: skip
+        hooks = UpdateHooks(stats, diagnose=diagnose)
+        schedule = UpdateSchedule(micro_batch_size=2, stats_top_k=3)
+        accumulate_gradients(loss, mask_rows(rollouts, keep), torch.ones(4), torch.ones(4), torch.arange(4), hooks,
+                             schedule, metrics, diagnostics=diagnostics)  # fmt: skip
         out[int(keep.sum())] = (dict(diagnostics), metrics["num_tokens"])
     per_micro = [rollouts.response_mask[:2].sum().item(), rollouts.response_mask[2:].sum().item()]
     assert seen == per_micro * 2  # two micro-batches of 2 rows, the first without loss in the second run

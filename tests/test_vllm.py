@@ -242,7 +242,7 @@ def test_engine_leaves_the_trainer_process_as_it_was():
 
 
 def test_prompt_seeds_are_distinct_across_prompts_and_steps():
-    from simko.rollout import step_seed
+    from simko.engines import step_seed
 
     seeds = {prompt_seed(step_seed(0, s, 0), i) + j for s in range(50) for i in range(64) for j in range(8)}
     assert len(seeds) == 50 * 64 * 8 and max(seeds) < 2**63

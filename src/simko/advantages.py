@@ -1,5 +1,8 @@
 """Advantage estimators: rewards of a group of G responses per prompt -> one advantage per response.
 
+The rewards are the verifier's scores plus any reward term of the step batch (DAPO's overlong penalty;
+:mod:`simko.sampling_filters`).
+
 Each estimator is a small pure function ``f(rewards: [P, G], **knobs) -> [P, G]`` in a registry, in the manner of
 verl's ``core_algos``. A loss names its estimator and its knobs (``advantage: nsr``, ``advantage_kwargs: {...}``);
 the knobs are checked when the loss is built. The functional loss API takes advantages directly, so scripts can
@@ -15,20 +18,23 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-ADVANTAGES: dict[str, Callable[..., Tensor]] = {}
-_CHECKS: dict[str, Callable[..., None]] = {}
+from simko.registry import Registry
+
+
+def _with_check(fn: Callable[..., Tensor], check: Callable[..., None] | None = None) -> Callable[..., Tensor]:
+    fn.check_knobs = check  # called with the knobs when a loss is built (build_advantage)
+    return fn
+
+
+# The estimators by name, registered in this module.
+ADVANTAGES: Registry[Callable[..., Tensor]] = Registry(
+    "advantage estimator", config_key="loss.advantage", prepare=_with_check
+)
 
 
 def register_advantage(name: str, check: Callable[..., None] | None = None):
     """Register ``fn(rewards, **knobs)``; ``check(**knobs)`` validates the knobs when a loss is built."""
-
-    def deco(fn):
-        ADVANTAGES[name] = fn
-        if check is not None:
-            _CHECKS[name] = check
-        return fn
-
-    return deco
+    return ADVANTAGES.register(name, check=check)
 
 
 def _check(rewards: Tensor, min_group_size: int = 2) -> Tensor:
@@ -139,15 +145,13 @@ def passk_advantages(rewards: Tensor, k: int = 4, correct_threshold: float = 1.0
 
 def build_advantage(name: str, **kwargs) -> Callable[[Tensor], Tensor]:
     """``rewards [P, G] -> advantages [P, G]`` of the estimator ``name`` with ``kwargs``, checked now."""
-    if name not in ADVANTAGES:
-        raise ValueError(f"unknown advantage estimator {name!r}; registered: {', '.join(sorted(ADVANTAGES))}")
-    fn = ADVANTAGES[name]
+    fn = ADVANTAGES.get(name)
     knobs = [p for p in inspect.signature(fn).parameters if p != "rewards"]
     unknown = sorted(set(kwargs) - set(knobs))
     if unknown:
         raise TypeError(f"advantage {name!r} has no knob {unknown} (advantage_kwargs); its knobs: {', '.join(knobs)}")
-    if name in _CHECKS:
-        _CHECKS[name](**kwargs)
+    if fn.check_knobs is not None:
+        fn.check_knobs(**kwargs)
     return lambda rewards: fn(rewards, **kwargs)
 
 

@@ -7,7 +7,7 @@
   empty, truncated or not a torch file, or holding objects whose unpickling could execute code).
 - :class:`RunCheckpoint`: ``last.ckpt`` (full state: weights, optimizer, loops, data position) for resuming, and
   weights-only ``stepNNNNNN.ckpt`` snapshots, both named and scheduled in RL steps.
-- :class:`GracefulStop`: on SIGTERM (or SLURM's requeue signal; ``simko.runs.stopping_on_signals``) the run stops at
+- :class:`GracefulStop`: on SIGTERM (or SLURM's requeue signal; ``simko.stopping.stopping_on_signals``) the run stops at
   the next RL step boundary, ``last.ckpt`` written for the last finished step; ``simko.train`` then exits non-zero.
 - On resume, :func:`check_fits` (the weights' names and shapes against the built model) and :func:`check_same_loss`
   (the loss config :class:`RecordConfig` wrote into the checkpoint) turn another architecture or another loss into
@@ -29,7 +29,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from simko import atomic, runs
+from simko import atomic, stopping
 from simko.faults import pause_point
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def stop_agreed(trainer: Trainer) -> bool:
     decided = getattr(trainer, "_simko_stop", None)
     if decided is not None and decided[0] == key:
         return decided[1]
-    stop = runs.stop_signal() is not None
+    stop = stopping.stop_signal() is not None
     if trainer.world_size > 1:
         stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
     trainer._simko_stop = (key, stop)
@@ -70,7 +70,7 @@ def stop_agreed(trainer: Trainer) -> bool:
 
 
 class GracefulStop(Callback):
-    """Stop the run at the next RL step boundary once a stop signal arrived (``simko.runs.stopping_on_signals``).
+    """Stop the run at the next RL step boundary once a stop signal arrived (``simko.stopping.stopping_on_signals``).
 
     The RL step in progress, and its validation when one is due, finish; :class:`RunCheckpoint` writes ``last.ckpt``
     for that step (also when none is due) and commits it; then :class:`RunStopped` is raised before the next step
@@ -89,17 +89,17 @@ class GracefulStop(Callback):
         self.reported = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        runs.reclaim_stop_signals()  # Lightning installed its own handlers just before
+        stopping.reclaim_stop_signals()  # Lightning installed its own handlers just before
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        runs.reclaim_stop_signals()  # trainer.validate (validate_first) installs them too
+        stopping.reclaim_stop_signals()  # trainer.validate (validate_first) installs them too
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         stop_agreed(trainer)  # decided here, at the end of the step, the same on every rank
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx) -> None:
         if stop_agreed(trainer):
-            raise RunStopped(runs.stop_signal() or signal.SIGTERM, int(pl_module.rl_step))
+            raise RunStopped(stopping.stop_signal() or signal.SIGTERM, int(pl_module.rl_step))
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, RunStopped):

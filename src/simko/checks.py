@@ -12,13 +12,15 @@
    starts its workers.
 
 Each raises :class:`ConfigError` (a ``ValueError``) whose message starts with the key, e.g.
-``rollout.top_p=1.5: must be in (0, 1] ...``.
+``rollout.top_p=1.5: must be in (0, 1] ...``. The entry points report any of :data:`CONFIG_ERRORS` raised while a
+run is built with :func:`exit_with_config_error`: one line on stderr, no traceback, exit status 2.
 """
 
 from __future__ import annotations
 
 import inspect
 import re
+import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -31,6 +33,18 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 class ConfigError(ValueError):
     """A bad config value or bad input, found at start; the message names the key (or the file and row)."""
+
+
+# Errors a bad config or bad input raises while a run is being built (a ConfigError and a CheckpointError are
+# ValueErrors): reported as one message, no traceback.
+CONFIG_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, InstantiationException)
+
+
+def exit_with_config_error(err: BaseException) -> None:
+    """Print ``error: <message>`` to stderr and exit with status 2."""
+    message = str(err).strip() or type(err).__name__
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 # --- config alone ------------------------------------------------------------------------------------------------
@@ -260,7 +274,7 @@ def _loss_knob_types(name: Any) -> dict[str, Any]:
     """Keyword -> annotation of every constructor in the loss's class hierarchy."""
     from simko.losses import LOSSES
 
-    cls = LOSSES.get(name) if isinstance(name, str) else None
+    cls = LOSSES.get(name, None) if isinstance(name, str) else None
     if cls is None:
         return {}  # build_loss names an unknown loss
     knobs: dict[str, Any] = {}

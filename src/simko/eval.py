@@ -24,7 +24,7 @@ import csv
 import json
 import logging
 import os
-from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -39,20 +39,23 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from simko.checkpointing import CheckpointError, policy_state_dict, read_checkpoint  # noqa: E402
-from simko.checks import ConfigError, build_data, check_against_model, check_eval_config  # noqa: E402
+from simko.checks import (  # noqa: E402
+    ConfigError,
+    build_data,
+    check_against_model,
+    check_eval_config,
+    exit_with_config_error,
+)
 from simko.config import check_config_dir, import_modules  # noqa: E402
 from simko.console import progress_bar  # noqa: E402
-from simko.diagnostics import concentration_sums, metrics_from_sums  # noqa: E402
-from simko.engines import Sampling, build_engine, check_engine  # noqa: E402
+from simko.engines import Sampling, build_engine, check_engine, step_seed  # noqa: E402
+from simko.evaluation import SampleMetrics, sample_and_score  # noqa: E402
 from simko.forward import rollout_token_stats  # noqa: E402
-from simko.metrics import PassAtK, default_ks, majority_at_n  # noqa: E402
+from simko.metrics import default_ks, majority_at_n  # noqa: E402
 from simko.metrics.cover import DEFAULT_TAUS  # noqa: E402
-from simko.metrics.diversity import SolutionDiversity, grouped_solution_keys  # noqa: E402
 from simko.metrics.uncertainty import DEFAULT_RESAMPLES, summarize_counts  # noqa: E402
 from simko.models.lora import load_adapter_checkpoint, load_model  # noqa: E402
 from simko.rewards import final_answer, score_batch  # noqa: E402
-from simko.rollout import step_seed, tokenize_prompts  # noqa: E402
-from simko.train import exit_with_config_error  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +96,16 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         raise ValueError(f"data config {cfg.data._target_} has no held-out problems (val_source) to evaluate")
     n = int(cfg.eval.n)
     ks = sorted(int(k) for k in cfg.eval.ks) if cfg.eval.ks else default_ks(n)
-    metric = PassAtK(ks=ks)
-    diversity = SolutionDiversity()
     verifiers = instantiate(cfg.eval.verifiers) if cfg.eval.get("verifiers") else None
+    score = partial(score_batch, verifiers=verifiers)
     diag_k = min(int(cfg.eval.diagnostics_top_k), policy.get_output_embeddings().weight.shape[0])
-    diag_sum: dict[str, float] = defaultdict(float)
+    temperature = float(cfg.eval.temperature)
+    metrics = SampleMetrics(ks, diag_k, float(cfg.eval.diagnostics_tau))
+    token_stats = partial(rollout_token_stats, policy, temperature=temperature)  # (rows, top_k) -> TokenStats
     rows_out, answers_all, correct_all = [], [], []
     response_tokens = 0  # generated tokens up to and including EOS, summed over all samples
     batch = max(1, int(cfg.eval.prompts_per_batch))
+    micro_batch_size = int(cfg.eval.micro_batch_size)  # rows per forward of the diagnostics
     engine = build_engine(engine_name, policy, tokenizer, **(cfg.rollout.get(engine_name) or {}))
 
     with progress_bar("eval", len(problems)) as advance:
@@ -108,25 +113,14 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
             chunk = problems[start : start + batch]
             sampling = Sampling(
                 max_new_tokens=int(cfg.eval.max_new_tokens),
-                temperature=float(cfg.eval.temperature),
+                temperature=temperature,
                 top_p=float(cfg.eval.top_p),
                 seed=step_seed(cfg.seed, start, 0),
             )
-            rollouts = engine.generate(tokenize_prompts(tokenizer, [ex["prompt"] for ex in chunk]), n, sampling)
-            answers = [ex["answer"] for ex in chunk for _ in range(n)]
-            names = [ex["verifier"] for ex in chunk for _ in range(n)]
-            scores = torch.tensor(score_batch(rollouts.completions, answers, names, verifiers=verifiers))
-            correct = (scores >= 1.0).view(len(chunk), n)
-            metric.update(correct)
+            rollouts, scores, _ = sample_and_score(engine, tokenizer, chunk, n, sampling, score)
+            diagnostic_rows = _diagnostics_rows(len(chunk), n, cfg.eval.get("diagnostics_samples"))
+            correct = metrics.update(chunk, rollouts, scores, token_stats, micro_batch_size, diagnostic_rows)
             response_tokens += int(rollouts.response_mask.sum())
-            diversity.update(*grouped_solution_keys(chunk, rollouts.completions, correct))
-            if diag_k:
-                for idx in _diagnostics_rows(len(chunk), n, cfg.eval.get("diagnostics_samples")).split(
-                    int(cfg.eval.micro_batch_size)
-                ):
-                    stats = rollout_token_stats(policy, rollouts.rows(idx), diag_k, float(cfg.eval.temperature))
-                    for key, value in concentration_sums(stats, float(cfg.eval.diagnostics_tau)).items():
-                        diag_sum[key] += value  # token sums: the means are over all diagnosed tokens
             for i, ex in enumerate(chunk):
                 completions = rollouts.completions[i * n : (i + 1) * n]
                 extracted = [final_answer(c, ex["verifier"], verifiers) for c in completions]  # what its verifier reads
@@ -136,7 +130,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
             advance(len(chunk))
     engine.close()
 
-    result = metric.compute()
+    result, diversity, diagnostics = metrics.compute()
     num_samples = len(problems) * n
     uncertainty = summarize_counts(  # 95 % bootstrap intervals over problems; cover@tau (simko.metrics.cover)
         [[sum(c) for c in correct_all]], n, ks, cfg.eval.get("cover_taus") or DEFAULT_TAUS,
@@ -150,8 +144,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "maj@n": majority_at_n(answers_all, correct_all),
         "n": n,
         "num_problems": len(problems),
-        "diagnostics": metrics_from_sums(diag_sum),
-        "diversity": diversity.compute(),  # distinct correct solutions, their entropy and coverage (n samples)
+        "diagnostics": diagnostics,
+        "diversity": diversity,  # distinct correct solutions, their entropy and coverage (n samples)
         "response_tokens": response_tokens / num_samples,  # mean response length in tokens (EOS included)
         "config": {
             "model": OmegaConf.to_container(cfg.model),

@@ -3,7 +3,7 @@
 :func:`rollout_token_stats` runs the policy over the rows of a :class:`~simko.rollout.Rollouts` batch and returns
 the :class:`~simko.losses.TokenStats` of their response tokens, the LM head applied in sequence chunks. The G rows
 of a group share their prompt, so each distinct prompt can run once and hand its keys/values to its rows
-(:func:`prefix_cache`, also used by the HF engine to prefill each prompt once).
+(:func:`simko.kv_cache.prefix_cache`, which the HF engine uses to prefill each prompt once).
 """
 
 from __future__ import annotations
@@ -11,28 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from simko.kv_cache import position_ids_from_mask, prefix_cache
 from simko.losses.stats import TokenStats
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """0, 1, 2, ... over the real tokens of each row, as ``generate`` computes them; left padding gets 0 (it is
-    masked anyway), and positions after a row's last real token keep its last position."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def prefix_cache(model, ids: Tensor, mask: Tensor, position_ids: Tensor):
-    """The KV cache of ``ids`` under ``model`` (autograd as the caller's mode), or None where it is not a plain
-    ``DynamicCache`` of full-attention layers (sliding windows, static caches, ...): callers then keep the plain,
-    unshared path."""
-    from transformers import DynamicCache
-
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-    cache = getattr(out, "past_key_values", None)
-    if type(cache) is not DynamicCache or cache.get_seq_length() != ids.shape[1]:
-        return None
-    if any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", [None])):
-        return None
-    return cache
 
 
 def rollout_token_stats(

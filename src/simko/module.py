@@ -1,8 +1,12 @@
 """The RLVR LightningModule: one ``training_step`` is one RL step.
 
-    prompts -> G rollouts each (the rollout engine, ``rollout.engine``) -> verifier rewards -> the trained batch
-    (simko.sampling_filters: dynamic sampling, truncation masks, overlong penalty) -> group advantages
-    -> ppo_epochs x mini-batches of optimizer updates (simko.update) -> sync the engine's weights
+    prompts -> G rollouts each, scored by the verifiers (the rollout engine, ``rollout.engine``; simko.evaluation)
+    -> the step batch (simko.sampling_filters: dynamic sampling, truncation masks, rewards = scores + overlong
+    penalty) -> group advantages of the rewards -> ppo_epochs x mini-batches of optimizer updates (simko.update,
+    which gets the model, optimizer and strategy as plain callables) -> sync the engine's weights
+
+Validation samples and scores held-out prompts through the same path and accumulates pass@k, solution diversity
+and the concentration diagnostics as ``simko.eval`` does (:class:`simko.evaluation.SampleMetrics`).
 
 Optimization is manual: one RL step makes ``ppo_epochs * num_mini_batches`` optimizer steps, so Lightning's
 ``global_step`` counts optimizer updates and ``rl_step`` (logged) counts RL steps. Set ``rl_steps`` in
@@ -16,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -28,22 +31,25 @@ from torch import Tensor
 from simko import distributed
 from simko.correction import RolloutCorrection
 from simko.diagnostics import concentration_over_ranks, concentration_sums
-from simko.engines import RolloutEngine, Sampling, available_engines, build_engine, check_engine
+from simko.engines import RolloutEngine, Sampling, available_engines, build_engine, check_engine, step_seed
+from simko.evaluation import SampleMetrics, sample_and_score
 from simko.forward import rollout_token_stats
 from simko.losses import PolicyLoss, TokenStats
-from simko.metrics import PassAtK, default_ks
-from simko.metrics.diversity import SolutionDiversity, grouped_solution_keys
+from simko.metrics import default_ks
 from simko.models import lora
-from simko.rollout import Rollouts, step_seed, tokenize_prompts
+from simko.rewards import failure_counts, score_batch
+from simko.rewards.base import checked_scores
+from simko.rollout import Rollouts, eos_ids
 from simko.sampling_filters import (
     SUMMED_METRICS,
     DynamicSampling,
     OverlongPenalty,
+    assemble_step_batch,
     check_refill_source,
     knob_group,
-    module_step_batch,
+    refill_seed,
 )
-from simko.update import update_policy
+from simko.update import UpdateHooks, UpdateSchedule, update_policy
 
 
 class RLVRModule(LightningModule):
@@ -134,9 +140,9 @@ class RLVRModule(LightningModule):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not isinstance(loss, PolicyLoss):
             raise TypeError(f"loss must be a simko.losses.PolicyLoss (build_loss), got {type(loss).__name__}")
+        # An unknown engine, knobs that are not its own, vLLM not installed: fail now (the install command).
+        check_engine(engine, dict(engine_knobs.get(engine) or {}))
         engines = available_engines()
-        if engine not in engines:
-            raise ValueError(f"unknown rollout engine {engine!r} (rollout.engine); available: {', '.join(engines)}")
         unknown = sorted(set(engine_knobs) - set(engines))
         if unknown:
             raise TypeError(f"RLVRModule got unexpected arguments {unknown} (engine knobs: {', '.join(engines)})")
@@ -153,7 +159,6 @@ class RLVRModule(LightningModule):
         self.max_prompt_tokens = max_prompt_tokens
         self.engine_name = engine
         self.engine_knobs = dict(engine_knobs.get(engine) or {})
-        check_engine(engine, self.engine_knobs)  # e.g. vLLM not installed: fail now, with the install command
         if not isinstance(correction, RolloutCorrection):
             correction = RolloutCorrection(**dict(correction or {}))
         self.correction = correction
@@ -188,10 +193,8 @@ class RLVRModule(LightningModule):
             ref = copy.deepcopy(policy).eval().requires_grad_(False)
             object.__setattr__(self, "_reference", ref)
         self.rl_step = 0
-        # Not persistent: metric state never enters checkpoints.
-        self.val_pass_at_k = PassAtK(ks=default_ks(val_samples))
-        self.val_diversity = SolutionDiversity()
-        self._val_diag: dict[str, float] = defaultdict(float)  # token sums of the diagnostics of val samples
+        # pass@k, diversity and diagnostics of the validation samples (not persistent: never in checkpoints).
+        self.val_metrics = SampleMetrics(default_ks(val_samples), self.diagnostics_top_k, diagnostics_tau)
 
     # ------------------------------------------------------------------ Lightning plumbing
     def setup(self, stage: str) -> None:
@@ -254,46 +257,24 @@ class RLVRModule(LightningModule):
         lora.restore_base_weights(checkpoint, self.policy)  # LoRA: the base weights back, for the strict load
 
     def score(self, completions: list[str], answers: list[str], names: list[str]) -> list[float]:
+        """The verifiers' scores of ``completions`` (or those of the ``verifier`` given to the constructor)."""
         if self._verifier is not None:
-            from simko.rewards.base import checked_rewards
-
-            return checked_rewards(self._verifier(completions, answers, names), len(completions), "module.verifier")
-        from simko.rewards import score_batch
-
+            return checked_scores(self._verifier(completions, answers, names), len(completions), "module.verifier")
         return score_batch(completions, answers, names, verifiers=self.verifiers)
 
     def verifier_failures(self) -> dict[str, float]:
-        from simko.rewards import failure_counts
-
         return {f"verifier/{k}": float(v) for k, v in failure_counts(self.verifiers).items()}
 
     # ------------------------------------------------------------------ rollouts and token statistics
     def rollout(
-        self,
-        examples: list[dict],
-        step: int,
-        group_size: int,
-        temperature: float,
-        top_p: float,
-        seed_offset: int = 0,
-        seed: int | None = None,
+        self, examples: list[dict], group_size: int, temperature: float, top_p: float, seed: int
     ) -> tuple[Rollouts, Tensor, dict[str, float]]:
-        """Generate and score; returns rollouts, rewards [N] and timings. ``seed``: the sampling seed (default: the
-        step's, from ``step_seed``)."""
-        t0 = time.perf_counter()
-        prompt_ids = tokenize_prompts(self.tokenizer, [ex["prompt"] for ex in examples], self.max_prompt_tokens)
-        if seed is None:
-            seed = step_seed(self.seed + seed_offset, step, self.global_rank)
+        """Sample ``group_size`` completions per example with the engine and score them (:func:`simko.evaluation.
+        sample_and_score`): rollouts, verifier scores [N] and timings."""
         sampling = Sampling(max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        rollouts = self.engine.generate(prompt_ids, group_size, sampling)
-        t1 = time.perf_counter()
-        answers = [ex["answer"] for ex in examples for _ in range(group_size)]
-        names = [ex["verifier"] for ex in examples for _ in range(group_size)]
-        rewards = torch.tensor(
-            self.score(rollouts.completions, answers, names), dtype=torch.float32, device=self.device
+        return sample_and_score(
+            self.engine, self.tokenizer, examples, group_size, sampling, self.score, self.max_prompt_tokens, self.device
         )
-        t2 = time.perf_counter()
-        return rollouts, rewards, {"time/generate": t1 - t0, "time/score": t2 - t1}
 
     def token_stats(self, model: torch.nn.Module, rows: dict[str, Tensor], top_k: int) -> TokenStats:
         """TokenStats of the response tokens of ``rows`` under ``model`` at the rollout temperature."""
@@ -307,38 +288,62 @@ class RLVRModule(LightningModule):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)  # mem/max_allocated_gib is this step's peak
         G = self.group_size
-        rollouts, scores, timings = self.rollout(examples, step, G, self.temperature, self.top_p)
-        trained = module_step_batch(self, examples, step, rollouts, scores, timings)  # filters, refills
 
+        # 1. Sample G completions per prompt and score them with the verifiers.
+        seed = step_seed(self.seed, step, self.global_rank)
+        rollouts, scores, timings = self.rollout(examples, G, self.temperature, self.top_p, seed)
+
+        # 2. What is trained on (simko.sampling_filters): zero-variance groups dropped and refilled (dynamic
+        #    sampling), truncated completions masked, and rewards = scores + the overlong penalty.
+        trained = assemble_step_batch(
+            rollouts,
+            scores,
+            examples,
+            max_new_tokens=self.max_new_tokens,
+            tokenizer=self.tokenizer,
+            eos_token_ids=eos_ids(self.policy, self.tokenizer),
+            dynamic_sampling=self.dynamic_sampling,
+            mask_truncated=self.mask_truncated,
+            overlong=self.overlong,
+            draw=partial(self._refill_round, step, timings),
+            any_rank=partial(self.trainer.strategy.reduce_boolean_decision, all=False),  # ranks agree on rounds
+        )
+
+        # 3. Group advantages from the rewards; ppo_epochs x num_mini_batches optimizer updates (simko.update).
         t_update = time.perf_counter()
         advantages = self.loss_fn.compute_advantages(trained.rewards.view(-1, G)).reshape(-1)
         diag_k = self.diagnostics_top_k
-        metrics, diagnostics = update_policy(
-            self.loss_fn,
-            trained.rollouts,
-            trained.scores,  # the verifier's rewards: what a loss calls correct (SimKO)
-            advantages,
+        hooks = UpdateHooks(
             token_stats=partial(self.token_stats, self.policy),
             optimizer_step=self._optimizer_step,
             zero_grad=partial(self.optimizers().zero_grad, set_to_none=True),
-            generator=torch.Generator().manual_seed(step_seed(self.seed, step, 0)),  # the group shuffle
-            ppo_epochs=self.ppo_epochs,
-            num_mini_batches=self.num_mini_batches,
-            micro_batch_size=self.micro_batch_size,
             reference_stats=self._reference_stats(),
-            stats_top_k=max(self.loss_fn.top_k, diag_k),
             backward=self.manual_backward,
             no_sync=partial(distributed.no_sync, self.trainer.strategy),
             diagnose=self._diagnostics if diag_k else None,
+        )
+        schedule = UpdateSchedule(
+            ppo_epochs=self.ppo_epochs,
+            num_mini_batches=self.num_mini_batches,
+            micro_batch_size=self.micro_batch_size,
+            shuffle_seed=step_seed(self.seed, step, 0),  # the group shuffle, the same on every rank
+            stats_top_k=max(self.loss_fn.top_k, diag_k),
             correction=self.correction,
             where=f" at RL step {step}",
         )
+        metrics, diagnostics = update_policy(
+            self.loss_fn, trained.rollouts, trained.scores, advantages, hooks, schedule
+        )
+
+        # 4. The next RL step samples from the updated policy.
         t_sync = time.perf_counter()
-        self.engine.sync_weights(lora.engine_view(self.policy))  # the next RL step samples from the updated policy
+        self.engine.sync_weights(lora.engine_view(self.policy))
         timings["time/update"] = t_sync - t_update
         timings["time/weight_sync"] = time.perf_counter() - t_sync
         timings["time/step"] = time.perf_counter() - t_step
         self.rl_step = step + 1
+
+        # 5. Log: the step's first generation (reward, lengths), the update's metrics, the diagnostics.
         metrics = {
             k if k.startswith("rollout/") else f"train/{k}": v for k, v in {**metrics, **trained.metrics}.items()
         }
@@ -349,7 +354,17 @@ class RLVRModule(LightningModule):
         # The step's trained rollouts as text, for logging samples (simko.callbacks.samples.RolloutSamples).
         self.last_rollout = dict(step=step, examples=trained.examples, completions=trained.rollouts.completions,
                                  rewards=trained.rewards, advantages=advantages)  # fmt: skip
-        self._log_step(rollouts, scores, metrics, timings)  # reward, lengths: the step's first generation
+        self._log_step(rollouts, scores, metrics, timings)
+
+    def _refill_round(self, step: int, timings: dict, round_: int) -> tuple[Rollouts, Tensor, list[dict]]:
+        """Extra generation round ``round_`` of dynamic sampling: the data module's refill prompts for (step, round),
+        sampled with their own seed (:func:`simko.sampling_filters.refill_seed`); its time adds to ``timings``."""
+        examples = self.trainer.datamodule.refill_examples(step, round_)
+        seed = refill_seed(self.seed, step, self.global_rank, round_)
+        rollouts, scores, more_timings = self.rollout(examples, self.group_size, self.temperature, self.top_p, seed)
+        for key, value in more_timings.items():
+            timings[key] += value
+        return rollouts, scores, examples
 
     def _reference_stats(self):
         """The frozen reference's token statistics for a KL term (a copy of the policy, or a LoRA policy's base)."""
@@ -381,12 +396,13 @@ class RLVRModule(LightningModule):
             return strategy.reduce(values.to(self.device), reduce_op="sum")
         return values
 
-    def _log_step(self, rollouts: Rollouts, rewards: Tensor, metrics: dict, timings: dict) -> None:
+    def _log_step(self, rollouts: Rollouts, scores: Tensor, metrics: dict, timings: dict) -> None:
+        """``train/reward`` and the solved counts are of the verifier scores of the step's first generation."""
         G = self.group_size
-        grouped = rewards.view(-1, G)
+        grouped = scores.view(-1, G)
         lengths = rollouts.response_mask.sum(1).float()
         log = {
-            "reward": rewards.mean().item(),
+            "reward": scores.mean().item(),
             "solved_all": (grouped.min(1).values >= 1.0).float().sum().item(),
             "solved_none": (grouped.max(1).values <= 0.0).float().sum().item(),
             "response_len": lengths.mean().item(),
@@ -426,41 +442,25 @@ class RLVRModule(LightningModule):
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
         """Sample n completions per held-out prompt (same seeds at every validation) and score them; pass@k, the
-        solution diversity of the correct samples and the concentration diagnostics of all samples."""
-        n = self.val_sampling["group_size"]
-        rollouts, rewards, _ = self.rollout(
-            batch,
-            10_000_000 + batch_idx,
-            n,
-            self.val_sampling["temperature"],
-            self.val_sampling["top_p"],
-            seed_offset=1,
-        )
-        correct = rewards.view(-1, n) >= 1.0
-        self.val_pass_at_k.update(correct)
-        self.val_diversity.update(*grouped_solution_keys(batch, rollouts.completions, correct))
-        if self.diagnostics_top_k:
-            for idx in torch.arange(rollouts.num_rows, device=self.device).split(self.micro_batch_size):
-                stats = self.token_stats(self.policy, rollouts.rows(idx), top_k=self.diagnostics_top_k)
-                for key, value in concentration_sums(stats, self.diagnostics_tau).items():
-                    self._val_diag[key] += value
+        solution diversity of the correct samples and the concentration diagnostics of all samples
+        (:class:`simko.evaluation.SampleMetrics`, as ``simko.eval``)."""
+        seed = step_seed(self.seed + 1, 10_000_000 + batch_idx, self.global_rank)
+        n, temperature, top_p = (self.val_sampling[key] for key in ("group_size", "temperature", "top_p"))
+        rollouts, scores, _ = self.rollout(batch, n, temperature, top_p, seed)
+        self.val_metrics.update(batch, rollouts, scores, partial(self.token_stats, self.policy), self.micro_batch_size)
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_pass_at_k.update_count == 0:
+        if self.val_metrics.update_count == 0:
             return
-        result = self.val_pass_at_k.compute()  # synced across ranks by torchmetrics
-        self.val_pass_at_k.reset()
-        for k, value in result.items():
+        pass_at_k, diversity, diagnostics = self.val_metrics.compute(self.trainer.strategy, self.device)
+        # Every value is over all ranks' samples already (torchmetrics' sync, the diagnostics' all-reduce), so every
+        # rank holds the same one: sync_dist tells Lightning so (it warns otherwise), and the max of equal values is
+        # that value exactly.
+        for k, value in pass_at_k.items():
             name = f"val/{k}" if isinstance(k, str) else f"val/pass@{k}"
-            # torchmetrics has already synced the value, so every rank holds the same one; sync_dist tells Lightning
-            # so (it warns otherwise), and the max of equal values is that value exactly.
             self.log(name, value, prog_bar=k == 1, rank_zero_only=False, sync_dist=True, reduce_fx="max")
-        diversity = self.val_diversity.compute()  # synced across ranks by torchmetrics, as pass@k
-        self.val_diversity.reset()
-        diagnostics = concentration_over_ranks(dict(self._val_diag), self.trainer.strategy, self.device)
-        self._val_diag.clear()
         for key, value in diversity.items():
             if value == value:  # NaN: undefined here (no solved problem, unknown solution counts); same on all ranks
                 self.log(f"val/{key}", value, rank_zero_only=False, sync_dist=True, reduce_fx="max")
-        for key, value in diagnostics.items():  # over every rank's samples already: equal on all ranks
+        for key, value in diagnostics.items():
             self.log(f"val/{key}", value, rank_zero_only=False, sync_dist=True, reduce_fx="max")

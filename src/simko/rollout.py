@@ -2,10 +2,9 @@
 
 An engine (:mod:`simko.engines`) samples token ids; :func:`build_rollouts` turns prompt ids + response ids into
 :class:`Rollouts` (left-padded prompt block, response block trimmed to the longest real response, masks, decoded
-completions), so every engine shares one code path for padding, masks, trimming and decoding.
-:func:`generate_rollouts` is the one-call convenience (tokenize, sample with the HF engine) for scripts and tests.
-Sampling is seeded per (seed, step, rank) (:func:`step_seed`), so a resumed run samples exactly what the
-uninterrupted run would have, without storing RNG state in checkpoints.
+completions), so every engine shares one code path for padding, masks, trimming and decoding. The rest of this
+module are its helpers (EOS ids, padding, the response mask). Sampling (:mod:`simko.engines`) and the update
+(:mod:`simko.update`) both read this type; it imports neither.
 """
 
 from __future__ import annotations
@@ -76,11 +75,6 @@ class Rollouts:
         }
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """A distinct, reproducible 63-bit seed per (run seed, RL step, rank)."""
-    return (seed * 1_000_003 + step * 1_009 + rank * 7_919 + 17) % (2**63 - 1)
-
-
 def response_mask_from_tokens(response: Tensor, eos_token_ids: list[int]) -> Tensor:
     """True up to and including the first EOS of each row (all True when a row has none: truncated)."""
     is_eos = torch.isin(response, torch.tensor(eos_token_ids, device=response.device))
@@ -98,17 +92,6 @@ def eos_ids(model, tokenizer) -> list[int]:
     if not ids:
         raise ValueError("the tokenizer and the model's generation_config define no EOS token")
     return ids
-
-
-def tokenize_prompts(tokenizer, prompts: Sequence[str], max_prompt_tokens: int | None = None) -> list[list[int]]:
-    """Prompt token ids as the engines take them: no special tokens added, truncated to ``max_prompt_tokens``."""
-    enc = tokenizer(
-        list(prompts),
-        add_special_tokens=False,
-        truncation=max_prompt_tokens is not None,
-        max_length=max_prompt_tokens,
-    )
-    return [list(ids) for ids in enc["input_ids"]]
 
 
 def left_pad(ids: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
@@ -185,24 +168,3 @@ def build_rollouts(
         truncated=~has_eos,
         sampler_logprobs=logprobs,
     )
-
-
-def generate_rollouts(
-    model,
-    tokenizer,
-    prompts: list[str],
-    group_size: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    max_prompt_tokens: int | None = None,
-    synced_gpus: bool = False,
-) -> Rollouts:
-    """Tokenize ``prompts`` and sample ``group_size`` responses each with the HF engine (scripts and tests; the
-    trainer and ``simko.eval`` hold an engine of the configured kind)."""
-    from simko.engines import HFEngine, Sampling
-
-    engine = HFEngine(model, tokenizer, synced_gpus=synced_gpus)
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    return engine.generate(tokenize_prompts(tokenizer, prompts, max_prompt_tokens), group_size, sampling)

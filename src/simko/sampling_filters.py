@@ -1,10 +1,13 @@
 """What of an RL step's sampled batch is trained on, and with which reward: zero-variance groups, dynamic sampling
 (DAPO), masking of truncated completions (TRL) and DAPO's soft overlong punishment.
 
-``RLVRModule.training_step`` samples and scores the step's prompts, then hands them to :func:`assemble_step_batch`:
+``RLVRModule.training_step`` samples and scores the step's prompts, then builds its :class:`StepBatch` with
+:func:`assemble_step_batch`. Two words keep apart what is measured and what is optimized: a response's **score** is
+its verifier's verdict, and its **reward** is the score plus the reward terms here (the overlong penalty), which is
+what the advantages see. A loss that asks whether a response is correct (SimKO) reads the score.
 
-1. **Zero-variance groups** are counted: groups whose G verifier rewards are all equal (``max - min <= tolerance``,
-   not ``std != 0``: rewards computed in floating point can differ by rounding). Their group-centred advantages are
+1. **Zero-variance groups** are counted: groups whose G verifier scores are all equal (``max - min <= tolerance``,
+   not ``std != 0``: scores computed in floating point can differ by rounding). Their group-centred advantages are
    0, so they train nothing but still dilute a token mean.
 2. **Dynamic sampling** (:class:`DynamicSampling`, DAPO, Yu et al. 2025, arXiv 2503.14476; verl's
    ``algorithm.filter_groups``): drop the zero-variance groups and refill the batch from extra generation rounds,
@@ -22,7 +25,7 @@
    ``mask_truncated_completions``); they still count in their group's advantage baseline, as in TRL.
 4. **Overlong punishment** (:class:`OverlongPenalty`, DAPO's soft overlong punishment; verl's ``DAPORewardManager``
    with ``overlong_buffer``): a reward term that falls linearly from 0 at ``max_new_tokens - buffer`` tokens to
-   ``-penalty_factor`` at ``max_new_tokens``, added to the verifier reward before the advantages.
+   ``-penalty_factor`` at ``max_new_tokens``, added to the verifier score: the reward the advantages see.
 
 Rows without loss keep their place in the batch (:func:`mask_rows`: ``Rollouts.loss_rows``): they contribute no
 token to the loss, its aggregation weights or the KL term, and are still seen by the diagnostics (``diag/*`` describe
@@ -38,7 +41,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch import Tensor
 
-from simko.rollout import Rollouts, build_rollouts, eos_ids
+from simko.rollout import Rollouts, build_rollouts
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class DynamicSampling:
         enabled: drop zero-variance groups and refill the batch (off: only count them).
         max_extra_generations: extra generation rounds per RL step at most (each samples the rank's share of
             prompts again, G rollouts each); 0 drops without refilling.
-        tolerance: rewards of a group that differ by at most this count as equal (also for the logged
+        tolerance: scores of a group that differ by at most this count as equal (also for the logged
             ``train/zero_var_groups``).
     """
 
@@ -118,13 +121,13 @@ class OverlongPenalty:
 
 
 def zero_variance(scores: Tensor, tolerance: float) -> Tensor:
-    """[P] bool: the groups (rows of ``scores`` [P, G]) whose rewards all lie within ``tolerance`` of each other."""
+    """[P] bool: the groups (rows of ``scores`` [P, G]) whose scores all lie within ``tolerance`` of each other."""
     return (scores.max(dim=1).values - scores.min(dim=1).values) <= tolerance
 
 
 def refill_seed(seed: int, step: int, rank: int, round_: int) -> int:
     """The sampling seed of extra generation round ``round_`` (>= 1) of RL step ``step`` on ``rank``: a hash, so it
-    collides with no main-stream seed (``simko.rollout.step_seed``) of this or another run seed."""
+    collides with no main-stream seed (``simko.engines.step_seed``) of this or another run seed."""
     digest = hashlib.blake2b(f"refill/{seed}/{step}/{rank}/{round_}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % (2**63 - 1)
 
@@ -216,9 +219,9 @@ def take_groups(parts: list[Rollouts], picks: list[tuple[int, int]], tokenizer, 
 class StepBatch:
     """What the update of one RL step trains on.
 
-    rollouts: the trained groups (rows without loss: ``loss_rows``); scores: their verifier
-    rewards [N]; rewards: scores plus the overlong penalty [N] (what the advantages see); examples: their prompts'
-    examples; metrics: ``train/*`` of the filters.
+    rollouts: the trained groups (rows without loss: ``loss_rows``); scores: their verifier scores [N] (what a
+    loss calls correct); rewards: scores plus the overlong penalty [N] (what the advantages see); examples: their
+    prompts' examples; metrics: ``train/*`` of the filters.
     """
 
     rollouts: Rollouts
@@ -301,33 +304,3 @@ def assemble_step_batch(
         metrics["overlong_penalty"] = float(penalty.mean())
         metrics["overlong_frac"] = float((penalty < 0).float().mean())
     return StepBatch(mask_rows(rollouts, keep_rows), scores, rewards, examples, metrics)
-
-
-def module_step_batch(module, examples: list[dict], step: int, rollouts: Rollouts, scores: Tensor, timings: dict):
-    """:func:`assemble_step_batch` for ``RLVRModule.training_step``, with the module's knobs: extra rounds sample
-    the data module's refill stream (:meth:`PromptDataModule.refill_examples`) with :func:`refill_seed` through
-    ``module.rollout`` (their time added to ``timings``); the ranks agree through the strategy's boolean reduce."""
-
-    def draw(round_: int) -> tuple[Rollouts, Tensor, list[dict]]:
-        more = module.trainer.datamodule.refill_examples(step, round_)
-        seed = refill_seed(module.seed, step, module.global_rank, round_)
-        more_rollouts, more_scores, more_timings = module.rollout(
-            more, step, module.group_size, module.temperature, module.top_p, seed=seed
-        )
-        for key, value in more_timings.items():
-            timings[key] += value
-        return more_rollouts, more_scores, more
-
-    return assemble_step_batch(
-        rollouts,
-        scores,
-        examples,
-        max_new_tokens=module.max_new_tokens,
-        tokenizer=module.tokenizer,
-        eos_token_ids=eos_ids(module.policy, module.tokenizer),
-        dynamic_sampling=module.dynamic_sampling,
-        mask_truncated=module.mask_truncated,
-        overlong=module.overlong,
-        draw=draw,
-        any_rank=lambda short: module.trainer.strategy.reduce_boolean_decision(short, all=False),
-    )

@@ -31,7 +31,6 @@ check_torch_extensions()  # a torchvision built for another torch: the fix, befo
 
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
-from hydra.errors import InstantiationException  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from lightning.fabric.plugins.environments import SLURMEnvironment  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
@@ -49,7 +48,15 @@ from simko.checkpointing import (  # noqa: E402
     read_checkpoint,
     stop_agreed,
 )
-from simko.checks import build_data, build_loss, check_against_model, check_train_config, check_world_size  # noqa: E402
+from simko.checks import (  # noqa: E402
+    CONFIG_ERRORS,
+    build_data,
+    build_loss,
+    check_against_model,
+    check_train_config,
+    check_world_size,
+    exit_with_config_error,
+)
 from simko.config import check_config_dir, import_modules  # noqa: E402
 from simko.console import progress_bar_enabled, quiet_library_warnings  # noqa: E402
 from simko.engines import check_engine  # noqa: E402
@@ -61,23 +68,12 @@ from simko.runs import (  # noqa: E402
     continued_run_step,
     resolve_ckpt_path,
     resume_command,
-    stop_signal,
-    stopping_on_signals,
 )
 from simko.steplog import RLStepLogging  # noqa: E402
+from simko.stopping import stop_signal, stopping_on_signals  # noqa: E402
 
 log = logging.getLogger(__name__)
 quiet_library_warnings()
-
-# Errors a bad config or bad input raises while the run is being built (a CheckpointError is a ValueError):
-# reported as one message, no traceback.
-CONFIG_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, InstantiationException)
-
-
-def exit_with_config_error(err: BaseException) -> None:
-    message = str(err).strip() or type(err).__name__
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def build(cfg: DictConfig, resume_step: int | None = None):
@@ -267,7 +263,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         except (RunStopped, SIGTERMException):
             exit_stopped(trainer, cfg)
-        except VerifierError as err:  # a verifier broke its contract (not one reward per completion): its bug
+        except VerifierError as err:  # a verifier broke its contract (not one score per completion): its bug
             print(f"error: {err} (at RL step {int(module.rl_step) + 1})", file=sys.stderr)
             raise SystemExit(1) from None
         except OSError as err:

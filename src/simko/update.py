@@ -1,5 +1,6 @@
 """The update half of an RL step, as plain functions: ``RLVRModule.training_step``, ``benchmarks/loss_step.py`` and
-the tests all run this code.
+the tests all run this code. It knows no Lightning: what it calls into the model, the optimizer and the strategy
+comes in one :class:`UpdateHooks`, the counts and knobs in one :class:`UpdateSchedule`.
 
     old log-probs (only when a token is used after the policy moved) -> for each of ppo_epochs x mini-batches:
         zero_grad -> for each micro-batch: token statistics -> loss -> backward(loss * weight)  -> optimizer step
@@ -19,17 +20,65 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from simko.correction import MismatchMeter, RolloutCorrection
 from simko.losses import PolicyLoss, TokenStats
+from simko.losses.stats import StatsFn
 from simko.rollout import Rollouts
 
-# (rows of Rollouts.rows, top_k) -> TokenStats of their response tokens under the policy (differentiable).
-StatsFn = Callable[[dict[str, Tensor], int], TokenStats]
+
+@dataclass(frozen=True)
+class UpdateHooks:
+    """What the update calls: the model's forwards, the optimizer and the strategy's gradient plumbing.
+
+    Args:
+        token_stats: the policy's forward, ``(rows, top_k) -> TokenStats`` (differentiable).
+        optimizer_step: clips, steps the optimizer (and the schedule) and returns the gradient norm before
+            clipping; required by :func:`update_policy`.
+        zero_grad: clears the gradients before each mini-batch; required by :func:`update_policy`.
+        reference_stats: the frozen reference's forward when the loss has a KL term (None: no reference).
+        backward: runs on each micro-batch's scaled loss (Lightning: ``manual_backward``).
+        no_sync: the context for all but the last micro-batch of a mini-batch (DDP: no gradient all-reduce).
+        diagnose: ``diagnose(stats) -> token sums`` of the concentration diagnostics
+            (:func:`simko.diagnostics.concentration_sums`), seen by the first mini-batch (None: off).
+    """
+
+    token_stats: StatsFn
+    optimizer_step: Callable[[], float] | None = None
+    zero_grad: Callable[[], None] | None = None
+    reference_stats: StatsFn | None = None
+    backward: Callable[[Tensor], None] = Tensor.backward
+    no_sync: Callable[[], AbstractContextManager] = nullcontext
+    diagnose: Callable[[TokenStats], dict[str, float]] | None = None
+
+
+@dataclass(frozen=True)
+class UpdateSchedule:
+    """How the update walks one RL step's batch.
+
+    Args:
+        ppo_epochs: passes over the batch.
+        num_mini_batches: optimizer steps per pass (whole groups each).
+        micro_batch_size: rows per forward/backward.
+        shuffle_seed: seeds the group shuffle of every epoch (:func:`minibatch_rows`).
+        stats_top_k: top-K candidates computed per token (>= the loss's ``top_k``; more when ``diagnose`` needs
+            them); None: the loss's.
+        correction: importance weights from the sampler to the old policy (:class:`simko.correction.
+            RolloutCorrection`; None or disabled: off).
+        where: appended to the non-finite-loss error (e.g. `` at RL step 7``).
+    """
+
+    ppo_epochs: int = 1
+    num_mini_batches: int = 1
+    micro_batch_size: int = 16
+    shuffle_seed: int = 0
+    stats_top_k: int | None = None
+    correction: RolloutCorrection | None = None
+    where: str = ""
 
 
 def minibatch_rows(
@@ -62,56 +111,55 @@ def micro_batches(
 
 @torch.no_grad()
 def sampled_logprobs(token_stats: StatsFn, rollouts: Rollouts, micro_batch_size: int) -> Tensor:
-    """Log-probs [N, R] of the sampled tokens under the model behind ``token_stats`` (no grad), micro-batched."""
+    """Log-probs [N, R] of the sampled tokens under the model behind ``token_stats`` (no grad), micro-batched, in
+    the dtype of the model's log-probs (float32 for float32 and bfloat16 models, float64 for float64 ones)."""
     mask = rollouts.response_mask
-    out = torch.zeros(mask.shape, device=mask.device)
+    out = None
     for idx in torch.arange(rollouts.num_rows, device=mask.device).split(micro_batch_size):
         lp = token_stats(rollouts.rows(idx), 0).logprobs
+        if out is None:
+            out = torch.zeros(mask.shape, dtype=lp.dtype, device=mask.device)
         out[idx, : lp.shape[1]] = lp
-    return out
+    return out if out is not None else torch.zeros(mask.shape, device=mask.device)
 
 
 def accumulate_gradients(
     loss_fn: PolicyLoss,
     rollouts: Rollouts,
-    rows: Tensor,
-    token_stats: StatsFn,
+    scores: Tensor,
     advantages: Tensor,
-    rewards: Tensor,
-    micro_batch_size: int,
+    rows: Tensor,
+    hooks: UpdateHooks,
+    schedule: UpdateSchedule,
     metrics: dict[str, float],
     *,
     old_logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
-    stats_top_k: int | None = None,
-    backward: Callable[[Tensor], None] = Tensor.backward,
-    no_sync: Callable[[], AbstractContextManager] = nullcontext,
-    diagnose: Callable[[TokenStats], dict[str, float]] | None = None,
     diagnostics: dict[str, float] | None = None,
-    correction: RolloutCorrection | None = None,
     mismatch: MismatchMeter | None = None,
-    where: str = "",
 ) -> None:
     """Accumulate into the parameters' ``.grad`` the gradient of ``loss_fn`` over the rollout ``rows`` (one
     mini-batch), micro-batch by micro-batch; add the weighted loss metrics into ``metrics``.
 
-    ``old_logprobs`` [N, R]: None means the rows are used by the policy that sampled them (ratio 1, the current
-    log-probs detached). ``stats_top_k``: candidates computed per token (>= the loss's ``top_k``; more when
-    ``diagnose`` needs them). ``diagnose(stats)`` sees each micro-batch's statistics and returns token sums
-    (:func:`simko.diagnostics.concentration_sums`), added into ``diagnostics``. ``backward`` runs on each scaled
-    loss, inside ``no_sync()`` for all but the last micro-batch (DDP: one gradient all-reduce per mini-batch). A
-    non-finite loss raises before anything is applied.
+    ``scores`` [N]: the verifier's scores (what a loss calls correct: SimKO); ``advantages`` [N]. ``old_logprobs``
+    [N, R]: None means the rows are used by the policy that sampled them (ratio 1, the current log-probs detached).
+    ``diagnostics``: when given (and ``hooks.diagnose`` is set), each micro-batch's diagnostic token sums are added
+    into it. ``hooks.backward`` runs on each scaled loss, inside ``hooks.no_sync()`` for all but the last
+    micro-batch (DDP: one gradient all-reduce per mini-batch). A non-finite loss raises before anything is applied.
 
     When the engine reported ``rollouts.sampler_logprobs``: ``mismatch`` (if given) accumulates the sampler-trainer
-    mismatch of these rows (old log-probs vs the sampler's), and an enabled ``correction`` hands the loss its
-    importance weights (``is_weights``) and adds ``rollout/is_weight_mean`` / ``rollout/is_capped_frac``.
+    mismatch of these rows (old log-probs vs the sampler's), and an enabled ``schedule.correction`` hands the loss
+    its importance weights (``is_weights``) and adds ``rollout/is_weight_mean`` / ``rollout/is_capped_frac``.
     """
-    top_k = loss_fn.top_k if stats_top_k is None else stats_top_k
-    micro, weights, total_weight = micro_batches(rows, micro_batch_size, rollouts.loss_mask, loss_fn, advantages)
+    top_k = loss_fn.top_k if schedule.stats_top_k is None else schedule.stats_top_k
+    correction = schedule.correction
+    micro, weights, total_weight = micro_batches(
+        rows, schedule.micro_batch_size, rollouts.loss_mask, loss_fn, advantages
+    )
     for i, (idx, w) in enumerate(zip(micro, weights)):
-        stats = token_stats(rollouts.rows(idx), top_k)
-        if diagnose is not None and diagnostics is not None:
-            for k, v in diagnose(stats).items():  # token sums (rows without loss too): they add up
+        stats = hooks.token_stats(rollouts.rows(idx), top_k)
+        if hooks.diagnose is not None and diagnostics is not None:
+            for k, v in hooks.diagnose(stats).items():  # token sums (rows without loss too): they add up
                 diagnostics[k] += v
         R = stats.mask.shape[1]
         if rollouts.loss_rows is not None:  # rows without loss (simko.sampling_filters): no token in the loss
@@ -130,17 +178,17 @@ def accumulate_gradients(
             stats.with_top_k(loss_fn.top_k),
             old_logprobs=old,
             advantages=advantages[idx],
-            rewards=rewards[idx],
+            scores=scores[idx],
             ref_logprobs=ref_logprobs[idx, :R] if ref_logprobs is not None else None,
             is_weights=is_weights,
         )
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
-                f"non-finite loss {out.loss.item()}{where}, micro-batch {i}: "
+                f"non-finite loss {out.loss.item()}{schedule.where}, micro-batch {i}: "
                 f"metrics {out.metrics}. Stopping before the optimizer applies it."
             )
-        with no_sync() if i < len(micro) - 1 else nullcontext():
-            backward(out.loss * (w / total_weight))
+        with hooks.no_sync() if i < len(micro) - 1 else nullcontext():
+            hooks.backward(out.loss * (w / total_weight))
         for k, v in out.metrics.items():
             metrics[k] += v * w / total_weight
 
@@ -148,42 +196,37 @@ def accumulate_gradients(
 def update_policy(
     loss_fn: PolicyLoss,
     rollouts: Rollouts,
-    rewards: Tensor,
+    scores: Tensor,
     advantages: Tensor,
-    token_stats: StatsFn,
-    optimizer_step: Callable[[], float],
-    zero_grad: Callable[[], None],
-    generator: torch.Generator,
-    *,
-    ppo_epochs: int = 1,
-    num_mini_batches: int = 1,
-    micro_batch_size: int = 16,
-    reference_stats: StatsFn | None = None,
-    stats_top_k: int | None = None,
-    backward: Callable[[Tensor], None] = Tensor.backward,
-    no_sync: Callable[[], AbstractContextManager] = nullcontext,
-    diagnose: Callable[[TokenStats], dict[str, float]] | None = None,
-    correction: RolloutCorrection | None = None,
-    where: str = "",
+    hooks: UpdateHooks,
+    schedule: UpdateSchedule,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """All ``ppo_epochs x num_mini_batches`` optimizer updates of one RL step.
 
-    ``optimizer_step()`` clips, steps (and schedules) and returns the gradient norm; ``reference_stats`` is the
-    frozen reference's forward when the loss has a KL term. ``diagnose`` sees the statistics of the first
-    mini-batch, under the policy that sampled the rollouts. Returns (loss metrics and ``grad_norm`` averaged over
-    the updates, the diagnostics' token sums over the first mini-batch).
+    ``rollouts``: the step batch (rows without loss: ``loss_rows``); ``scores`` [N]: their verifier scores;
+    ``advantages`` [N]: from the rewards (:meth:`PolicyLoss.compute_advantages`). ``hooks.diagnose`` sees the
+    statistics of the first mini-batch, under the policy that sampled the rollouts. Returns (loss metrics and
+    ``grad_norm`` averaged over the updates, the diagnostics' token sums over the first mini-batch).
 
     When the engine reported ``rollouts.sampler_logprobs``, the metrics also hold the sampler-trainer mismatch of
     the whole batch (``rollout/logp_abs_diff``, ``rollout/ratio_outside_frac``, ``rollout/seq_kl``,
     ``rollout/seq_kl_k1``; :mod:`simko.correction`), measured against the old log-probs (the policy that
-    sampled), and ``correction`` (off by default) reweights every token's PPO term by its importance weight.
+    sampled), and ``schedule.correction`` (off by default) reweights every token's PPO term by its importance
+    weight.
     """
+    if hooks.optimizer_step is None or hooks.zero_grad is None:
+        raise ValueError("update_policy needs hooks.optimizer_step and hooks.zero_grad")
     # Old log-probs are needed only if some token is used after the policy has moved.
-    needs_old = ppo_epochs * num_mini_batches > 1
-    old_logprobs = sampled_logprobs(token_stats, rollouts, micro_batch_size) if needs_old else None
-    ref_logprobs = sampled_logprobs(reference_stats, rollouts, micro_batch_size) if reference_stats else None
+    needs_old = schedule.ppo_epochs * schedule.num_mini_batches > 1
+    micro_batch_size = schedule.micro_batch_size
+    old_logprobs = sampled_logprobs(hooks.token_stats, rollouts, micro_batch_size) if needs_old else None
+    reference = hooks.reference_stats
+    ref_logprobs = sampled_logprobs(reference, rollouts, micro_batch_size) if reference is not None else None
     device = rollouts.response_mask.device
-    batches = minibatch_rows(rollouts.num_rows, rollouts.group_size, ppo_epochs, num_mini_batches, generator, device)
+    generator = torch.Generator().manual_seed(schedule.shuffle_seed)
+    batches = minibatch_rows(
+        rollouts.num_rows, rollouts.group_size, schedule.ppo_epochs, schedule.num_mini_batches, generator, device
+    )
     metrics: dict[str, float] = defaultdict(float)
     diagnostics: dict[str, float] = defaultdict(float)
     mismatch = MismatchMeter() if rollouts.sampler_logprobs is not None else None
@@ -192,28 +235,22 @@ def update_policy(
     # Otherwise there is one update (ppo_epochs x num_mini_batches == 1): its micro-batches see every row once.
     in_loop = mismatch if old_logprobs is None else None
     for n, rows in enumerate(batches):
-        zero_grad()
+        hooks.zero_grad()
         accumulate_gradients(
             loss_fn,
             rollouts,
-            rows,
-            token_stats,
+            scores,
             advantages,
-            rewards,
-            micro_batch_size,
+            rows,
+            hooks,
+            schedule,
             metrics,
             old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs,
-            stats_top_k=stats_top_k,
-            backward=backward,
-            no_sync=no_sync,
-            diagnose=diagnose if n == 0 else None,
-            diagnostics=diagnostics,
-            correction=correction,
+            diagnostics=diagnostics if n == 0 else None,
             mismatch=in_loop if n == 0 else None,
-            where=where,
         )
-        metrics["grad_norm"] += optimizer_step()
+        metrics["grad_norm"] += hooks.optimizer_step()
     out = {k: v / max(len(batches), 1) for k, v in metrics.items()}
     if mismatch is not None:
         out.update({f"rollout/{k}": v for k, v in mismatch.result().items()})

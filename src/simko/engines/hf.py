@@ -4,6 +4,8 @@ Generation is the dominant cost of an RLVR step (trl #2610): all G x prompts of 
 call with the KV cache. The G rows of a group share their prompt, so the prompt is prefilled once per prompt (not
 once per row) and its KV cache is repeated G times before decoding starts (:func:`shared_prompt_cache`). The
 policy is the sampler, so there are no weights to sync and no sampler log-probs to report.
+
+:func:`generate_rollouts` is the one-call convenience (tokenize, sample with this engine) for scripts and tests.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from simko.engines.base import RolloutEngine, Sampling, register_engine
-from simko.forward import position_ids_from_mask, prefix_cache
+from simko.engines.base import RolloutEngine, Sampling, register_engine, tokenize_prompts
+from simko.kv_cache import position_ids_from_mask, prefix_cache
 from simko.rollout import Rollouts, build_rollouts, eos_ids, left_pad, pad_token_id
 
 
@@ -95,3 +97,22 @@ def shared_prompt_cache(model, prompt_ids: Tensor, prompt_mask: Tensor, group_si
     if cache is not None:
         cache.batch_repeat_interleave(group_size)
     return cache
+
+
+def generate_rollouts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    max_prompt_tokens: int | None = None,
+    synced_gpus: bool = False,
+) -> Rollouts:
+    """Tokenize ``prompts`` and sample ``group_size`` responses each with the HF engine (scripts and tests; the
+    trainer and ``simko.eval`` hold an engine of the configured kind)."""
+    engine = HFEngine(model, tokenizer, synced_gpus=synced_gpus)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    return engine.generate(tokenize_prompts(tokenizer, prompts, max_prompt_tokens), group_size, sampling)

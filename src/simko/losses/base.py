@@ -32,19 +32,25 @@ from simko.advantages import build_advantage
 from simko.losses.aggregation import aggregate, aggregation_weight, check_aggregation, masked_mean
 from simko.losses.entropy_control import SumOverRanks, build_entropy_control
 from simko.losses.stats import TokenStats
-from simko.registry import class_registrar
-
-LOSSES: dict[str, type[PolicyLoss]] = {}
+from simko.registry import Registry
 
 
-register_loss = class_registrar(LOSSES, "loss")  # @register_loss("name") on a PolicyLoss subclass
+def _check_loss_class(cls: type) -> type:
+    if not (isinstance(cls, type) and issubclass(cls, PolicyLoss)):
+        raise TypeError(f"a loss must be a simko.losses.PolicyLoss subclass, got {cls!r}")
+    return cls
+
+
+# The loss classes by name: every module of simko.losses registers its own (a new loss is one file there).
+LOSSES: Registry[type[PolicyLoss]] = Registry(
+    "loss", ("simko.losses",), config_key="loss.name", prepare=_check_loss_class
+)
+register_loss = LOSSES.register  # @register_loss("name") on a PolicyLoss subclass
 
 
 def build_loss(name: str, **kwargs) -> PolicyLoss:
     """Build a registered loss by name with the same keyword arguments as its ``configs/loss/<name>.yaml``."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; registered losses: {', '.join(sorted(LOSSES))}")
-    return LOSSES[name](**kwargs)
+    return LOSSES.build(name, **kwargs)
 
 
 @dataclass
@@ -196,7 +202,8 @@ class PolicyLoss:
             self.entropy_control.load_state_dict(state["entropy_control"])
 
     def compute_advantages(self, rewards: Tensor) -> Tensor:
-        """rewards [P, G] -> advantages [P, G] with this loss's estimator."""
+        """rewards [P, G] (the verifier's scores plus any reward term) -> advantages [P, G] with this loss's
+        estimator."""
         return self._advantage_fn(rewards)
 
     def loss_rows(self, advantages: Tensor) -> Tensor | None:
@@ -217,11 +224,14 @@ class PolicyLoss:
         stats: TokenStats,
         old_logprobs: Tensor,
         advantages: Tensor,
-        rewards: Tensor | None = None,
+        scores: Tensor | None = None,
         ref_logprobs: Tensor | None = None,
         is_weights: Tensor | None = None,
     ) -> LossOutput:
-        """Loss of one (micro-)batch. ``advantages``/``rewards``: [B], one per response; ``old_logprobs`` [B, T].
+        """Loss of one (micro-)batch. ``advantages``/``scores``: [B], one per response; ``old_logprobs`` [B, T].
+
+        ``scores`` are the verifier's (what a loss calls correct: SimKO); None: a response is correct when its
+        advantage is positive.
 
         With ``subset`` other than ``all``, every per-row input is reduced to the responses of :meth:`loss_rows`
         first, and the rest of the loss never sees the others.
@@ -239,15 +249,15 @@ class PolicyLoss:
             raise ValueError(f"loss {self.name!r} has kl_coef={self.kl_coef} > 0 and needs ref_logprobs")
         if is_weights is not None and is_weights.shape != mask.shape:
             raise ValueError(f"is_weights must have shape {tuple(mask.shape)}, got {tuple(is_weights.shape)}")
-        if rewards is None:
-            rewards = (advantages > 0).float()
+        if scores is None:
+            scores = (advantages > 0).float()
         rows = self.loss_rows(advantages)
         if rows is not None:
-            stats, old_logprobs, advantages, rewards = (
+            stats, old_logprobs, advantages, scores = (
                 stats.select(rows),
                 old_logprobs[rows],
                 advantages[rows],
-                rewards[rows],
+                scores[rows],
             )
             ref_logprobs = ref_logprobs[rows] if ref_logprobs is not None else None
             is_weights = is_weights[rows] if is_weights is not None else None
@@ -255,7 +265,7 @@ class PolicyLoss:
         old_logprobs = old_logprobs.detach()
         adv_tok = advantages.detach().float()[:, None].expand_as(stats.logprobs)
 
-        ratio, adv_used, metrics = self.surrogate(stats, old_logprobs, adv_tok, rewards.detach().float())
+        ratio, adv_used, metrics = self.surrogate(stats, old_logprobs, adv_tok, scores.detach().float())
         per_token, clip_events = self.objective(ratio, adv_used, stats)
         if is_weights is not None:
             per_token = per_token * is_weights.detach()
@@ -295,9 +305,10 @@ class PolicyLoss:
 
     # ------------------------------------------------------------------ hooks
     def surrogate(
-        self, stats: TokenStats, old_logprobs: Tensor, adv_tok: Tensor, rewards: Tensor
+        self, stats: TokenStats, old_logprobs: Tensor, adv_tok: Tensor, scores: Tensor
     ) -> tuple[Tensor, Tensor, dict[str, float]]:
-        """Per-token (ratio, advantage) of the PPO-clip objective, and any loss-specific metrics."""
+        """Per-token (ratio, advantage) of the PPO-clip objective, and any loss-specific metrics. ``scores`` [B]:
+        the verifier's score of each response."""
         return torch.exp(stats.logprobs - old_logprobs), adv_tok, {}
 
     def objective(self, ratio: Tensor, adv: Tensor, stats: TokenStats) -> tuple[Tensor, dict[str, Tensor]]:

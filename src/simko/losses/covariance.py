@@ -118,7 +118,7 @@ class ClipCovLoss(PolicyLoss):
         self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
 
     def surrogate(
-        self, stats: TokenStats, old_logprobs: Tensor, adv_tok: Tensor, rewards: Tensor
+        self, stats: TokenStats, old_logprobs: Tensor, adv_tok: Tensor, scores: Tensor
     ) -> tuple[Tensor, Tensor, dict[str, float]]:
         mask = stats.mask
         ratio = torch.exp(stats.logprobs - old_logprobs)

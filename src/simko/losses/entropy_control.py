@@ -51,12 +51,17 @@ import torch
 from torch import Tensor
 
 from simko.losses.stats import TokenStats
+from simko.registry import Registry
 
 LOG_RATIO_CLAMP = 20.0  # the official EntroPIC loss clamps log r to [-20, 20] before the exp
-METHODS = ("entropic", "adaptive_coef")
 
 # all-reduce (sum) of a float64 tensor over the ranks; None: one process
 SumOverRanks = Callable[[Tensor], Tensor]
+
+# The controllers by ``method``, registered in this module.
+CONTROLLERS: Registry[type[EntropyController]] = Registry(
+    "entropy_control method", config_key="loss.entropy_control.method"
+)
 
 
 class EntropyController:
@@ -132,6 +137,7 @@ class EntropyController:
         self._sums = None
 
 
+@CONTROLLERS.register("entropic")
 class EntroPIC(EntropyController):
     """EntroPIC's PI controller (see the module docstring); ``coef`` is alpha."""
 
@@ -180,6 +186,7 @@ class EntroPIC(EntropyController):
         self.integral = float(state["integral"])
 
 
+@CONTROLLERS.register("adaptive_coef")
 class AdaptiveEntropyCoef(EntropyController):
     """Skywork-OR1's / TRL's adaptive entropy-bonus coefficient (see the module docstring); ``coef`` is c."""
 
@@ -215,18 +222,13 @@ class AdaptiveEntropyCoef(EntropyController):
         return self.coef if measured is not None and self.target is not None and measured <= self.target else 0.0
 
 
-CONTROLLERS: dict[str, type[EntropyController]] = {"entropic": EntroPIC, "adaptive_coef": AdaptiveEntropyCoef}
-
-
 def build_entropy_control(knobs: dict | None) -> EntropyController | None:
     """The controller of ``loss.entropy_control`` (a mapping with ``target`` and the method's knobs; None: off)."""
     if knobs is None:
         return None
     knobs = dict(knobs)  # Hydra: a DictConfig
     method = knobs.pop("method", "entropic")
-    if method not in CONTROLLERS:
-        raise ValueError(f"unknown entropy_control method {method!r}; choose one of {', '.join(METHODS)}")
-    cls = CONTROLLERS[method]
+    cls = CONTROLLERS.get(method)
     allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(knobs) - set(allowed))
     if unknown or "target" not in knobs:

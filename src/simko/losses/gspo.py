@@ -53,7 +53,7 @@ class GSPOLoss(PolicyLoss):
         super().__init__(clip_eps=clip_eps, clip_eps_high=clip_eps_high, aggregation=aggregation, **base_kwargs)
 
     def surrogate(
-        self, stats: TokenStats, old_logprobs: Tensor, adv_tok: Tensor, rewards: Tensor
+        self, stats: TokenStats, old_logprobs: Tensor, adv_tok: Tensor, scores: Tensor
     ) -> tuple[Tensor, Tensor, dict[str, float]]:
         seq_log_ratio = sequence_log_ratio(stats.logprobs, old_logprobs, stats.mask)
         ratio = torch.exp(seq_log_ratio[:, None] + stats.logprobs - stats.logprobs.detach())

@@ -65,7 +65,7 @@ class SAPOLoss(PolicyLoss):
         self.tau_neg = float(tau_neg)
 
     def surrogate(
-        self, stats: TokenStats, old_logprobs: Tensor, adv_tok: Tensor, rewards: Tensor
+        self, stats: TokenStats, old_logprobs: Tensor, adv_tok: Tensor, scores: Tensor
     ) -> tuple[Tensor, Tensor, dict[str, float]]:
         ratio = torch.exp((stats.logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
         with torch.no_grad():  # SAPO's counterpart of the clip fraction: the gate's mean gradient weight 4 s (1 - s)

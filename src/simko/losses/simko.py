@@ -61,7 +61,7 @@ class SimKOLoss(PolicyLoss):
         lam: factor on the negative gradient of top-1 forking tokens of incorrect responses (> 0; 1 = off).
         tau: entropy quantile level defining forking tokens, in (0, 1). The official default 1.0 makes w = 0 and
             silently turns SimKO into GRPO, so it is refused.
-        correct_threshold: a response is correct when its reward >= this (reward == 1 for {0, 1} rewards).
+        correct_threshold: a response is correct when its verifier score >= this (score == 1 for {0, 1} scores).
         clip_eps, clip_eps_high, kl_coef, **base_kwargs: as :class:`PolicyLoss`.
     """
 
@@ -99,7 +99,7 @@ class SimKOLoss(PolicyLoss):
         self.correct_threshold = float(correct_threshold)
 
     def surrogate(
-        self, stats: TokenStats, old_logprobs: Tensor, adv_tok: Tensor, rewards: Tensor
+        self, stats: TokenStats, old_logprobs: Tensor, adv_tok: Tensor, scores: Tensor
     ) -> tuple[Tensor, Tensor, dict[str, float]]:
         if stats.top_k < self.k:
             raise ValueError(
@@ -109,7 +109,7 @@ class SimKOLoss(PolicyLoss):
         mask = stats.mask
         ratio = torch.exp(stats.logprobs - old_logprobs)
         forking = response_quantile_mask(stats.entropy, mask, self.tau)  # w
-        correct = (rewards >= self.correct_threshold)[:, None].expand_as(mask)
+        correct = (scores >= self.correct_threshold)[:, None].expand_as(mask)
         # Extra columns (stats built with a larger top_k for diagnostics) are ignored: the first k are the top-k.
         topk_logprobs = stats.topk_logprobs[..., : self.k]
 

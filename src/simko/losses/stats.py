@@ -13,6 +13,7 @@ distribution the rollouts were sampled from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -158,3 +159,8 @@ def _token_stats(logits: Tensor, tokens: Tensor, top_k: int, temperature: float)
     picked = logp.gather(-1, ids)
     logprobs, topk_lp = picked[..., 0], picked[..., 1:]
     return logprobs, entropy, topk_lp, topk_ids
+
+
+# A model's forward over rollout rows (``Rollouts.rows``): (rows, top_k) -> TokenStats of their response tokens
+# (simko.forward.rollout_token_stats with the model bound).
+StatsFn = Callable[[dict[str, Tensor], int], TokenStats]

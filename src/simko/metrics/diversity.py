@@ -27,22 +27,18 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from simko.registry import Registry
+
 SolutionKey = Callable[[str, str], "str | None"]
-SOLUTION_KEYS: dict[str, SolutionKey] = {}
+# The solution keys by verifier name, registered next to their verifiers (the modules of simko.rewards).
+SOLUTION_KEYS: Registry[SolutionKey] = Registry("solution key", ("simko.rewards",))
 
 _WHITESPACE = re.compile(r"\s+")
 
 
 def register_solution_key(name: str) -> Callable[[SolutionKey], SolutionKey]:
     """Register ``f(completion, answer) -> key | None`` for the verifier ``name`` (None: not a correct solution)."""
-
-    def deco(fn: SolutionKey) -> SolutionKey:
-        if name in SOLUTION_KEYS:
-            raise ValueError(f"solution key {name!r} registered twice")
-        SOLUTION_KEYS[name] = fn
-        return fn
-
-    return deco
+    return SOLUTION_KEYS.register(name)
 
 
 def text_key(completion: str, answer: str) -> str:

@@ -16,7 +16,7 @@ from torch import Tensor
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from simko.console import track
-from simko.forward import position_ids_from_mask
+from simko.kv_cache import position_ids_from_mask
 
 log = logging.getLogger(__name__)
 

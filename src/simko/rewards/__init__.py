@@ -1,4 +1,4 @@
-"""Verifiable rewards: is a completion's final answer right? 0.0/1.0 per completion, batched, never hanging.
+"""Verifiers: is a completion's final answer right? A score of 0.0/1.0 per completion, batched, never hanging.
 
     from simko.rewards import MathVerifier
     v = MathVerifier(timeout_s=5.0)
@@ -12,11 +12,15 @@
 - math.py      MathVerifier: math-verify equivalence, in the pool
 - exact.py     ExactMatchVerifier: string / exact-number match for procedural tasks, in-process
 - function.py  FunctionVerifier: a plain f(completions, answers) -> list[float] behind the same API
+- logic.py     countdown, knights_knaves, mini_sudoku: exact checks of procedural logic puzzles
+- countdown_steps.py  Countdown as a chain of steps, and its solution key (what counts as the same solution)
 - registry.py  register_verifier / build_verifier / score_batch (a batch may mix verifiers) / check_verifier_names /
                final_answer (per verifier name)
+
+Each verifier registers itself in its module (``@register_verifier``); ``VERIFIERS`` finds them by scanning this
+package on its first lookup (:class:`simko.registry.Registry`).
 """
 
-from simko.rewards import logic  # noqa: E402,F401 - registers countdown, knights_knaves, mini_sudoku
 from simko.rewards.base import Verifier
 from simko.rewards.exact import ExactMatchVerifier
 from simko.rewards.extract import FINAL_ANSWER_WINDOW, extract_boxed, extract_final_answer, final_answer_text
@@ -56,6 +60,3 @@ __all__ = [
     "shared_verifier",
     "close_shared_verifiers",
 ]
-
-# The multi-path testbed's verifier and its solution key (the diversity metrics' notion of "the same solution").
-from simko.rewards import countdown_steps  # noqa: E402,F401 - registers countdown_steps

@@ -1,6 +1,7 @@
-"""The verifier API every reward source in this package shares.
+"""The verifier API every verifier in this package shares. A verifier's verdict is a completion's **score**; the
+trainer adds any reward term (an overlong penalty) to get the reward the advantages see (simko.sampling_filters).
 
-    v.score(completions, answers) -> list[float]   # one reward per completion, batched
+    v.score(completions, answers) -> list[float]   # one score per completion, batched
     v(completion, answer) -> float                  # one item
     v.final_answer(completion) -> str | None        # the part of the completion this verifier compares
     v.num_timeouts, v.num_errors                    # items that cost a 0.0 because the check hung or failed
@@ -8,14 +9,14 @@
 
 A subclass implements ``_score(completions, answers)`` (lists of equal, non-zero length) and, when its rule
 differs from the default (``extract_final_answer``), ``final_answer``. A failed check is never an exception in
-the trainer: it is a 0.0 reward and a counter, so one degenerate completion can't stop a run.
+the trainer: it is a 0.0 score and a counter, so one degenerate completion can't stop a run.
 
 What ``score`` makes of ``_score``'s result:
 
 - not one value per completion (a shorter or longer list, None, a number): :class:`VerifierError` naming the
-  verifier. That is a bug in the verifier, and padding or cutting the list would train on rewards of the wrong
+  verifier. That is a bug in the verifier, and padding or cutting the list would train on scores of the wrong
   completions, so the run stops.
-- a value that is not a reward (NaN, inf, a string, a list, or beyond ``MAX_ABS_REWARD``): 0.0 and one more
+- a value that is not a score (NaN, inf, a string, a list, or beyond ``MAX_ABS_SCORE``): 0.0 and one more
   ``num_errors``, with a warning naming the verifier, as for a check that raised. ``None`` is 0.0 ("does not
   apply"), not an error.
 """
@@ -32,13 +33,13 @@ from simko.rewards.pool import TaskResult
 
 logger = logging.getLogger(__name__)
 
-# The largest |reward| taken. Rewards, advantages and the group statistics are float32: a reward of 1e39 is inf
-# there, and sums of squares of rewards near 1e19 overflow; 1e15 leaves room for a million rows.
-MAX_ABS_REWARD = 1e15
+# The largest |score| taken. Scores, rewards, advantages and the group statistics are float32: a score of 1e39 is
+# inf there, and sums of squares of scores near 1e19 overflow; 1e15 leaves room for a million rows.
+MAX_ABS_SCORE = 1e15
 
 
 class VerifierError(ValueError):
-    """A verifier returned something that is not one reward per completion; the message names the verifier."""
+    """A verifier returned something that is not one score per completion; the message names the verifier."""
 
 
 class Verifier:
@@ -63,13 +64,13 @@ class Verifier:
         if not completions:
             return []
         values = self._score(completions, answers)
-        check_reward_count(values, len(completions), self.name)
+        check_score_count(values, len(completions), self.name)
         scores = []
         for value in values:
             try:
-                scores.append(to_reward(value))
+                scores.append(to_score(value))
             except (TypeError, ValueError) as e:
-                scores.append(self._failed("error", f"bad reward value: {e}"))
+                scores.append(self._failed("error", f"bad score value: {e}"))
         return scores
 
     def __call__(self, completion: str, answer: str) -> float:
@@ -97,13 +98,13 @@ class Verifier:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _reward(self, result: TaskResult) -> float:
-        """A pool result as a reward: the value if the check finished, else 0.0 and one more timeout/error."""
+    def _score_of(self, result: TaskResult) -> float:
+        """A pool result as a score: the value if the check finished, else 0.0 and one more timeout/error."""
         if result.status == "ok":
             try:
-                return to_reward(result.value)
+                return to_score(result.value)
             except (TypeError, ValueError) as e:
-                return self._failed("error", f"bad reward value: {e}")
+                return self._failed("error", f"bad score value: {e}")
         return self._failed(result.status, result.message)
 
     def _failed(self, status: str, message: str) -> float:
@@ -131,43 +132,43 @@ def check_timeouts(timeout_s: float, batch_timeout_s: float | None) -> None:
         raise ValueError(f"batch_timeout_s must be > 0 or None (no limit), got {batch_timeout_s}")
 
 
-def to_reward(value: Any) -> float:
-    """A verifier's return value as a float reward: None counts as 0.0 (not applicable); anything but a number
-    (a string too), NaN, inf and |value| > ``MAX_ABS_REWARD`` raise TypeError/ValueError."""
+def to_score(value: Any) -> float:
+    """A verifier's return value as a float score: None counts as 0.0 (not applicable); anything but a number
+    (a string too), NaN, inf and |value| > ``MAX_ABS_SCORE`` raise TypeError/ValueError."""
     if value is None:
         return 0.0
     if isinstance(value, (str, bytes)):
-        raise TypeError(f"reward must be a number, got the {type(value).__name__} {value!r:.50}")
+        raise TypeError(f"score must be a number, got the {type(value).__name__} {value!r:.50}")
     try:
-        reward = float(value)
+        score = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"reward must be a number, got {type(value).__name__}: {value!r:.50}") from None
-    if not math.isfinite(reward):
-        raise ValueError(f"reward must be finite, got {value!r}")
-    if abs(reward) > MAX_ABS_REWARD:
-        raise ValueError(f"reward {reward:g} is beyond +-{MAX_ABS_REWARD:g}, where float32 statistics overflow")
-    return reward
+        raise TypeError(f"score must be a number, got {type(value).__name__}: {value!r:.50}") from None
+    if not math.isfinite(score):
+        raise ValueError(f"score must be finite, got {value!r}")
+    if abs(score) > MAX_ABS_SCORE:
+        raise ValueError(f"score {score:g} is beyond +-{MAX_ABS_SCORE:g}, where float32 statistics overflow")
+    return score
 
 
-def check_reward_count(values: Any, count: int, name: str) -> None:
-    """Raise :class:`VerifierError` unless ``values`` is a sequence of ``count`` rewards."""
+def check_score_count(values: Any, count: int, name: str) -> None:
+    """Raise :class:`VerifierError` unless ``values`` is a sequence of ``count`` scores."""
     try:
         got = len(values)
     except TypeError:
         got = None
     if got != count or isinstance(values, (str, bytes, dict)):
-        what = f"{got} rewards" if got is not None else f"a {type(values).__name__}"
+        what = f"{got} scores" if got is not None else f"a {type(values).__name__}"
         raise VerifierError(
-            f"verifier {name!r} returned {what} for {count} completions: a verifier must return one reward per "
+            f"verifier {name!r} returned {what} for {count} completions: a verifier must return one score per "
             "completion, in order"
         )
 
 
-def checked_rewards(values: Any, count: int, name: str) -> list[float]:
-    """``count`` rewards as floats, or :class:`VerifierError` naming the verifier (for scorers that are not a
+def checked_scores(values: Any, count: int, name: str) -> list[float]:
+    """``count`` scores as floats, or :class:`VerifierError` naming the verifier (for scorers that are not a
     :class:`Verifier`, whose bad values can't be counted as failed checks)."""
-    check_reward_count(values, count, name)
+    check_score_count(values, count, name)
     try:
-        return [to_reward(v) for v in values]
+        return [to_score(v) for v in values]
     except (TypeError, ValueError) as e:
-        raise VerifierError(f"verifier {name!r} returned a bad reward value: {e}") from None
+        raise VerifierError(f"verifier {name!r} returned a bad score value: {e}") from None

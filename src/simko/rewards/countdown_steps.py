@@ -115,6 +115,7 @@ def check_chain(steps: Sequence[Step], numbers: Sequence[int], target: int) -> b
     return +pool == Counter({int(target): 1})
 
 
+@register_verifier("countdown_steps")
 class CountdownStepsVerifier(_ExactLogicVerifier):
     """1.0 if the completion is a chain of steps that uses every number once and ends at the target."""
 
@@ -126,6 +127,7 @@ class CountdownStepsVerifier(_ExactLogicVerifier):
         return steps is not None and check_chain(steps, numbers, target)
 
 
+@register_solution_key("countdown_steps")
 def solution_key(completion: str, answer: str) -> str | None:
     """The canonical solution of a completion (see the module docstring), or None when it is not a correct one."""
     numbers, target = parse_countdown_answer(answer)
@@ -133,7 +135,3 @@ def solution_key(completion: str, answer: str) -> str | None:
     if steps is None or not check_chain(steps, numbers, target):
         return None
     return solution_key_of(steps)
-
-
-register_verifier("countdown_steps")(CountdownStepsVerifier)
-register_solution_key("countdown_steps")(solution_key)

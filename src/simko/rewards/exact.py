@@ -17,6 +17,7 @@ import re
 from fractions import Fraction
 
 from simko.rewards.base import Verifier
+from simko.rewards.registry import register_verifier
 
 _DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
@@ -24,6 +25,7 @@ _RATIO = re.compile(r"([+-]?\d+)\s*/\s*(\d+)")
 _MAX_NUMBER_CHARS = 64  # longer "numbers" are compared as strings
 
 
+@register_verifier("exact")
 class ExactMatchVerifier(Verifier):
     """String (or exact numeric) match of the final answer against the gold answer.
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable, Sequence
 
-from simko.rewards.base import Verifier, check_timeouts, to_reward
+from simko.rewards.base import Verifier, check_timeouts, to_score
 from simko.rewards.pool import KillablePool, main_is_importable
 
 ScoreFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
@@ -65,14 +65,14 @@ class FunctionVerifier(Verifier):
         if self.pool is not None:
             jobs = [(self.fn, c, a) for c, a in zip(completions, answers)]
             results = self.pool.map(call_on_one, jobs, self.timeout_s, budget_s=self.batch_timeout_s)
-            return [self._reward(r) for r in results]
+            return [self._score_of(r) for r in results]
         try:
             values = list(self.fn(completions, answers))
             if len(values) != len(completions):
-                raise ValueError(f"returned {len(values)} rewards for {len(completions)} completions")
+                raise ValueError(f"returned {len(values)} scores for {len(completions)} completions")
         except Exception as e:
             return [self._failed("error", f"{type(e).__name__}: {e}") for _ in completions]
-        return values  # Verifier.score turns each into a reward, counting the bad ones
+        return values  # Verifier.score turns each into a score, counting the bad ones
 
     def start(self) -> None:
         if self.pool is not None:
@@ -87,5 +87,5 @@ def call_on_one(fn: ScoreFn, completion: str, answer: str) -> float:
     """``fn`` on a batch of one, in a pool worker."""
     values = list(fn([completion], [answer]))
     if len(values) != 1:
-        raise ValueError(f"returned {len(values)} rewards for 1 completion")
-    return to_reward(values[0])
+        raise ValueError(f"returned {len(values)} scores for 1 completion")
+    return to_score(values[0])

@@ -161,6 +161,7 @@ def _evaluate(node: ast.AST) -> Fraction:
     return _BINARY_OPERATIONS[type(node.op)](_evaluate(node.left), _evaluate(node.right))
 
 
+@register_verifier("countdown")
 class CountdownVerifier(_ExactLogicVerifier):
     """1.0 if the final answer is an expression reaching the target with each given number exactly once."""
 
@@ -220,6 +221,7 @@ def parse_role_claims(text: str, names: Sequence[str], words: dict[str, str]) ->
     return claims
 
 
+@register_verifier("knights_knaves")
 class KnightsKnavesVerifier(_ExactLogicVerifier):
     """1.0 if the final answer gives every person's role and all of them are right."""
 
@@ -273,6 +275,7 @@ def is_sudoku_solution(grid: list[list[int]], puzzle: list[list[int]]) -> bool:
     return all(group == full for group in rows + columns + boxes)
 
 
+@register_verifier("mini_sudoku")
 class MiniSudokuVerifier(_ExactLogicVerifier):
     """1.0 if the final answer is a valid completed grid that keeps the puzzle's clues."""
 
@@ -282,8 +285,3 @@ class MiniSudokuVerifier(_ExactLogicVerifier):
         puzzle = json.loads(answer)["puzzle"]
         grid = parse_grid(self.final_answer(completion), len(puzzle))
         return grid is not None and is_sudoku_solution(grid, puzzle)
-
-
-register_verifier("countdown")(CountdownVerifier)
-register_verifier("knights_knaves")(KnightsKnavesVerifier)
-register_verifier("mini_sudoku")(MiniSudokuVerifier)

@@ -26,8 +26,10 @@ import logging
 from simko.rewards.base import Verifier, check_timeouts
 from simko.rewards.extract import answer_window, extract_boxed, has_box_command
 from simko.rewards.pool import KillablePool
+from simko.rewards.registry import register_verifier
 
 
+@register_verifier("math")
 class MathVerifier(Verifier):
     """Math answers checked by math-verify in a pool of killable worker processes.
 
@@ -78,7 +80,7 @@ class MathVerifier(Verifier):
             job_items.append(i)
         results = self.pool.map(is_equivalent, jobs, self.timeout_s, budget_s=self.batch_timeout_s)
         for i, result in zip(job_items, results):
-            scores[i] = self._reward(result)
+            scores[i] = self._score_of(result)
         return scores
 
     def final_answer(self, completion: str) -> str | None:

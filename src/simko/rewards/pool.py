@@ -268,7 +268,7 @@ def _result(future: Future) -> TaskResult:
     return TaskResult("error", message=f"{type(error).__name__}: {error}"[:500])
 
 
-# The signals a scheduler sends every process of a job to stop it (simko.runs.stopping_on_signals): SIGTERM, and
+# The signals a scheduler sends every process of a job to stop it (simko.stopping.stopping_on_signals): SIGTERM, and
 # SLURM's requeue signal (SIGUSR1 by default; `sbatch --signal`, sent to every process of the job's steps).
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGUSR1})
 

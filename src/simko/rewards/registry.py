@@ -5,7 +5,7 @@ Add a verifier without touching the trainer:
     from simko.rewards import register_verifier
 
     @register_verifier("countdown")            # a plain function: wrapped into the verifier API,
-    def countdown_reward(completions, answers):  # run one item at a time in killable worker processes
+    def countdown_score(completions, answers):   # run one item at a time in killable worker processes
         return [...]                             # one float per completion
 
     @register_verifier("my_task")              # or a Verifier subclass implementing _score()
@@ -21,12 +21,24 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from simko.rewards.base import Verifier, checked_rewards
-from simko.rewards.exact import ExactMatchVerifier
+from simko.registry import Registry
+from simko.rewards.base import Verifier, checked_scores
 from simko.rewards.function import FunctionVerifier
-from simko.rewards.math import MathVerifier
 
-VERIFIERS: dict[str, Callable[..., Verifier]] = {}
+
+def _verifier_entry(obj, isolated: bool = True) -> Callable[..., Verifier]:
+    """What the registry stores: a Verifier subclass as it is, a function wrapped into a FunctionVerifier."""
+    if isinstance(obj, type):
+        if not issubclass(obj, Verifier):
+            raise TypeError(f"{obj.__name__} must subclass simko.rewards.Verifier (or register a function)")
+        return obj
+    if callable(obj):
+        return functools.partial(FunctionVerifier, obj, isolated=isolated)
+    raise TypeError(f"can't register {obj!r} as a verifier: expected a Verifier subclass or a function")
+
+
+# The verifiers by name: every module of simko.rewards registers its own (math, exact, countdown, ...).
+VERIFIERS: Registry[Callable[..., Verifier]] = Registry("verifier", ("simko.rewards",), prepare=_verifier_entry)
 
 
 def register_verifier(name: str, *, isolated: bool = True) -> Callable:
@@ -36,34 +48,15 @@ def register_verifier(name: str, *, isolated: bool = True) -> Callable:
     (``f`` must be a module-level function), False calls ``f`` on the whole batch in-process (see FunctionVerifier).
     The decorated object is returned unchanged.
     """
-
-    def deco(obj):
-        if name in VERIFIERS:
-            raise ValueError(f"verifier {name!r} registered twice")
-        if isinstance(obj, type):
-            if not issubclass(obj, Verifier):
-                raise TypeError(f"{obj.__name__} must subclass simko.rewards.Verifier (or register a function)")
-            VERIFIERS[name] = obj
-        elif callable(obj):
-            VERIFIERS[name] = functools.partial(FunctionVerifier, obj, isolated=isolated)
-        else:
-            raise TypeError(f"can't register {obj!r} as a verifier: expected a Verifier subclass or a function")
-        return obj
-
-    return deco
+    return VERIFIERS.register(name, isolated=isolated)
 
 
 def build_verifier(name: str, **kwargs) -> Verifier:
     """A new verifier registered as ``name``, built with ``kwargs`` (e.g. ``timeout_s=5.0, num_workers=2``)."""
-    if name not in VERIFIERS:
-        raise ValueError(f"unknown verifier {name!r}; registered verifiers: {', '.join(sorted(VERIFIERS))}")
-    verifier = VERIFIERS[name](**kwargs)
+    verifier = VERIFIERS.build(name, **kwargs)
     verifier.name = name
     return verifier
 
-
-register_verifier("math")(MathVerifier)
-register_verifier("exact")(ExactMatchVerifier)
 
 # Verifiers built with default arguments by score_batch when the caller passes none; reused across calls (the
 # worker pools are the expensive part) and closed by their pools' finalizers at exit.
@@ -96,7 +89,7 @@ def score_batch(
     for name, items in groups.items():
         verifier = verifiers[name] if verifiers and name in verifiers else shared_verifier(name)
         group_scores = verifier.score([completions[i] for i in items], [answers[i] for i in items])
-        for i, score in zip(items, checked_rewards(group_scores, len(items), name), strict=True):
+        for i, score in zip(items, checked_scores(group_scores, len(items), name), strict=True):
             scores[i] = score
     return scores
 
@@ -107,9 +100,10 @@ def check_verifier_names(names: Iterable[str], verifiers: Mapping[str, Verifier]
     The trainer calls it at start with the verifier names of the first train batch and of the val set, so a typo in
     a dataset column, or a user verifier whose module was not imported, fails before the first step.
     """
-    unknown = sorted(set(names) - set(VERIFIERS) - set(verifiers or {}))
+    registered = VERIFIERS.names()
+    unknown = sorted(set(names) - set(registered) - set(verifiers or {}))
     if unknown:
-        known = sorted(set(VERIFIERS) | set(verifiers or {}))
+        known = sorted(set(registered) | set(verifiers or {}))
         raise ValueError(
             f"unknown verifier(s) {unknown} named by the data; known verifiers: {', '.join(known)}. A verifier of "
             "your own must be registered before the run starts: list the module that registers it under the "
