@@ -20,10 +20,12 @@ Every run goes through the real entry points (``simko.sft`` builds each warm sta
 runs are reused (a train run with ``checkpoints/last.ckpt``, an evaluation with ``pass_at_k.json``); an
 unfinished one is moved aside (``<dir>.incomplete-<time>``), never overwritten. Seeds are paired: two arms with the
 same seed share the warm start, the prompts and their order, and the sampling seeds. For each toy it writes
-``<out>/<toy>/results.md`` (pass@k mean ± std over seeds, the paired differences to GRPO, diversity and
-concentration, the sweep), ``results.json`` and two figures: ``pass_at_k.png`` (pass@k with bands, the paired
-difference to GRPO, solution diversity) and ``training.png`` (reward and val pass@k, val distinct solutions and
-p(rank k) relative to GRPO, against the RL step); ``<out>/results.md`` joins both toys' tables.
+``<out>/<toy>/results.md`` (pass@k and cover@τ, mean over seeds with 95 % bootstrap intervals over seeds and
+problems, the paired differences to GRPO with paired-bootstrap intervals, the problems that change hands against
+GRPO, diversity and concentration, the sweep), ``results.json`` and three figures: ``pass_at_k.png`` (pass@k and
+the paired difference to GRPO with the tables' intervals as bands, cover@τ, solution diversity), ``frontier.png``
+(pass@1 against pass@k, seeds as points with intervals) and ``training.png`` (reward and val pass@k, val distinct
+solutions and p(rank k) relative to GRPO, against the RL step); ``<out>/results.md`` joins both toys' tables.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SMOOTH_STEPS = 10  # rolling mean of the per-step concentration curves (noisy at one RL step)
+BOOTSTRAP_RESAMPLES = 2000  # the reports' 95 % intervals (simko.metrics.uncertainty), seeded
+BOOTSTRAP_SEED = 0
+REPORT_TAUS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)  # cover@tau in the tables (the figure: simko.eval's eval.cover_taus)
 PAPER_SIMKO = (0.01, 1.1, 0.8)  # configs/loss/simko.yaml: the `simko` arm
 
 
@@ -337,21 +342,25 @@ def nanstd(values) -> float:
     return float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def mean_std(values) -> str:
-    arr = np.asarray(values, dtype=float)
-    if not len(arr):
-        return "–"
-    return f"{arr.mean():.3f} ± {arr.std(ddof=1):.3f}" if len(arr) > 1 else f"{arr.mean():.3f}"
+def paired(values, baseline, resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
+    """The difference to the baseline, paired: ``values`` and ``baseline`` are [seeds, problems] per-problem
+    values (seeds paired by position, problems by id), or [seeds] per-seed values (a metric without per-problem
+    values: seeds only). The mean difference with its 95 % paired-bootstrap interval (``simko.metrics.uncertainty``:
+    the same seeds and problems drawn for both arms), the seeds above/below the baseline; established = the
+    interval excludes 0."""
+    from simko.metrics.uncertainty import paired_bootstrap
 
-
-def paired(values: list[float], baseline: list[float]) -> dict:
-    """Per-seed differences to the baseline: mean, sd, standard error, wins; established = |mean| > 2 SE."""
-    d = np.asarray(values, dtype=float) - np.asarray(baseline, dtype=float)
-    sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
-    se = sd / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-    mean = float(d.mean())
-    return {"mean": mean, "sd": sd, "se": se, "wins": int((d > 0).sum()), "losses": int((d < 0).sum()),
-            "seeds": len(d), "established": bool(len(d) > 2 and abs(mean) > 2 * se)}  # fmt: skip
+    arm, base = np.asarray(values, dtype=float), np.asarray(baseline, dtype=float)
+    arm, base = arm.reshape(len(arm), -1, 1), base.reshape(len(base), -1, 1)  # [seeds, problems, 1 statistic]
+    if not (np.isfinite(arm).all() and np.isfinite(base).all()):
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "wins": 0, "losses": 0,
+                "seeds": len(arm), "established": False}  # fmt: skip
+    result = paired_bootstrap(arm, base, resamples=resamples, seed=BOOTSTRAP_SEED)
+    per_seed = arm.mean(axis=(1, 2)) - base.mean(axis=(1, 2))
+    low, high = float(result["low"][0]), float(result["high"][0])
+    return {"mean": float(result["point"][0]), "low": low, "high": high, "wins": int((per_seed > 0).sum()),
+            "losses": int((per_seed < 0).sum()), "seeds": len(arm),
+            "established": bool(low > 0 or high < 0)}  # fmt: skip
 
 
 def _metric(summary: dict, name: str) -> float:
@@ -391,8 +400,16 @@ def write_report(toy: Toy, state: dict, out: Path, seconds: float, runner: Runne
     results = {"base": [read(folder / "eval" / f"base_seed{s}" / "pass_at_k.json") for s in toy.seeds]}
     for arm, run in runs.items():
         results[label[arm]] = [read(folder / "eval" / f"{run}_seed{s}" / "pass_at_k.json") for s in toy.seeds]
+    runs_of = {"base": "base", **{label[arm]: run for arm, run in runs.items()}}
+    counts, n = read_counts_by_seed(folder, runs_of, toy.seeds)
     first = results["base"][0]
     ks = list(first["pass_at_k"])
+    from simko.metrics.uncertainty import summarize_counts
+
+    intervals = {
+        name: summarize_counts(counts[name], n, [int(k) for k in ks], REPORT_TAUS, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED)
+        for name in results
+    }
     held_out = first["config"].get("dataset") or first["config"]["data"]
     if first["config"].get("split"):
         held_out += "/" + first["config"]["split"]
@@ -400,40 +417,54 @@ def write_report(toy: Toy, state: dict, out: Path, seconds: float, runner: Runne
         f"## {toy.title}",
         "",
         f"pass@k on {first['num_problems']} held-out problems ({held_out}), n={first['n']} samples each at "
-        f"T={first['config']['eval']['temperature']}, mean ± std over seeds {' '.join(map(str, toy.seeds))} "
-        "(base: the warm start, sampled with the same seeds):",
+        f"T={first['config']['eval']['temperature']}, mean over seeds {' '.join(map(str, toy.seeds))} (base: the "
+        f"warm start, sampled with the same seeds) [95 % interval: {BOOTSTRAP_SCHEME}]:",
         "",
     ]
-    rows = [
-        [name] + [mean_std([s["pass_at_k"][k] for s in summaries]) for k in ks] for name, summaries in results.items()
-    ]
+    rows = [[name] + [with_interval(intervals[name], "pass_at_k", k) for k in ks] for name in results]
     lines += md_table(["model"] + [f"pass@{k}" for k in ks], rows)
+    taus = list(intervals["base"]["cover_at_tau"])
+    lines += [
+        "",
+        "cover@τ: the share of problems whose success rate c/n is at least τ (mean over seeds [95 % interval, "
+        "the same bootstrap]); large-k pass@k also counts problems solved by rare lucky samples, cover@τ at high τ "
+        "does not:",
+        "",
+        *md_table(
+            ["model"] + [f"cover@{t}" for t in taus],
+            [[name] + [with_interval(intervals[name], "cover_at_tau", t) for t in taus] for name in results],
+        ),
+    ]
 
     paths = has_solution_paths(results)
     compare = list(dict.fromkeys([f"pass@{ks[0]}", f"pass@{ks[len(ks) // 2]}", f"pass@{ks[-1]}"]))  # k: 1, mid, n
-    compare += ["distinct_correct", "solution_entropy"] if paths else []
+    compare += ["cover@0.5"] + (["distinct_correct", "solution_entropy"] if paths else [])
     stats: dict[str, dict] = {}
     if "grpo" in results:
         rows = []
-        for name, summaries in results.items():
+        for name in results:
             if name == "grpo":
                 continue
-            grpo = results["grpo"]
             stats[name] = {
-                m: paired([_metric(s, m) for s in summaries], [_metric(s, m) for s in grpo]) for m in compare
+                m: paired(*(_per_problem(counts[x], n, m, results[x]) for x in (name, "grpo"))) for m in compare
             }
             cells = [
-                f"{p['mean']:+.3f} ± {p['sd']:.3f} ({p['wins']}/{p['losses']})" if np.isfinite(p["mean"]) else "–"
+                f"{p['mean']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] ({p['wins']}/{p['losses']})"
+                if np.isfinite(p["mean"])
+                else "–"
                 for p in stats[name].values()
             ]
             rows.append([name] + [f"**{c}**" if p["established"] else c for c, p in zip(cells, stats[name].values())])
         lines += [
             "",
-            f"Paired difference to GRPO at the same seed: mean ± sd over {len(toy.seeds)} seeds (seeds above/below "
-            "GRPO); **bold**: established, |mean| > 2 standard errors (sd / sqrt(seeds)):",
+            f"Paired difference to GRPO: mean [95 % paired-bootstrap interval: the same seeds, paired by position, "
+            f"and the same problems drawn for both arms; diversity metrics: over the {len(toy.seeds)} seeds only] "
+            "(seeds above/below GRPO); **bold**: established, the interval excludes 0:",
             "",
             *md_table(["model"] + [f"Δ {m}" for m in compare], rows),
         ]
+    if "grpo" in results:
+        lines += ["", *transitions_table(counts, n, "grpo")]
     diag = [*(DIVERSITY if paths else ()), "response_tokens", "p_rank1", "p_rank2", "p_rank3", "p_rank2_hi",
             "p_rank3_hi", "entropy_mean"]  # fmt: skip
     rows = [[name] + [f"{nanmean([_metric(s, m) for s in summaries]):.4g}" for m in diag]
@@ -465,13 +496,15 @@ def write_report(toy: Toy, state: dict, out: Path, seconds: float, runner: Runne
         ]
     lines += [
         "",
-        f"Figures: `{toy.name}/pass_at_k.png`, `{toy.name}/training.png` (its p(rank k) curves: {SMOOTH_STEPS}-step "
+        f"Figures: `{toy.name}/pass_at_k.png`, `{toy.name}/frontier.png` (pass@1 against pass@k, seeds as points "
+        f"with their 95 % intervals), `{toy.name}/training.png` (its p(rank k) curves: {SMOOTH_STEPS}-step "
         f"rolling means of the per-step diagnostics). This call ran {len(runner.executed)} "
         f"train/eval runs in {seconds / 60:.1f} min (finished runs under {out} are reused, not rerun).",
     ]
     text = "\n".join(lines) + "\n"
     (folder / "results.md").write_text(text)
-    payload = {"results": results, "paired_to_grpo": stats, "selection": state.get("selection"), "runs": runs}
+    payload = {"results": results, "intervals": intervals, "paired_to_grpo": stats, "selection": state.get("selection"),
+               "runs": runs}  # fmt: skip
     (folder / "results.json").write_text(json.dumps(payload, indent=2, default=str))
 
     logs = {}
@@ -481,17 +514,121 @@ def write_report(toy: Toy, state: dict, out: Path, seconds: float, runner: Runne
             diag_cols = [c for c in frame if c.startswith("diag/")]  # training.png: a 10-step rolling mean
             frame[diag_cols] = frame[diag_cols].rolling(SMOOTH_STEPS, min_periods=1).mean()
         logs[label[arm]] = frames
-    figures(results, logs, folder, paths)
+    ks_int = [int(k) for k in ks]  # the figure's bands: the intervals of the tables, at every k
+    bands = {name: intervals[name]["pass_at_k_ci95"] for name in results}
+    diff_bands = {}
+    if "grpo" in results:
+        from simko.metrics.uncertainty import interval_dict, paired_bootstrap, per_problem_pass_at_k
+
+        values = {name: np.stack([per_problem_pass_at_k(c, n, ks_int) for c in counts[name]]) for name in results}
+        diff_bands = {
+            name: interval_dict(ks, paired_bootstrap(values[name], values["grpo"], BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED))
+            for name in results
+            if name != "grpo"
+        }
+    figures(results, logs, folder, paths, bands, diff_bands)
+    frontier_figure({name: [folder / "eval" / f"{run}_seed{s}" for s in toy.seeds] for name, run in runs_of.items()},
+                    n, folder / "frontier.png", describe(results))  # fmt: skip
     return text
 
 
-def figures(results: dict[str, list[dict]], logs: dict, folder: Path, paths: bool = True) -> None:
+BOOTSTRAP_SCHEME = (
+    f"percentile bootstrap, {BOOTSTRAP_RESAMPLES} resamples of the seeds, then of the problems (one draw shared "
+    "by the drawn seeds)"
+)
+
+
+def read_counts_by_seed(folder: Path, runs: dict[str, str], seeds) -> tuple[dict[str, list[np.ndarray]], int]:
+    """Correct counts per problem of every arm's evaluation on each seed (``eval/<run>_seed<s>/per_problem.csv``),
+    every one in the problem order of the first (problems matched by id), and their common n."""
+    from simko.metrics.transitions import align, read_counts
+
+    reference, counts, ns = None, {}, set()
+    for name, run in runs.items():
+        counts[name] = []
+        for seed in seeds:
+            path = folder / "eval" / f"{run}_seed{seed}"
+            ids, c, n = read_counts(path)
+            reference = reference or (ids, path)
+            counts[name].append(c[align(ids, reference[0], str(path), str(reference[1]))])
+            ns.add(n)
+    if len(ns) != 1:
+        raise SystemExit(f"{folder}: the evaluations used different n ({sorted(ns)}); the report compares equal n")
+    return counts, ns.pop()
+
+
+def transitions_table(counts: dict[str, list[np.ndarray]], n: int, baseline: str) -> list[str]:
+    """Problems newly solved / newly unsolved against the baseline at the same seed (``simko.metrics.transitions``),
+    mean over seeds, for pass@1 >= 0.5 and for c > 0 (a correct sample among the n)."""
+    from simko.metrics.transitions import transitions
+
+    rows = []
+    for name, seeds in counts.items():
+        if name == baseline:
+            continue
+        per_seed = [transitions(c, n, b, n, ks=[1]) for c, b in zip(seeds, counts[baseline])]
+        cells = []
+        for i in (0, 1):  # the pass@1 >= 0.5 row, the c > 0 row
+            gained = np.mean([rows_[i]["newly_solved"] for rows_ in per_seed])
+            lost = np.mean([rows_[i]["newly_unsolved"] for rows_ in per_seed])
+            cells.append(f"+{gained:.1f} / −{lost:.1f}")
+        rows.append([name, *cells])
+    return [
+        f"Problems that change hands against {baseline} at the same seed: newly solved / newly unsolved, mean over "
+        "seeds (`python -m simko.plot transitions` gives every k):",
+        "",
+        *md_table(["model", "pass@1 ≥ 0.5", "c > 0 (of n)"], rows),
+    ]
+
+
+def with_interval(stats: dict, key: str, name: str) -> str:
+    low, high = stats[f"{key}_ci95"][name]
+    return f"{stats[key][name]:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _per_problem(counts: list[np.ndarray], n: int, metric: str, summaries: list[dict]) -> np.ndarray:
+    """[seeds, problems] per-problem values of pass@k or cover@τ, else [seeds] per-seed values of the summaries."""
+    from simko.metrics.cover import per_problem_cover
+    from simko.metrics.uncertainty import per_problem_pass_at_k
+
+    if metric.startswith("pass@"):
+        return np.stack([per_problem_pass_at_k(c, n, [int(metric.removeprefix("pass@"))])[:, 0] for c in counts])
+    if metric.startswith("cover@"):
+        return np.stack([per_problem_cover(c, n, [float(metric.removeprefix("cover@"))])[:, 0] for c in counts])
+    return np.array([_metric(s, metric) for s in summaries])
+
+
+def describe(results: dict[str, list[dict]]) -> str:
+    from simko.plot import describe_eval
+
+    return describe_eval([s for summaries in results.values() for s in summaries])
+
+
+def frontier_figure(groups: dict[str, list[Path]], n: int, out: Path, title: str) -> None:
+    """pass@1 against pass@k (k = 16 and 256 where n allows, else n) for every arm: ``simko.plot frontier``."""
+    from simko.plot import frontier_ks, frontier_points, plot_frontier
+
+    if n < 2:
+        return  # pass@1 against pass@1 says nothing
+    ks = frontier_ks(n)
+    plot_frontier(frontier_points(groups, ks, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED), ks, out, title)
+
+
+def figures(
+    results: dict[str, list[dict]],
+    logs: dict,
+    folder: Path,
+    paths: bool = True,
+    bands: dict | None = None,
+    diff_bands: dict | None = None,
+) -> None:
     import matplotlib.pyplot as plt
 
     from simko.plot import (
         colors_for,
         method_legend,
         plot_concentration,
+        plot_cover,
         plot_curve,
         plot_pass_at_k,
         plot_pass_at_k_difference,
@@ -499,13 +636,14 @@ def figures(results: dict[str, list[dict]], logs: dict, folder: Path, paths: boo
 
     names = list(results)
     colors = colors_for(names)
-    fig, axes = plt.subplots(1, 4 if paths else 2, figsize=(21 if paths else 11, 4.8))
-    plot_pass_at_k(results, ax=axes[0], colors=colors)
+    fig, axes = plt.subplots(1, 5 if paths else 3, figsize=(26 if paths else 16, 4.8))
+    plot_pass_at_k(results, ax=axes[0], colors=colors, intervals=bands)
     if "grpo" in results:
-        plot_pass_at_k_difference(results, "grpo", axes[1], colors)
+        plot_pass_at_k_difference(results, "grpo", axes[1], colors, intervals=diff_bands)
+    plot_cover(results, axes[2], colors)
     panels = (
-        ((axes[2], "distinct_correct", "distinct correct solutions per problem"),
-         (axes[3], "solution_entropy", "entropy of the correct solutions (nats)"))
+        ((axes[3], "distinct_correct", "distinct correct solutions per problem"),
+         (axes[4], "solution_entropy", "entropy of the correct solutions (nats)"))
         if paths else ()
     )  # fmt: skip
     for ax, metric, title in panels:

@@ -176,6 +176,8 @@ def test_world_size_is_checked_when_the_trainer_is_built(compose_cfg):
         ("eval.ks=[1,32]", r"eval.ks=\[1, 32\]"),
         ("eval.max_new_tokens=0", "eval.max_new_tokens=0"),
         ("eval.diagnostics_tau=1.0", "eval.diagnostics_tau=1.0"),
+        ("eval.cover_taus=[0.5,1.5]", r"eval.cover_taus=\[0.5, 1.5\]"),
+        ("eval.bootstrap_resamples=10", "eval.bootstrap_resamples=10"),
     ],
 )
 def test_eval_sampling_knobs_fail_before_the_model(compose_cfg, no_model, tmp_path, override, key):

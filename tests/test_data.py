@@ -132,6 +132,71 @@ def test_json_list_dotted_paths_and_numbers(tmp_path, datasets_cache):
     assert [e["answer"] for e in boxed.examples] == ["\\frac{1}{2}", "4"]
 
 
+BIG = 36472996377170786403  # above 2**64: a float64 reads it as 36472996377170788352
+
+
+def test_gold_numbers_round_trip_exactly(tmp_path, datasets_cache):
+    """Numbers in JSON files are read exactly: integers of any size, decimals as written (without trailing zeros),
+    so the true answer scores 1 and a near miss 0. They were read as float64 and the gold became another number."""
+    path = tmp_path / "numbers.jsonl"
+    path.write_text(
+        f'{{"question": "q1", "answer": {BIG}}}\n'
+        f'{{"question": "q2", "answer": -{BIG}}}\n'
+        '{"question": "q3", "answer": 2.50}\n'
+        '{"question": "q4", "answer": 27.0}\n'
+        '{"question": "q5", "answer": 0.1}\n'
+        '{"question": "q6", "answer": 1e400}\n'
+        '{"question": "q7", "answer": 12345678901234567890.5}\n'
+    )
+    answers = [e["answer"] for e in LocalFileSource(path, cache_dir=datasets_cache).examples]
+    assert answers == [str(BIG), f"-{BIG}", "2.5", "27", "0.1", "1" + "0" * 400, "12345678901234567890.5"]
+    listed = tmp_path / "numbers.json"
+    listed.write_text(f'[{{"question": "q", "answer": {BIG}, "id": {BIG + 1}}}]')
+    example = LocalFileSource(listed, id_field="id", cache_dir=datasets_cache)[0]
+    assert (example["answer"], example["id"]) == (str(BIG), str(BIG + 1))
+
+    from simko.rewards import ExactMatchVerifier
+
+    scores = ExactMatchVerifier().score([str(BIG), "36472996377170788352"], [answers[0], answers[0]])
+    assert scores == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_non_finite_gold_is_refused_naming_file_and_line(tmp_path, datasets_cache, constant, suffix):
+    """NaN became the gold answer "nan"; 1e400-style overflow failed without a line. Now: file and line."""
+    rows = [f'{{"question": "q{i}", "answer": {i}}}' for i in range(3)]
+    rows.append(f'{{"question": "q3", "answer": {constant}}}')
+    path = tmp_path / f"bad{suffix}"
+    path.write_text("\n".join(rows) + "\n" if suffix == ".jsonl" else "[" + ",\n".join(rows) + "]\n")
+    with pytest.raises(ValueError) as error:
+        LocalFileSource(path, cache_dir=datasets_cache)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and "line 4" in message and constant in message, message
+    # a NaN in a column the source does not use is no problem
+    path.write_text('{"question": "q", "answer": "1", "score": NaN}\n')
+    assert LocalFileSource(path, cache_dir=datasets_cache)[0]["answer"] == "1"
+
+
+def test_parquet_floats_that_lost_digits_are_refused(tmp_path, datasets_cache):
+    """A float column holds a large integer only approximately (beyond 2**53): refused, naming the row; an int64
+    column round-trips exactly."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    exact = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"question": ["q"], "answer": pa.array([2**53 + 1], pa.int64())}), exact)
+    assert LocalFileSource(exact, cache_dir=datasets_cache)[0]["answer"] == str(2**53 + 1)
+    lossy = tmp_path / "floats.parquet"
+    pq.write_table(pa.table({"question": ["a", "b"], "answer": pa.array([27.0, float(BIG)], pa.float64())}), lossy)
+    with pytest.raises(ValueError, match=rf"^{lossy}: row 1: .*2\*\*53"):
+        LocalFileSource(lossy, cache_dir=datasets_cache)
+    nan = tmp_path / "nan.parquet"
+    pq.write_table(pa.table({"question": ["a"], "answer": pa.array([float("nan")], pa.float64())}), nan)
+    with pytest.raises(ValueError, match=rf"^{nan}: row 0: .*nan"):
+        LocalFileSource(nan, cache_dir=datasets_cache)
+
+
 def test_value_helpers():
     assert get_path({"a": {"b": [1, {"c": "x"}]}}, "a.b.1.c") == "x"
     assert get_path({"a": {}}, "a.b") is None

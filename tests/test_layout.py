@@ -105,3 +105,29 @@ def test_the_update_knows_no_lightning_and_eval_no_train():
     assert not {"lightning", "pytorch_lightning"} & update_imports
     assert not reaches("simko.eval", "simko.train")
     assert not reaches("simko.module", "simko.train") and not reaches("simko.module", "simko.eval")
+
+
+def test_the_readme_layout_map_draws_every_module_above_what_it_imports():
+    """README's Layout map: every package module is on it, and each imports only modules drawn on lines below its
+    own or right of it on its line (the map is the import direction)."""
+    import re
+
+    readme = (SRC.parents[1] / "README.md").read_text()
+    block = readme[readme.index("```\nsrc/simko/") :]
+    lines = block[: block.index("\nconfigs/")].splitlines()[2:]
+    where: dict[str, tuple[int, int]] = {}
+    for row, line in enumerate(lines):
+        for match in re.finditer(r"([a-z_]+)(?:\.py|/)", line[:42]):
+            where.setdefault(match.group(1), (row, match.start()))
+    top = {name: name.split(".")[1] for name in MODULES if name != "simko"}
+    assert set(top.values()) <= set(where), f"not on the map: {sorted(set(top.values()) - set(where))}"
+    upward = sorted(
+        {
+            (top[a], top[b])
+            for a, targets in GRAPH.items()
+            if a in top
+            for b in targets
+            if b in top and top[a] != top[b] and where[top[b]] <= where[top[a]]
+        }
+    )
+    assert not upward, f"drawn below (or left of) what imports them: {upward}"

@@ -7,6 +7,7 @@ import ctypes
 import gc
 import operator
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from simko.faults import start_a_child_and_hang
 from simko.rewards import (
     FINAL_ANSWER_WINDOW,
     VERIFIERS,
@@ -165,6 +167,7 @@ KK_GOLD_ONE = '{"roles": {"Emma": "knight"}}'
 @pytest.mark.parametrize("name", list(ADVERSARIAL))
 def test_adversarial_completions_are_scored_in_linear_time(name):
     text = ADVERSARIAL[name]
+    VERIFIERS.names()  # the registry's one package scan (it imports torch once) is no check's time
     checks = [
         lambda: extract_boxed(text),
         lambda: has_box_command(text),
@@ -362,6 +365,35 @@ def test_workers_stop_at_interpreter_exit():
     assert len(pids) == 2 and not _wait_gone(pids)
 
 
+def test_shutdown_is_bounded_when_pebble_does_not_stop(tmp_path):
+    """Ctrl-C while the pool worked hung for good 2 times in 39: the main thread waited in ``_shut_down`` ->
+    ``pool.join()`` for a pebble thread that never ended. Simulated: pebble's join never returns. The pool still
+    closes within its deadline, and its workers are dead."""
+    code = (
+        "import operator, threading, time\n"
+        "import pebble\n"
+        "from simko.rewards import KillablePool\n"
+        "from simko.rewards import pool as pool_module\n"
+        "pebble.ProcessPool.join = lambda self, timeout=None: threading.Event().wait()\n"
+        "if __name__ == '__main__':\n"
+        "    p = KillablePool(num_workers=2)\n"
+        "    p.map(operator.add, [(1, 2)], timeout_s=5.0)\n"
+        "    print(*p.pids, flush=True)\n"
+        "    t = time.monotonic()\n"
+        "    p.close()\n"
+        "    print(round(time.monotonic() - t, 2), flush=True)\n"
+    )
+    script = tmp_path / "hang.py"
+    script.write_text(code)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    pids, seconds = out.stdout.splitlines()
+    from simko.rewards.pool import SHUTDOWN_DEADLINE_S
+
+    assert float(seconds) < SHUTDOWN_DEADLINE_S + 2.0
+    assert not _wait_gone([int(p) for p in pids.split()])
+
+
 def test_workers_stop_when_the_pool_is_garbage_collected():
     p = KillablePool(num_workers=2)
     assert p.map(operator.add, [(1, 2)], timeout_s=5.0)[0].value == 3
@@ -369,6 +401,112 @@ def test_workers_stop_when_the_pool_is_garbage_collected():
     del p
     gc.collect()
     assert len(pids) == 2 and not _wait_gone(pids)
+
+
+def sleepers(seconds: str, within_s: float = 5.0) -> list[psutil.Process]:
+    """The ``sleep <seconds>`` processes still there after up to ``within_s`` seconds (pebble stops workers from
+    its manager thread, every 0.1 s)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        found = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", seconds]]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def test_a_checks_child_processes_die_with_it():
+    """A check that starts ``sleep`` and then hangs left one orphan per timed-out check (16 after one step): the
+    worker's whole process group is killed when its check times out, when the worker dies, and when the pool
+    closes."""
+    seconds = f"1234.{os.getpid()}"  # this test's own sleepers
+    p = KillablePool(num_workers=2, preload=["simko.faults"])
+    try:
+        results = p.map(start_a_child_and_hang, [(seconds, "hang")] * 4, timeout_s=1.0)
+        assert [r.status for r in results] == ["timeout"] * 4
+        results = p.map(start_a_child_and_hang, [(seconds, "die")] * 2, timeout_s=5.0)
+        assert [r.status for r in results] == ["error"] * 2
+        assert sleepers(seconds) == []
+        p.map(start_a_child_and_hang, [(seconds, "hang")] * 2, timeout_s=60.0, budget_s=1.0)  # out of budget
+        assert sleepers(seconds) == []
+        budget_pids = p.pids
+        p._pool.schedule(start_a_child_and_hang, (seconds, "hang"))  # running when the pool closes
+        deadline = time.monotonic() + 30
+        while not sleepers(seconds, within_s=0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sleepers(seconds, within_s=0), "the check did not start its child"
+    finally:
+        p.close()
+    assert sleepers(seconds) == [] and not _wait_gone(budget_pids)
+
+
+def sleep_then(seconds: float, value: int) -> int:
+    time.sleep(seconds)
+    return value
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_checks_survive_a_sigterm_to_every_process_of_the_job(signum):
+    """A scheduler's preemption sends SIGTERM (SLURM's requeue: SIGUSR1) to every process of the job, and the trainer
+    finishes its RL step before it stops (GracefulStop): the verifier workers and the fork server must not die of it,
+    or that step's checks fail and its rewards (then checkpointed) are not the uninterrupted run's."""
+    p = KillablePool(num_workers=2)
+    try:
+        assert p.map(operator.add, [(1, 2)], timeout_s=30.0)[0].value == 3
+        procs = [psutil.Process(pid) for pid in p.pids]
+        server = {parent.pid for w in procs if (parent := w.parent()) is not None and parent.pid != os.getpid()}
+        results: list = []
+        batch = threading.Thread(target=lambda: results.extend(p.map(sleep_then, [(1.0, i) for i in range(6)], 30.0)))
+        batch.start()
+        time.sleep(0.5)
+        for pid in [*p.pids, *server]:
+            os.kill(pid, signum)
+        batch.join(60)
+        assert [(r.status, r.value) for r in results] == [("ok", i) for i in range(6)]
+        assert p.map(sleep_then, [(0.0, 7)], timeout_s=0.5)[0].value == 7
+        assert p.map(time.sleep, [(30,)], timeout_s=0.5)[0].status == "timeout"  # a replacement worker: forked
+        assert p.map(operator.add, [(2, 2)], timeout_s=30.0)[0].value == 4
+    finally:
+        p.close()
+
+
+def test_a_pool_starts_while_every_process_gets_sigterm(tmp_path):
+    """SIGTERM to every process of the job while a pool starts (its fork server still importing its preloads) and
+    works: the fork server and the workers are born immune, so the pool starts and scores (the fork server died of
+    it, and the RL step in progress failed with BrokenProcessPool)."""
+    code = (
+        "import operator, threading, time, os, signal\n"
+        "import psutil\n"
+        "from simko.rewards import KillablePool\n"
+        "def work(p, out):\n"
+        "    try:\n"
+        "        out.extend(r.value for r in p.map(operator.add, [(1, 2), (3, 4)] * 4, timeout_s=60.0))\n"
+        "    except Exception as e:\n"
+        "        out.append(repr(e))\n"
+        "if __name__ == '__main__':\n"
+        # torch as a preload: a fork server that takes seconds to start (importing simko.rewards is fast, it
+        # imports no torch), so the signals reach it, its resource tracker and the workers while the pool starts
+        "    p, out = KillablePool(num_workers=2, preload=('torch',)), []\n"
+        "    worker = threading.Thread(target=work, args=(p, out))\n"
+        "    worker.start()\n"
+        "    sent = set()\n"
+        "    while worker.is_alive():\n"
+        "        for child in psutil.Process().children(recursive=True):\n"
+        "            try:\n"
+        "                child.send_signal(signal.SIGTERM)\n"
+        "                sent.add(child.pid)\n"
+        "            except psutil.Error:\n"
+        "                pass\n"
+        "        time.sleep(0.01)\n"
+        "    print(len(sent), out, flush=True)\n"
+        "    p.close()\n"
+    )
+    script = tmp_path / "start.py"
+    script.write_text(code)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sent, values = out.stdout.split(" ", 1)
+    assert int(sent) >= 3, out.stdout  # the fork server, its resource tracker, the workers
+    assert values.strip() == str([3, 7] * 4), out.stdout + out.stderr[-3000:]
 
 
 def test_unpicklable_call_fails_alone(pool):
@@ -499,6 +637,58 @@ def test_score_batch_mixes_verifiers_and_keeps_order(math_verifier):
         score_batch(["a"], ["a"], ["nope"])
     with pytest.raises(ValueError):
         score_batch(["a"], ["a", "b"], ["exact"])
+
+
+class ReturnsWhatItIsTold(Verifier):
+    """A verifier whose ``_score`` returns ``self.values`` (the first n of them, or all)."""
+
+    name = "test_told"
+
+    def __init__(self, values) -> None:
+        super().__init__()
+        self.values = values
+
+    def _score(self, completions, answers):
+        return self.values
+
+
+@pytest.mark.parametrize("values", [[1.0, 1.0], [1.0, 1.0, 1.0, 1.0], None, 3.0])
+def test_a_verifier_that_returns_the_wrong_number_of_rewards_is_an_error_naming_it(values):
+    """``_score`` returning 2 scores for 3 completions gave [1.0, 1.0, 0.0] (the rest pre-filled), extra values were
+    dropped: now an error naming the verifier, directly and through score_batch."""
+    from simko.rewards.base import VerifierError
+
+    verifier = ReturnsWhatItIsTold(values)
+    with pytest.raises(VerifierError, match=r"verifier 'test_told' .*for 3 completions"):
+        verifier.score(["a", "b", "c"], ["a", "b", "c"])
+    with pytest.raises(VerifierError, match=r"verifier 'test_told' .*for 3 completions"):
+        score_batch(["a", "b", "c"], ["a", "b", "c"], "mine", verifiers={"mine": verifier})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1.0", 1e39, -1e16, [1.0], object()])
+def test_bad_reward_values_count_as_failed_checks_naming_the_verifier(bad, caplog):
+    """NaN, a string, a list, or a finite value too large for float32 statistics (1e39 became inf and the run died
+    with "non-finite loss", the verifier unnamed) score 0.0 and count in num_errors, as a raising function does."""
+    verifier = ReturnsWhatItIsTold([1.0, bad, None])
+    verifier.name = "test_bad_values"
+    with caplog.at_level("WARNING"):
+        assert verifier.score(["a", "b", "c"], ["a", "b", "c"]) == [1.0, 0.0, 0.0]  # None: not applicable, 0.0
+    assert (verifier.num_errors, verifier.num_timeouts) == (1, 0)
+    assert "test_bad_values" in caplog.text and "bad score value" in caplog.text
+    assert score_batch(["a", "b", "c"], ["a", "b", "c"], "v", verifiers={"v": verifier}) == [1.0, 0.0, 0.0]
+
+
+def test_score_batch_refuses_bad_values_of_an_object_that_is_no_verifier():
+    """An instance in module.verifiers that does not subclass Verifier (no counters): its bad output is an error
+    naming it."""
+    from simko.rewards.base import VerifierError
+
+    class Plain:
+        def score(self, completions, answers):
+            return [float("nan")] * len(completions)
+
+    with pytest.raises(VerifierError, match=r"verifier 'plain' .*nan"):
+        score_batch(["a"], ["a"], "plain", verifiers={"plain": Plain()})
 
 
 def test_final_answer_is_what_each_verifier_compares(math_verifier):

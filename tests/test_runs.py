@@ -7,6 +7,7 @@ import csv
 import errno
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -94,6 +95,66 @@ def test_sweep_folders_are_claimed_too(args, tmp_path):
     shared_subdir = [*sweep[:2], f"hydra.sweep.dir={tmp_path / 's2'}", "hydra.sweep.subdir=x"]
     one_folder = run("simko.train", *shared_subdir, *common, check=False)
     refused(one_folder, "hydra.sweep.subdir", "hydra.job.num")
+
+
+def snapshot(folder: Path) -> dict[str, bytes | str]:
+    """Every entry below ``folder`` (links not followed): file bytes, link targets, folders."""
+    out: dict[str, bytes | str] = {}
+    for path in sorted(folder.rglob("*")):
+        key = str(path.relative_to(folder))
+        if path.is_symlink():
+            out[key] = "link:" + os.readlink(path)
+        elif path.is_dir():
+            out[key] = "dir"
+        else:
+            out[key] = path.read_bytes()
+    return out
+
+
+@pytest.fixture
+def mounts():
+    """``mounts(path, *options)`` mounts a small tmpfs there (skips where mounting is not allowed); unmounted after."""
+    done: list[Path] = []
+
+    def mount(path: Path, *options: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        opts = ",".join(["size=4m", *options])
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()})")
+        done.append(path)
+        return path
+
+    yield mount
+    for path in reversed(done):
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("how", ["lock_is_a_directory", "lock_is_a_symlink_loop", "read_only_folder", "dangling_link"])
+def test_a_folder_that_cannot_be_claimed_stops_the_run(args, tmp_path, mounts, how):
+    """Any failure to claim a run folder stops the run with one message naming the folder, and nothing in it changes.
+
+    Hydra's callback runner turns an exception of a callback into a warning: a lock file replaced by a directory
+    let a second run overwrite a finished run (exit 0, a UserWarning)."""
+    folder = tmp_path / "done"
+    if how == "read_only_folder":
+        mounts(folder)
+    fake_run(folder, 2)
+    if how == "lock_is_a_directory":
+        (folder / ".simko-run.lock").mkdir()
+    elif how == "lock_is_a_symlink_loop":
+        (folder / ".simko-run.lock").symlink_to(folder / ".simko-run.lock")
+    elif how == "read_only_folder":
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+    elif how == "dangling_link":
+        folder = tmp_path / "link"
+        folder.symlink_to(tmp_path / "missing" / "target")
+    before = snapshot(tmp_path)
+    proc = run("simko.train", *args(None, "rl_steps=2", f"hydra.run.dir={folder}"), check=False, timeout=300)
+    refused(proc, f"run folder {folder}")
+    assert proc.returncode == 2 and "UserWarning" not in proc.stderr
+    assert snapshot(tmp_path) == before
 
 
 def test_default_run_folder_names_are_unique_per_process():
@@ -201,6 +262,96 @@ def test_killed_run_resumes_in_its_own_folder_exactly(args, tmp_path):
     reward = [(e.step, e.value) for e in events.Scalars("train/reward")]
     assert [step for step, _ in reward] == [1, 2, 3, 4]
     assert [value for _, value in reward] == pytest.approx(list(full["train/reward"]), abs=1e-7)
+
+
+PAUSED_EXACT = (
+    "+module.verifiers.exact={_target_:simko.faults.PauseVerifier,verifier:{_target_:simko.rewards.ExactMatchVerifier}}"
+)
+
+
+def signal_when_paused(cmd_args: list[str], point: str, signum: int, env_extra: dict | None = None):
+    """Run simko.train; when it passes ``point`` (simko.faults, a 3 s pause) send it ``signum``; the finished run."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", SIMKO_PAUSE_AT=point, SIMKO_PAUSE_S="3")
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "simko.train", *cmd_args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr = []
+    try:
+        for line in proc.stderr:
+            stderr.append(line)
+            if line.startswith("SIMKO-PAUSE"):
+                proc.send_signal(signum)
+                break
+        stderr.extend(proc.stderr)
+        stdout = proc.stdout.read()
+        proc.wait(timeout=600)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, "".join(stderr))
+
+
+@pytest.mark.integration
+def test_sigterm_saves_the_step_in_progress_exits_143_and_the_run_continues_exactly(args, tmp_path):
+    """SIGTERM (preemption) exited 0 in about a second with no checkpoint, losing the steps since the last one, and
+    a scheduler recorded the run as completed. Now: SIGTERM inside RL step 2's scoring (last.ckpt due only at
+    steps 3 and 4) finishes step 2 and its validation, writes last.ckpt for it, prints the command that continues the
+    run and exits 143; that command then gives the uninterrupted run's metrics and weights."""
+    common = ["rl_steps=4", "callbacks.model_checkpoint.last_every_n_steps=3", PAUSED_EXACT]
+    run("simko.train", *args("full", *common))
+    # verify calls: step 0's validation (1 batch), step 1, step 2: the 3rd is inside RL step 2
+    proc = signal_when_paused(args("stopped", *common), "verify@3", signal.SIGTERM)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    folder = tmp_path / "stopped"
+    assert "stopped by SIGTERM after RL step 2 of 4" in proc.stderr
+    assert f"{folder / 'checkpoints' / 'last.ckpt'} holds RL step 2" in proc.stderr
+    assert read_checkpoint(folder / "checkpoints" / "last.ckpt")["rl_step"] == 2
+    assert list(pd.read_csv(folder / "csv" / "metrics.csv")["step"]) == [0, 1, 2]  # step 2's validation too
+    command = shlex.split(proc.stderr.split("continue the run with:\n", 1)[1].splitlines()[0])
+    assert command[:3] == ["python", "-m", "simko.train"] and "ckpt_path=last" in command
+    resumed = subprocess.run(
+        [sys.executable, *command[1:]],
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full, again = metrics(tmp_path / "full"), metrics(folder)
+    cols = [c for c in full.columns if not c.startswith("time/")]
+    pd.testing.assert_frame_equal(full[cols], again[cols], check_exact=True)
+    assert list(pd.read_csv(folder / "csv" / "metrics.csv")["step"]) == [0, 1, 2, 3, 4]
+    a = read_checkpoint(tmp_path / "full" / "checkpoints" / "last.ckpt")["state_dict"]
+    b = read_checkpoint(folder / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.integration
+def test_slurm_requeue_signal_saves_requeues_and_exits_non_zero(args, tmp_path):
+    """Under SLURM with Lightning's auto-requeue, the requeue signal (SIGUSR1, `sbatch --signal=USR1@90`) stops the
+    run like SIGTERM, then requeues the job with `scontrol requeue <job id>` (a fake scontrol here)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "simko",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+    }
+    common = ["rl_steps=4", "callbacks.model_checkpoint.last_every_n_steps=3", PAUSED_EXACT]
+    proc = signal_when_paused(args("slurm", *common), "verify@2", signal.SIGUSR1, slurm)
+    assert proc.returncode == 128 + signal.SIGUSR1, proc.stderr[-3000:]
+    assert "stopped by SIGUSR1 after RL step 1 of 4" in proc.stderr and "requeued SLURM job 4242" in proc.stderr
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert read_checkpoint(tmp_path / "slurm" / "checkpoints" / "last.ckpt")["rl_step"] == 1
 
 
 @pytest.mark.integration
@@ -311,3 +462,168 @@ def test_one_row_per_step_and_superseded_rows(tmp_path):
     again.log_metrics({"train/reward": 0.8, "train/lr": 1e-5}, 2)
     again.finalize("success")
     assert list(pd.read_csv(path)["step"]) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------------- samples, links
+
+
+def sample_row(step: int, index: int) -> dict:
+    return {"rl_step": step, "prompt_index": index, "completion": "x" * 2000, "reward": 1.0}
+
+
+def test_a_full_disk_never_leaves_half_a_sample_row(tmp_path, mounts):
+    """A disk full while samples.jsonl was appended to left its last line cut mid-record, with an error that did not
+    name the file (and a resume then appended onto the broken line). Now the file is as it was and the error names
+    it. A real full disk: a small tmpfs, nearly filled."""
+    from simko.callbacks.samples import RolloutSamples
+
+    disk = mounts(tmp_path / "disk", "size=64k")
+    samples = RolloutSamples(str(disk / "samples.jsonl"))
+    samples.write([sample_row(1, 0)], [])
+    before = (disk / "samples.jsonl").read_bytes()
+    (disk / "filler").write_bytes(b"\0" * (64 * 1024 - 3 * 4096 - len(before)))
+    with pytest.raises(OSError) as error:
+        samples.write([sample_row(10, i) for i in range(20)], [])
+    assert error.value.errno == errno.ENOSPC and str(disk / "samples.jsonl") in str(error.value)
+    assert (disk / "samples.jsonl").read_bytes() == before
+
+
+def test_supersede_samples_after_a_step(tmp_path):
+    """Rows a killed attempt wrote after the checkpoint's step, and a last line cut by a kill or a full disk, move
+    aside (as metrics.csv rows do), so the resumed run's rows follow a complete line and each step is there once."""
+    from simko.callbacks.samples import supersede_samples_after
+
+    path = tmp_path / "samples.jsonl"
+    lines = [json.dumps(sample_row(s, 0)) + "\n" for s in (1, 10, 20)]
+    path.write_text("".join(lines) + '{"rl_step": 30, "compl')
+    aside = supersede_samples_after(path, 10)
+    assert path.read_text() == "".join(lines[:2])
+    assert aside.parent == tmp_path / "superseded" and aside.read_text() == lines[2] + '{"rl_step": 30, "compl\n'
+    assert supersede_samples_after(path, 10) is None
+
+
+@pytest.mark.parametrize("what", ["samples", "metrics"])
+def test_appends_never_follow_a_symbolic_link(tmp_path, what):
+    """samples.jsonl symlinked to another file received 24 rows of model text on resume. Every file a run appends
+    to is opened with O_NOFOLLOW: a link there is an error naming it, and its target is untouched."""
+    from simko.callbacks.samples import RolloutSamples
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("someone else's\n")
+    if what == "samples":
+        (tmp_path / "samples.jsonl").symlink_to(outside)
+        write = lambda: RolloutSamples(str(tmp_path / "samples.jsonl")).write([sample_row(1, 0)], [])  # noqa: E731
+    else:
+        logger = StepCSVLogger(tmp_path, name="csv", version="")
+        logger.log_metrics({"train/reward": 0.5}, 0)
+        logger.flush_rows()
+        (tmp_path / "csv" / "metrics.csv").unlink()
+        (tmp_path / "csv" / "metrics.csv").symlink_to(outside)
+        logger.log_metrics({"train/reward": 0.5}, 1)
+        write = logger.flush_rows
+    with pytest.raises(OSError, match="symbolic link"):
+        write()
+    assert outside.read_text() == "someone else's\n"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("where", ["version", "outside"])
+def test_resume_follows_the_csv_loggers_real_path_and_samples_agree(args, tmp_path, where):
+    """Resume found metrics.csv only at <run>/*/metrics.csv: with logger.csv.version=v0 steps were logged twice, and
+    with logger.csv.save_dir outside the run a row cut by a kill stayed and the resumed run crashed ("dict contains
+    fields not in fieldnames: None"). samples.jsonl got the replayed steps' rows again. Now both files hold every
+    step once after a resume."""
+    folder = tmp_path / "run"
+    csv_dir = folder / "csv" / "v0" if where == "version" else tmp_path / "elsewhere" / "csv"
+    logger = ["logger.csv.version=v0"] if where == "version" else [f"logger.csv.save_dir={tmp_path / 'elsewhere'}"]
+    common = [
+        "rl_steps=4",
+        "callbacks.model_checkpoint.last_every_n_steps=2",
+        "callbacks.samples.every_n_steps=1",
+        *logger,
+    ]
+    start_paused(args("run", *common), "checkpoint.commit@2", tmp_path / "killed.log")
+    assert read_checkpoint(folder / "checkpoints" / "last.ckpt")["rl_step"] == 2
+    assert list(pd.read_csv(csv_dir / "metrics.csv")["step"]) == [0, 1, 2, 3, 4]  # 3-4 logged before the kill
+    with open(csv_dir / "metrics.csv", "a") as f:
+        f.write("5,0.1,0.1")  # and a row cut mid-write
+    run("simko.train", *args("run", *common, "ckpt_path=last"))
+    assert list(pd.read_csv(csv_dir / "metrics.csv")["step"]) == [0, 1, 2, 3, 4]
+    rows = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+    keys = [(r["rl_step"], r["prompt_index"], r["completion"]) for r in rows]
+    assert sorted({r["rl_step"] for r in rows}) == [1, 2, 3, 4] and len(keys) == 4 * 2 * 4  # 2 prompts x G=4, once
+    assert [r["rl_step"] for r in rows] == sorted(r["rl_step"] for r in rows)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("link", ["samples.jsonl", "train.log", "csv/metrics.csv"])
+def test_resume_refuses_a_run_folder_with_a_symlinked_file(args, tmp_path, link):
+    """A file of the run folder replaced by a symbolic link (to a file outside it): continuing the run is refused
+    at start, naming the link, and the link's target gets nothing."""
+    folder = tmp_path / "run"
+    fake_run(folder, 2)
+    (folder / "csv").mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("someone else's\n")
+    (folder / link).symlink_to(outside)
+    proc = run("simko.train", *args("run", "rl_steps=4", "ckpt_path=last"), check=False, timeout=300)
+    refused(proc, f"{folder / link}", "symbolic link")
+    assert outside.read_text() == "someone else's\n"
+
+
+# ---------------------------------------------------------------------------------------------------- one-line errors
+
+
+@pytest.mark.integration
+def test_continuing_with_another_architecture_or_loss_is_one_message(args, tmp_path):
+    """Continuing a run with another model architecture ended in a state-dict traceback from inside fit, and with
+    another loss it was accepted silently. Both are one message now (a new loss is a branch into a new folder)."""
+    run("simko.train", *args("run", "rl_steps=1"))
+    folder = tmp_path / "run"
+    before = snapshot(folder)
+    wider = run("simko.train", *args("run", "rl_steps=2", "ckpt_path=last", "model.intermediate_size=96"), check=False)
+    refused(wider, f"checkpoint {folder / 'checkpoints' / 'last.ckpt'} does not fit this model", "mlp")
+    other_loss = run("simko.train", *args("run", "rl_steps=2", "ckpt_path=last", "loss=simko"), check=False)
+    refused(other_loss, f"{folder / 'checkpoints' / 'last.ckpt'} was trained with another loss", "loss.name: 'grpo'")
+    kept = lambda files: {k: v for k, v in files.items() if k.startswith(("checkpoints", "csv", "samples"))}  # noqa: E731
+    assert kept(snapshot(folder)) == kept(before)  # the attempts' log lines and configs are all they added
+
+
+@pytest.mark.integration
+def test_a_chat_template_refused_by_the_sandbox_is_one_message(args, tmp_path):
+    """A tokenizer whose chat template reaches into Python objects (refused by jinja's sandbox) ended in a
+    SecurityError traceback; now one message naming the tokenizer and the way out."""
+    from helpers import digit_tokenizer, random_qwen2
+
+    folder = tmp_path / "model"
+    random_qwen2().save_pretrained(folder)
+    tokenizer = digit_tokenizer()
+    tokenizer.chat_template = "{{ messages[0]['content'].__class__.__mro__ }}"
+    tokenizer.save_pretrained(folder)
+    overrides = [a for a in args("run", "rl_steps=1") if not a.startswith("model.")]
+    hf = ["model=hf", f"model.name_or_path={folder}", "data.use_chat_template=true"]
+    proc = run("simko.train", *overrides, *hf, check=False)
+    refused(proc, f"the chat template of the tokenizer {folder} failed (SecurityError", "data.use_chat_template=false")
+
+
+@pytest.mark.integration
+def test_a_verifier_that_breaks_its_contract_stops_the_run_with_one_message(args, tmp_path):
+    """A verifier returning fewer rewards than completions was padded with 0.0 and trained on; now the run stops
+    at that step with one message naming the verifier (exit 1)."""
+    (tmp_path / "short_verifier.py").write_text(
+        "from simko.rewards import Verifier\n"
+        "class Short(Verifier):\n"
+        "    name = 'short'\n"
+        "    def _score(self, completions, answers):\n"
+        "        return [1.0] * (len(completions) - 1)\n"
+    )
+    proc = run(
+        "simko.train",
+        *args("run", "rl_steps=2", "validate_first=false", "imports=[short_verifier]"),
+        "+module.verifiers.exact={_target_:short_verifier.Short}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "error: verifier 'short' returned 15 scores for 16 completions" in proc.stderr, proc.stderr[-3000:]
+    assert "at RL step 1" in proc.stderr and "Traceback" not in proc.stderr

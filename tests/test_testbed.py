@@ -351,10 +351,10 @@ def test_reproduce_sweep_names_selection_and_paired_statistics():
     assert reproduce.choose_setting({"simko_a0.1_l1.5_t0.5": 0.5, "simko": 0.5}) == "simko"  # ties: the defaults
     assert reproduce.choose_setting({"simko": 0.4, "simko_a0.1_l1.5_t0.5": 0.5}) == "simko_a0.1_l1.5_t0.5"
     assert reproduce.selection_score({"pass_at_k": {"1": 0.2, "2": 0.4, "4": 0.9}}) == pytest.approx(0.5)
-    stats = reproduce.paired([0.5, 0.6, 0.7], [0.4, 0.4, 0.4])  # differences 0.1, 0.2, 0.3
-    assert stats["mean"] == pytest.approx(0.2) and stats["sd"] == pytest.approx(0.1)
-    assert stats["se"] == pytest.approx(0.1 / math.sqrt(3)) and stats["wins"] == 3 and stats["established"]
-    assert not reproduce.paired([0.5, 0.3, 0.6], [0.4, 0.4, 0.4])["established"]  # 0.1, -0.1, 0.2: within 2 SE
+    stats = reproduce.paired([0.5, 0.6, 0.7], [0.4, 0.4, 0.4])  # per-seed values: differences 0.1, 0.2, 0.3
+    assert stats["mean"] == pytest.approx(0.2) and 0.1 - 1e-12 <= stats["low"] < 0.2 < stats["high"] <= 0.3 + 1e-12
+    assert stats["wins"] == 3 and stats["established"]  # every resample of the seeds is above 0
+    assert not reproduce.paired([0.5, 0.3, 0.6], [0.4, 0.4, 0.4])["established"]  # 0.1, -0.1, 0.2: 0 inside
     names = {(toy, quick): [t.name for t in reproduce.selected_toys(toy, quick)] for toy in (None, "both")
              for quick in (False, True)}  # fmt: skip
     assert names == {(None, False): ["arithmetic", "testbed"], (None, True): ["testbed"],
@@ -368,6 +368,8 @@ def test_reproduce_sweep_orchestration_and_report_with_a_fake_runner(tmp_path):
     import dataclasses
 
     import pandas as pd
+
+    from simko.metrics.uncertainty import summarize_counts
 
     reproduce = _reproduce_module()
     calls = []
@@ -394,11 +396,16 @@ def test_reproduce_sweep_orchestration_and_report_with_a_fake_runner(tmp_path):
             else:
                 split = next(o.split("=")[1] for o in overrides if o.startswith("data.val_source.split="))
                 run_dir.mkdir(parents=True)
-                summary = {"pass_at_k": {"1": 0.2 + good, "2": 0.3 + good, "4": 0.4 + good}, "n": 4, "num_problems": 8,
-                           "diversity": {"distinct_correct": 2.0 + good, "solution_entropy": 0.5},
-                           "diagnostics": {"p_rank1": 0.8}, "response_tokens": 20.0,
-                           "config": {"data": "x.CountdownStepsSource", "dataset": "countdown_steps", "split": split,
-                                      "eval": {"temperature": 1.0, "top_p": 1.0}, "ckpt_path": None}}  # fmt: skip
+                counts = [3, 1, 2, 2, 3, 1, 2, 2] if good else [1] * 8  # pass@1 0.5 (the winner) or 0.25, n = 4
+                summary = summarize_counts([counts], 4, [1, 2, 4], [0.5, 1.0])
+                summary |= {"n": 4, "num_problems": 8,
+                            "diversity": {"distinct_correct": 2.0 + good, "solution_entropy": 0.5},
+                            "diagnostics": {"p_rank1": 0.8}, "response_tokens": 20.0,
+                            "config": {"data": "x.CountdownStepsSource", "dataset": "countdown_steps", "split": split,
+                                       "eval": {"temperature": 1.0, "top_p": 1.0}, "ckpt_path": None}}  # fmt: skip
+                ids = [f"p{i}" for i in range(8)][:: 1 if "seed1" in run_dir.name else -1]  # matched by id
+                rows = {"id": ids, "c": counts[:: 1 if "seed1" in run_dir.name else -1], "n": [4] * 8}
+                pd.DataFrame(rows).to_csv(run_dir / "per_problem.csv", index=False)
                 done.write_text(json.dumps(summary))
 
     toy = dataclasses.replace(
@@ -424,12 +431,19 @@ def test_reproduce_sweep_orchestration_and_report_with_a_fake_runner(tmp_path):
     val_evals = sorted(name for module, folder, name in calls if folder == "eval_val")
     assert val_evals == ["simko_a0.1_l1.5_t0.5_seed0", "simko_seed0"]
     text = reproduce.write_report(toy, state, tmp_path, 1.0, runner)
-    assert "| simko_tuned (simko_a0.1_l1.5_t0.5) | 0.500 ± 0.000 |" in text
-    assert "| simko_tuned (simko_a0.1_l1.5_t0.5) | **+0.300 ± 0.000 (3/0)** |" in text  # paired Δ pass@1
-    assert (tmp_path / "testbed" / "pass_at_k.png").stat().st_size > 0
-    assert (tmp_path / "testbed" / "training.png").stat().st_size > 0
+    tuned = "simko_tuned (simko_a0.1_l1.5_t0.5)"
     payload = json.loads((tmp_path / "testbed" / "results.json").read_text())
-    assert payload["paired_to_grpo"]["simko_tuned (simko_a0.1_l1.5_t0.5)"]["pass@1"]["mean"] == pytest.approx(0.3)
+    low, high = payload["intervals"][tuned]["pass_at_k_ci95"]["1"]
+    assert f"| {tuned} | 0.500 [{low:.3f}, {high:.3f}] |" in text and low < 0.5 < high  # over seeds and problems
+    assert "| model | cover@0.1 | cover@0.3 |" in text  # the cover@tau table
+    assert f"| {tuned} | +6.0 / −0.0 | +0.0 / −0.0 |" in text  # transitions: c >= 2 of 4 on 6 problems, against 1
+    paired = payload["paired_to_grpo"][tuned]["pass@1"]
+    assert paired["mean"] == pytest.approx(0.25) and paired["wins"] == 3 and paired["low"] > 0 and paired["established"]
+    assert f"| {tuned} | **+0.250 [{paired['low']:+.3f}, {paired['high']:+.3f}] (3/0)** |" in text  # paired Δ pass@1
+    assert payload["paired_to_grpo"]["simko"]["pass@1"] == {"mean": 0.0, "low": 0.0, "high": 0.0, "wins": 0,
+                                                            "losses": 0, "seeds": 3, "established": False}  # fmt: skip
+    for figure in ("pass_at_k.png", "training.png", "frontier.png"):
+        assert (tmp_path / "testbed" / figure).stat().st_size > 0
 
 
 # --- the warm start on the testbed's solutions -------------------------------------------------------------------
@@ -532,20 +546,26 @@ def test_reproduce_report_leaves_diversity_out_for_one_answer_per_problem(tmp_pa
 
     import pandas as pd
 
+    from simko.metrics.uncertainty import summarize_counts
+
     reproduce = _reproduce_module()
     for toy, coverage in ((reproduce.ARITHMETIC, float("nan")), (reproduce.TESTBED, 0.5)):
         toy = dataclasses.replace(toy, arms=("grpo", "simko"), seeds=(0, 1), sweep=())
         folder = tmp_path / toy.name
         for run in ("base", "grpo", "simko"):
-            for seed, shift in ((0, 0.0), (1, 0.01)):
-                good = {"base": 0.0, "grpo": 0.1, "simko": 0.12}[run] + shift
-                summary = {"pass_at_k": {"1": 0.2 + good, "2": 0.3 + good}, "n": 2, "num_problems": 8,
-                           "diversity": {"distinct_correct": 0.3 + good, "solution_entropy": 0.0,
-                                         "solution_coverage": coverage},
-                           "diagnostics": {"p_rank1": 0.8}, "response_tokens": 3.0,
-                           "config": {"data": "x.Source", "eval": {"temperature": 1.0}}}  # fmt: skip
+            for seed in (0, 1):
+                counts = {"base": [0, 0, 1, 1, 0, 1, 0, 0], "grpo": [1, 0, 1, 1, 0, 1, 0, 1],
+                          "simko": [1, 1, 1, 1, 0, 1, 0, 1]}[run]  # fmt: skip
+                summary = summarize_counts([counts], 2, [1, 2], [0.5, 1.0])
+                summary |= {"n": 2, "num_problems": 8,
+                            "diversity": {"distinct_correct": 0.3 + sum(counts) / 100, "solution_entropy": 0.0,
+                                          "solution_coverage": coverage},
+                            "diagnostics": {"p_rank1": 0.8}, "response_tokens": 3.0,
+                            "config": {"data": "x.Source", "eval": {"temperature": 1.0}}}  # fmt: skip
                 (folder / "eval" / f"{run}_seed{seed}").mkdir(parents=True)
                 (folder / "eval" / f"{run}_seed{seed}" / "pass_at_k.json").write_text(json.dumps(summary))
+                per_problem = pd.DataFrame({"id": range(8), "c": counts, "n": 2})
+                per_problem.to_csv(folder / "eval" / f"{run}_seed{seed}" / "per_problem.csv", index=False)
                 if run != "base":
                     (folder / "train" / f"{run}_seed{seed}" / "csv").mkdir(parents=True)
                     frame = pd.DataFrame({"train/rl_step": [1, 2], "train/reward": [0.2, 0.3],
@@ -557,5 +577,5 @@ def test_reproduce_report_leaves_diversity_out_for_one_answer_per_problem(tmp_pa
         paths = toy.name == "testbed"
         assert ("distinct_correct" in text) == paths and ("solution_entropy" in text) == paths
         assert "| model | Δ pass@1 | Δ pass@2 |" in text  # the mid and the last k are one column here
-        assert "| simko | +0.020 ± 0.000 (2/0) | +0.020 ± 0.000 (2/0) |" in text  # the paired Δ pass@k stay
+        assert "| simko | +0.062 [+0.000, +0.188] (2/0) | +0.125 [+0.000, +0.375] (2/0) |" in text  # paired Δ pass@k
         assert (folder / "pass_at_k.png").stat().st_size > 0 and (folder / "training.png").stat().st_size > 0

@@ -10,6 +10,7 @@ starts again.
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from collections.abc import Callable
@@ -58,6 +59,34 @@ def atomic_write(target: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         raise
     fsync_dir(target.parent)
     return target
+
+
+def append(path: str | Path, data: bytes) -> None:
+    """Append ``data`` (whole records) to ``path`` and fsync: all of it, or nothing.
+
+    The file is opened with ``O_NOFOLLOW``, so a symbolic link put in place of a run's file is an error naming it,
+    never a write into the link's target. On a failed write (a full disk) the file is cut back to its size before,
+    so no half record is left for the next append to continue; the OSError names the file.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise OSError(err.errno, f"{path} is a symbolic link: a run writes only into its own files") from None
+        raise
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except OSError as err:
+            os.ftruncate(fd, size)
+            raise OSError(err.errno, f"appending to {path} failed ({err.strerror}); the file is as it was") from err
+    finally:
+        os.close(fd)
 
 
 def commit(source: Path, target: Path) -> None:

@@ -85,9 +85,9 @@ def _checkpointed_forward(self, hidden_states, *args, **kwargs):
         return out, view.keys, view.values
 
     out, keys, values = checkpoint(run, hidden_states, *args, use_reentrant=False)
-    if not layer.is_initialized:
-        layer.lazy_initialization(keys, values)
-    layer.keys, layer.values = keys, values
+    # What DynamicLayer.update leaves (set here directly: lazy_initialization's signature varies across versions).
+    layer.dtype, layer.device = keys.dtype, keys.device
+    layer.keys, layer.values, layer.is_initialized = keys, values, True
     return out
 
 

@@ -7,6 +7,11 @@
   empty, truncated or not a torch file, or holding objects whose unpickling could execute code).
 - :class:`RunCheckpoint`: ``last.ckpt`` (full state: weights, optimizer, loops, data position) for resuming, and
   weights-only ``stepNNNNNN.ckpt`` snapshots, both named and scheduled in RL steps.
+- :class:`GracefulStop`: on SIGTERM (or SLURM's requeue signal; ``simko.stopping.stopping_on_signals``) the run stops at
+  the next RL step boundary, ``last.ckpt`` written for the last finished step; ``simko.train`` then exits non-zero.
+- On resume, :func:`check_fits` (the weights' names and shapes against the built model) and :func:`check_same_loss`
+  (the loss config :class:`RecordConfig` wrote into the checkpoint) turn another architecture or another loss into
+  one message at start.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+import signal
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +29,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from simko import atomic
+from simko import atomic, stopping
 from simko.faults import pause_point
 
 log = logging.getLogger(__name__)
@@ -33,6 +40,78 @@ SNAPSHOT = re.compile(r"^step(\d+)\.ckpt$")
 
 class CheckpointError(ValueError):
     """A checkpoint that can't be used, with the file named in the message."""
+
+
+class RunStopped(Exception):
+    """The run stopped at an RL step boundary because the process received ``signum`` (see :class:`GracefulStop`).
+
+    ``rl_step``: the last finished RL step (``last.ckpt`` holds it when the run writes checkpoints).
+    """
+
+    def __init__(self, signum: int, rl_step: int) -> None:
+        super().__init__(f"stopped by signal {signum} after RL step {rl_step}")
+        self.signum = signum
+        self.rl_step = rl_step
+
+
+def stop_agreed(trainer: Trainer) -> bool:
+    """Whether the run stops after the current RL step: this process, or under DDP any process, received a stop
+    signal. Decided once per optimizer step (one boolean all-reduce) and cached, so every caller in that step, on
+    every rank, gets the same answer."""
+    key = (id(trainer), trainer.global_step)
+    decided = getattr(trainer, "_simko_stop", None)
+    if decided is not None and decided[0] == key:
+        return decided[1]
+    stop = stopping.stop_signal() is not None
+    if trainer.world_size > 1:
+        stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
+    trainer._simko_stop = (key, stop)
+    return stop
+
+
+class GracefulStop(Callback):
+    """Stop the run at the next RL step boundary once a stop signal arrived (``simko.stopping.stopping_on_signals``).
+
+    The RL step in progress, and its validation when one is due, finish; :class:`RunCheckpoint` writes ``last.ckpt``
+    for that step (also when none is due) and commits it; then :class:`RunStopped` is raised before the next step
+    starts, and ``simko.train`` prints how to continue and exits with 128 + the signal number. The checkpoint is the
+    one a scheduled save would have written at that step, so the continued run equals the uninterrupted one.
+    ``trainer.should_stop`` is not used: Lightning runs an extra validation when it is set.
+
+    Under DDP every process stops at the same step (:func:`stop_agreed`), and none leaves before global rank 0 has
+    committed ``last.ckpt`` and run ``report`` (its message, and under SLURM the requeue): a barrier in
+    :meth:`on_exception`. A launcher that ends every task once one exits non-zero (``srun --kill-on-bad-exit``,
+    torchrun) would otherwise end rank 0 before it renamed the checkpoint or requeued the job.
+    """
+
+    def __init__(self, report: Callable[[Trainer], None] | None = None) -> None:
+        self.report = report
+        self.reported = False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        stopping.reclaim_stop_signals()  # Lightning installed its own handlers just before
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        stopping.reclaim_stop_signals()  # trainer.validate (validate_first) installs them too
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        stop_agreed(trainer)  # decided here, at the end of the step, the same on every rank
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx) -> None:
+        if stop_agreed(trainer):
+            raise RunStopped(stopping.stop_signal() or signal.SIGTERM, int(pl_module.rl_step))
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, RunStopped):
+            return
+        for callback in trainer.callbacks:  # whatever the callbacks' order: the checkpoint first, then the message
+            if isinstance(callback, RunCheckpoint):
+                callback.commit(trainer)
+        if trainer.is_global_zero and self.report is not None:
+            self.report(trainer)
+            self.reported = True
+        if trainer.world_size > 1:  # every rank raised RunStopped at the same step: all of them get here
+            trainer.strategy.barrier("simko_stop")
 
 
 def read_checkpoint(path: str | Path, mmap: bool = True) -> dict[str, Any]:
@@ -78,6 +157,62 @@ def read_checkpoint(path: str | Path, mmap: bool = True) -> dict[str, Any]:
 def checkpoint_step(state: dict[str, Any]) -> int:
     """The RL step a checkpoint was taken after (0 for checkpoints of older versions without it)."""
     return int(state.get("rl_step", 0))
+
+
+def check_fits(state: dict[str, Any], module: torch.nn.Module, path: str | Path) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` unless its weights fit ``module`` (same names and shapes).
+
+    Checked at start, so a checkpoint of another architecture (``model.*`` settings changed between runs) is one
+    message instead of a traceback from inside ``trainer.fit``. A module that loads part of its state (a LoRA
+    policy: ``strict_loading`` is False) may miss keys; it may not get unknown or misshapen ones.
+    """
+    saved, expected = state["state_dict"], module.state_dict()
+    problems = [f"{k} is {tuple(saved[k].shape)} there, {tuple(expected[k].shape)} here"
+                for k in saved if k in expected and tuple(saved[k].shape) != tuple(expected[k].shape)]  # fmt: skip
+    unexpected = [k for k in saved if k not in expected]
+    missing = [k for k in expected if k not in saved] if getattr(module, "strict_loading", True) else []
+    if unexpected:
+        problems.append(f"{len(unexpected)} weights this model has no place for ({', '.join(unexpected[:3])}, ...)")
+    if missing:
+        problems.append(f"{len(missing)} weights of this model missing from it ({', '.join(missing[:3])}, ...)")
+    if problems:
+        more = f"; and {len(problems) - 2} more differences" if len(problems) > 2 else ""
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model: {'; '.join(problems[:2])}{more}. It was written for another "
+            "architecture: continue with the model settings (model.*) it was trained with"
+        )
+
+
+class RecordConfig(Callback):
+    """Write ``values`` (plain data: the run's resolved loss config) into every checkpoint as ``checkpoint["config"]``,
+    so a resume can check it continues the state with the settings it was trained with (:func:`check_same_loss`)."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["config"] = self.values
+
+
+def check_same_loss(state: dict[str, Any], loss: dict[str, Any], path: str | Path, continued: bool) -> None:
+    """A run continued in its folder keeps its loss: raise :class:`CheckpointError` when ``loss`` (the resolved
+    ``loss`` config) differs from the one the checkpoint's state was trained with. A branch (a new run from the
+    checkpoint) may change it; that is logged. Checkpoints without the record (older ones) are not checked."""
+    before = (state.get("config") or {}).get("loss")
+    if not isinstance(before, dict):
+        return
+    changed = sorted((k for k in set(before) | set(loss) if before.get(k) != loss.get(k)), key=lambda k: k != "name")
+    if not changed:
+        return
+    diffs = ", ".join(f"loss.{k}: {before.get(k)!r} -> {loss.get(k)!r}" for k in changed[:4])
+    if not continued:
+        log.info("branching from %s, trained with another loss (%s)", path, diffs)
+        return
+    raise CheckpointError(
+        f"checkpoint {path} was trained with another loss ({diffs}{', ...' if len(changed) > 4 else ''}). A run keeps "
+        "its loss: continue it with the loss settings it was trained with, or train this state with the new loss as "
+        f"a new run: hydra.run.dir=<new folder> ckpt_path={path}"
+    )
 
 
 def is_full_checkpoint(state: dict[str, Any]) -> bool:
@@ -207,6 +342,7 @@ class RunCheckpoint(Callback):
         self.snapshot_weights_only = snapshot_weights_only
         self.keep_snapshots = keep_snapshots
         self._pending: Path | None = None
+        self._validating = False
 
     @property
     def last_path(self) -> Path:
@@ -233,7 +369,8 @@ class RunCheckpoint(Callback):
         final = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
         if self.every_n_steps and step % self.every_n_steps == 0:
             self._save_snapshot(trainer, step)
-        if final or (self.last_every_n_steps and step % self.last_every_n_steps == 0):
+        due = self.last_every_n_steps and step % self.last_every_n_steps == 0
+        if final or due or stop_agreed(trainer):  # a stop signal: this step's last.ckpt (GracefulStop)
             try:
                 trainer.save_checkpoint(self.pending_path, weights_only=False)
             except OSError as err:
@@ -246,12 +383,28 @@ class RunCheckpoint(Callback):
             self._pending = self.pending_path
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx) -> None:
-        self._commit(trainer)  # the previous step is complete: its validation ran and its rows are logged
+        self.commit(trainer)  # the previous step is complete: its validation ran and its rows are logged
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._commit(trainer)
+        self.commit(trainer)
 
-    def _commit(self, trainer: Trainer) -> None:
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._validating = True
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._validating = False
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """A stop at a step boundary (GracefulStop) commits the finished step's pending ``last.ckpt``, if this
+        callback's ``on_train_batch_start`` did not run before the stop; so does Lightning's own SIGTERM stop (a
+        signal that came before GracefulStop took the handler back), unless it cut a validation short, whose
+        metrics the step would then lack. Any other error leaves ``last.ckpt`` as it was."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, RunStopped) or (isinstance(exception, SIGTERMException) and not self._validating):
+            self.commit(trainer)
+
+    def commit(self, trainer: Trainer) -> None:
         if self._pending is None:
             return
         self._pending = None

@@ -84,6 +84,14 @@ def check_eval_config(cfg: DictConfig) -> None:
     tau = ev.get("diagnostics_tau")
     if not _is_number(tau) or not 0 < tau < 1:
         raise ConfigError(f"eval.diagnostics_tau={tau!r}: must be a number in (0, 1) (an entropy quantile).")
+    _integer(ev, "eval", "bootstrap_resamples", minimum=100, optional=True)  # intervals of pass@k and cover@tau
+    _integer(ev, "eval", "bootstrap_seed", minimum=0, optional=True)
+    taus = ev.get("cover_taus")
+    if taus is not None and (
+        not isinstance(taus, (Sequence, ListConfig)) or isinstance(taus, str) or not taus
+        or any(not _is_number(t) or not 0 <= t <= 1 for t in taus)
+    ):  # fmt: skip
+        raise ConfigError(f"eval.cover_taus={taus!r}: must be a non-empty list of thresholds in [0, 1], or null.")
     ks = ev.get("ks")
     if ks is not None:
         if not isinstance(ks, (Sequence, ListConfig)) or isinstance(ks, str) or not ks:

@@ -7,8 +7,10 @@ For every problem of the data config's held-out set (``val_source``) it samples 
 protocol by default: temperature 0.6, top-p 0.95), scores them with the examples' verifiers in the killable
 process pool, and writes into the run folder:
 
-- ``pass_at_k.json``  mean unbiased pass@k for ``eval.ks`` (default 1, 2, 4, ..., n), mean@n, maj@n, diagnostics,
-                      solution diversity (``simko.metrics.diversity``)
+- ``pass_at_k.json``  mean unbiased pass@k for ``eval.ks`` (default 1, 2, 4, ..., n) with 95 % bootstrap intervals
+                      over problems (``simko.metrics.uncertainty``), cover@tau with its intervals
+                      (``simko.metrics.cover``), mean@n, maj@n, diagnostics, solution diversity
+                      (``simko.metrics.diversity``)
 - ``per_problem.csv`` problem id, c (correct), n, gold answer, the extracted answers, the prompt and one sample
   completion (the first of the n, with ``sample_correct``)
 - ``pass_at_k.png``   the pass@k curve on a log-k axis
@@ -26,6 +28,10 @@ from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from simko.config import check_torch_extensions  # noqa: E402
+
+check_torch_extensions()  # a torchvision built for another torch: the fix, before `import lightning` fails
 
 import hydra  # noqa: E402
 import torch  # noqa: E402
@@ -46,6 +52,8 @@ from simko.engines import Sampling, build_engine, check_engine, step_seed  # noq
 from simko.evaluation import SampleMetrics, sample_and_score  # noqa: E402
 from simko.forward import rollout_token_stats  # noqa: E402
 from simko.metrics import default_ks, majority_at_n  # noqa: E402
+from simko.metrics.cover import DEFAULT_TAUS  # noqa: E402
+from simko.metrics.uncertainty import DEFAULT_RESAMPLES, summarize_counts  # noqa: E402
 from simko.models.lora import load_adapter_checkpoint, load_model  # noqa: E402
 from simko.rewards import final_answer, score_batch  # noqa: E402
 
@@ -124,8 +132,14 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
 
     result, diversity, diagnostics = metrics.compute()
     num_samples = len(problems) * n
+    uncertainty = summarize_counts(  # 95 % bootstrap intervals over problems; cover@tau (simko.metrics.cover)
+        [[sum(c) for c in correct_all]], n, ks, cfg.eval.get("cover_taus") or DEFAULT_TAUS,
+        resamples=int(cfg.eval.get("bootstrap_resamples") or DEFAULT_RESAMPLES),
+        seed=int(cfg.eval.get("bootstrap_seed") or 0),
+    )  # fmt: skip
     summary = {
         "pass_at_k": {str(k): result[k] for k in ks},
+        **{key: uncertainty[key] for key in ("pass_at_k_ci95", "cover_at_tau", "cover_at_tau_ci95", "bootstrap")},
         "mean@n": result["mean@n"],
         "maj@n": majority_at_n(answers_all, correct_all),
         "n": n,

@@ -13,6 +13,7 @@ through :class:`PauseVerifier`).
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -58,3 +59,20 @@ class PauseVerifier:
         if name == "inner":  # not set yet (copy, unpickle): no recursion
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+
+def start_a_child_and_hang(seconds: str, then: str = "hang") -> float:
+    """A misbehaving check for the tests: start ``sleep <seconds>``, then hang (``then="hang"``) or die at once
+    (``"die"``). Its child must not outlive it (``simko.rewards.pool``)."""
+    subprocess.Popen(["sleep", seconds])
+    if then == "die":
+        os._exit(1)
+    time.sleep(3600)
+    return 0.0
+
+
+def busy_reward(completions: Sequence[str], answers: Sequence[str]) -> list[float]:
+    """A check that keeps its worker busy for about a second inside one C call (no Python signal handler runs
+    there): the chaos script's busy verifier pool (``scripts/chaos.py --ctrl-c``)."""
+    sum(range(3 * 10**7))
+    return [0.0] * len(completions)

@@ -11,12 +11,25 @@ with the held-out set, n, temperature and top-p); one holding a CSV log (``csv/m
 gives the reward and validation pass@k against the RL step and the concentration curves, mean p(rank k) (log
 scale). With ``baseline=LABEL`` the concentration panels show log10 p(rank k) relative to that method and a
 panel of pass@k differences is added: overlapping curves become readable, and so does their absence.
+An evaluation with cover@τ in its ``pass_at_k.json`` adds the cover@τ curve as a panel.
 Without ``out`` the figure goes to ``logs/plots/<date>_<time>.png`` of the project (never overwritten).
+
+Two more modes read the evaluations' ``per_problem.csv``:
+
+    python -m simko.plot frontier runs=[R1,R2,R3,R4] labels=[grpo,grpo,simko,simko] ks=[16,256]
+    python -m simko.plot transitions run=logs/eval/runs/B baseline=logs/eval/runs/A ks=[1,16,256]
+
+``frontier``: pass@1 against pass@k (one panel per k; default k = 16 and 256 where n allows, else the largest k),
+every seed a point with its 95 % intervals over problems, every method's mean over seeds a diamond with its
+interval over seeds and problems (``simko.metrics.uncertainty``). ``transitions``: the problems a run solves and
+its baseline does not, and back, at each k (``simko.metrics.transitions``): printed, and written as CSV to
+``out`` (default ``logs/plots/<date>_<time>_transitions.csv``).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -142,12 +155,16 @@ def _held_out(summary: dict) -> str | None:
 # --- drawing --------------------------------------------------------------------------------------------------
 
 
-def band(ax, x, rows, color, label=None, linestyle="-", marker=None, alpha=0.2, lw=1.5) -> None:
-    """Mean of ``rows`` (one row per seed) against ``x``, with a ± one standard deviation band (>= 2 seeds)."""
+def band(ax, x, rows, color, label=None, linestyle="-", marker=None, alpha=0.2, lw=1.5, interval=None) -> None:
+    """Mean of ``rows`` (one row per seed) against ``x``, with a ± one standard deviation band (>= 2 seeds), or
+    with ``interval`` (``[(low, high)]`` per x, e.g. a bootstrap interval) as the band where given."""
     values = np.asarray(rows, dtype=float).reshape(-1, len(x))
     mean = np.nanmean(values, axis=0)
     ax.plot(x, mean, color=color, label=label, linestyle=linestyle, marker=marker, markersize=3, lw=lw)
-    if values.shape[0] > 1:
+    if interval is not None:
+        low, high = np.asarray(interval, dtype=float).T
+        ax.fill_between(x, low, high, color=color, alpha=alpha, lw=0)
+    elif values.shape[0] > 1:
         std = np.nanstd(values, axis=0, ddof=1)
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=alpha, lw=0)
 
@@ -157,10 +174,16 @@ def colors_for(labels: Sequence[str]) -> dict[str, str]:
 
 
 def plot_pass_at_k(
-    groups: dict[str, list[dict] | dict], out: Path | None = None, ax=None, colors: dict[str, str] | None = None
+    groups: dict[str, list[dict] | dict],
+    out: Path | None = None,
+    ax=None,
+    colors: dict[str, str] | None = None,
+    intervals: dict[str, dict[str, list[float]]] | None = None,
 ) -> Path | None:
     """pass@k against k (log2 axis): mean ± std over each group's summaries (``pass_at_k.json`` contents; a single
-    summary is a group of one). Draws into ``ax``, or into a figure of its own saved to ``out``."""
+    summary is a group of one, drawn with its 95 % interval over problems where it has one). ``intervals``
+    (``{label: {k: [low, high]}}``, e.g. over seeds and problems) replace a group's band. Draws into ``ax``, or
+    into a figure of its own saved to ``out``."""
     groups = {label: value if isinstance(value, list) else [value] for label, value in groups.items()}
     colors = colors or colors_for(list(groups))
     own = ax is None
@@ -170,13 +193,16 @@ def plot_pass_at_k(
         ks = [int(k) for k in summaries[0]["pass_at_k"]]
         rows = [[s["pass_at_k"][str(k)] for k in ks] for s in summaries]
         seeds = f" ({len(summaries)} seeds)" if len(summaries) > 1 else ""
-        band(ax, ks, rows, colors[label], label=f"{label}{seeds}", marker="o")
+        interval = (intervals or {}).get(label) or (summaries[0].get("pass_at_k_ci95") if len(summaries) == 1 else None)
+        interval = [interval[str(k)] for k in ks] if interval else None  # the 95 % interval as the band
+        name = f"{label}{seeds}" + (" (95 % CI)" if interval else "")
+        band(ax, ks, rows, colors[label], label=name, marker="o", interval=interval)
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1)
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k (unbiased)")
     everything = [s for summaries in groups.values() for s in summaries]
-    ax.set_title("pass@k: " + describe_eval(everything), fontsize=9)
+    ax.set_title(("pass@k, bands 95 % CI: " if intervals else "pass@k: ") + describe_eval(everything), fontsize=9)
     ax.grid(alpha=0.3)
     if not own:
         return None
@@ -188,9 +214,14 @@ def plot_pass_at_k(
 
 
 def plot_pass_at_k_difference(
-    groups: dict[str, list[dict]], baseline: str, ax, colors: dict[str, str] | None = None
+    groups: dict[str, list[dict]],
+    baseline: str,
+    ax,
+    colors: dict[str, str] | None = None,
+    intervals: dict[str, dict[str, list[float]]] | None = None,
 ) -> None:
-    """pass@k minus the baseline's, paired by position (seed i with seed i): mean ± std of the differences."""
+    """pass@k minus the baseline's, paired by position (seed i with seed i): mean ± std of the differences, or
+    with ``intervals`` (``{label: {k: [low, high]}}``, the paired bootstrap's) as the bands."""
     colors = colors or colors_for(list(groups))
     base = groups[baseline]
     ks = [int(k) for k in base[0]["pass_at_k"]]
@@ -199,12 +230,14 @@ def plot_pass_at_k_difference(
             continue
         pairs = list(zip(summaries, base))
         rows = [[s["pass_at_k"][str(k)] - b["pass_at_k"][str(k)] for k in ks] for s, b in pairs]
-        band(ax, ks, rows, colors[label], label=label, marker="o")
+        interval = [intervals[label][str(k)] for k in ks] if intervals and label in intervals else None
+        band(ax, ks, rows, colors[label], label=label, marker="o", interval=interval)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k")
     ax.set_ylabel(f"pass@k − {baseline} (paired by seed)")
-    ax.set_title(f"difference to {baseline}, mean ± std over seeds", fontsize=9)
+    spread = "95 % paired-bootstrap interval" if intervals else "mean ± std over seeds"
+    ax.set_title(f"difference to {baseline}, {spread}", fontsize=9)
     ax.grid(alpha=0.3)
 
 
@@ -305,15 +338,15 @@ def method_legend(fig, labels: Sequence[str], colors: dict[str, str], styles: Se
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False)
 
 
-def default_out() -> Path:
+def default_out(suffix: str = ".png") -> Path:
     from simko.config import PROJECT_ROOT
 
     folder = PROJECT_ROOT / "logs" / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    out, i = folder / f"{stamp}.png", 1
+    out, i = folder / f"{stamp}{suffix}", 1
     while out.exists():  # never overwrite an earlier figure
-        out, i = folder / f"{stamp}_{i}.png", i + 1
+        out, i = folder / f"{stamp}_{i}{suffix}", i + 1
     return out
 
 
@@ -337,6 +370,8 @@ def plot_runs(runs: list[str], out: str | None = None, labels: list[str] | None 
         panels.append(lambda ax: plot_pass_at_k(summaries, ax=ax, colors=colors))
         if baseline in summaries and len(summaries) > 1:
             panels.append(lambda ax: plot_pass_at_k_difference(summaries, baseline, ax, colors))
+        if any("cover_at_tau" in x for group in summaries.values() for x in group):
+            panels.append(lambda ax: plot_cover(summaries, ax, colors))
     if logs:
         relative_to = baseline if baseline in logs else None
         panels.append(lambda ax: _reward_and_val(logs, ax, colors))
@@ -371,12 +406,171 @@ def _reward_and_val(logs: dict[str, list[pd.DataFrame]], ax, colors: dict[str, s
     return handles
 
 
-def main() -> None:
-    cfg = OmegaConf.from_cli()
+# --- cover@tau, the frontier, transitions ---------------------------------------------------------------------
+
+
+def plot_cover(groups: dict[str, list[dict]], ax, colors: dict[str, str] | None = None) -> None:
+    """Cover@τ against τ (``cover_at_tau`` of the summaries): mean ± std over each group's seeds."""
+    colors = colors or colors_for(list(groups))
+    for label, summaries in groups.items():
+        summaries = [x for x in summaries if "cover_at_tau" in x]
+        if not summaries:
+            continue
+        taus = list(summaries[0]["cover_at_tau"])
+        band(ax, [float(t) for t in taus], [[x["cover_at_tau"][t] for t in taus] for x in summaries], colors[label],
+             label=label, marker="o")  # fmt: skip
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("τ (success rate c/n at least)")
+    ax.set_ylabel("cover@τ (share of problems)")
+    ax.set_title("cover@τ: problems solved at least a share τ of the time", fontsize=9)
+    ax.grid(alpha=0.3)
+
+
+FRONTIER_KS = (16, 256)
+
+
+def frontier_ks(n: int, ks: Sequence[int] | None = None) -> list[int]:
+    """The k of the frontier's panels: ``ks`` (default 16 and 256) up to n; none of them: n itself."""
+    if n < 2:
+        raise ValueError(f"the frontier needs n >= 2 samples per problem (pass@1 against pass@k), got n={n}")
+    chosen = [int(k) for k in (ks or FRONTIER_KS) if 1 < int(k) <= n]
+    if ks and len(chosen) < len(ks):
+        raise ValueError(f"frontier ks={list(ks)}: every k must be in [2, n={n}] (the smallest n of the runs)")
+    return chosen or [n]
+
+
+def frontier_points(
+    groups: dict[str, list[Path]], ks: Sequence[int], resamples: int = 1000, seed: int = 0
+) -> dict[str, dict]:
+    """pass@1 and pass@k with 95 % intervals: each run's (over its problems) and each group's mean over its runs
+    (over seeds and problems; the runs' problems matched by id). ``{label: {"seeds": [{"run", "pass@1": [point,
+    low, high], "pass@k": ...}], "mean": {...}}}``."""
+    from simko.metrics.transitions import align, read_counts
+    from simko.metrics.uncertainty import summarize_counts
+
+    ks = [1, *ks]
+    out = {}
+    for label, runs in groups.items():
+        read = [read_counts(run) for run in runs]
+        seeds = []
+        for run, (_, counts, n) in zip(runs, read):
+            stats = summarize_counts([counts], n, ks, [], resamples=resamples, seed=seed)
+            seeds.append({"run": str(run), **_frontier_cells(stats, ks)})
+        ids0, _, n0 = read[0]
+        if len(runs) > 1 and all(n == n0 for _, _, n in read):
+            counts = [c[align(ids, ids0, str(run), str(runs[0]))] for run, (ids, c, _) in zip(runs, read)]
+            mean = _frontier_cells(summarize_counts(counts, n0, ks, [], resamples=resamples, seed=seed), ks)
+        else:
+            mean = None
+        out[label] = {"seeds": seeds, "mean": mean}
+    return out
+
+
+def _frontier_cells(stats: dict, ks: Sequence[int]) -> dict:
+    return {f"pass@{k}": [stats["pass_at_k"][str(k)], *stats["pass_at_k_ci95"][str(k)]] for k in ks}
+
+
+def plot_frontier(points: dict[str, dict], ks: Sequence[int], out: Path, title: str = "") -> Path:
+    """One panel per k: pass@1 (x) against pass@k (y), seeds as points, means over seeds as diamonds, both with
+    their 95 % intervals as error bars (``frontier_points``)."""
+    colors = colors_for(list(points))
+    fig, axes = plt.subplots(1, len(ks), figsize=(5.2 * len(ks), 4.8), squeeze=False)
+    for ax, k in zip(axes[0], ks):
+        for label, group in points.items():
+            marks = [(p, dict(fmt="o", ms=4, alpha=0.55, lw=0.8)) for p in group["seeds"]]
+            if group["mean"] is not None:
+                marks.append((group["mean"], dict(fmt="D", ms=7, mec="black", lw=1.6)))
+            for cell, style in marks:
+                (x, xlo, xhi), (y, ylo, yhi) = cell["pass@1"], cell[f"pass@{k}"]
+                ax.errorbar(x, y, xerr=[[x - xlo], [xhi - x]], yerr=[[y - ylo], [yhi - y]], color=colors[label],
+                            capsize=2, **style)  # fmt: skip
+        ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":")  # pass@k >= pass@1: points lie above the diagonal
+        ax.set_xlim(-0.01, 1.01)  # a margin: points at 1 (pass@256 often is) stay whole
+        ax.set_ylim(-0.01, 1.01)
+        ax.set_xlabel("pass@1")
+        ax.set_ylabel(f"pass@{k}")
+        ax.set_title(f"pass@1 against pass@{k}", fontsize=9)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    styles = [
+        Line2D([], [], color="gray", marker="o", ls="", label="seed (95 % CI over problems)"),
+        Line2D([], [], color="gray", marker="D", mec="black", ls="", label="mean (95 % CI over seeds and problems)"),
+    ]
+    method_legend(fig, list(points), colors, styles)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_frontier_runs(
+    runs: list[str], out: str | None = None, labels: list[str] | None = None, ks: Sequence[int] | None = None,
+    resamples: int = 1000,
+) -> Path:  # fmt: skip
+    """The figure of ``python -m simko.plot frontier`` (module docstring); returns its path."""
+    from simko.metrics.transitions import read_counts
+
+    groups = group_runs(runs, labels)
+    n = min(read_counts(run)[2] for members in groups.values() for run in members)
+    chosen = frontier_ks(n, ks)
+    summaries = [s for members in groups.values() for s in map(read_summary, members) if s]
+    points = frontier_points(groups, chosen, resamples=resamples)
+    return plot_frontier(points, chosen, Path(out) if out else default_out(), describe_eval(summaries))
+
+
+def transitions_command(run: str, baseline: str, out: str | None = None, ks: Sequence[int] | None = None) -> Path:
+    """``python -m simko.plot transitions``: print the table, write it as CSV; returns the CSV's path."""
+    from simko.metrics.transitions import COLUMNS, format_table, run_transitions
+
+    rows = run_transitions(run, baseline, ks)
+    print(f"transitions of {run} against {baseline} (problems matched by id):")
+    print(format_table(rows))
+    path = Path(out) if out else default_out("_transitions.csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(path, index=False)
+    return path
+
+
+USAGE = """usage:
+  python -m simko.plot runs=[DIR,DIR,...] [labels=[a,b,...]] [baseline=LABEL] [out=FILE.png]
+  python -m simko.plot frontier runs=[DIR,...] [labels=[a,b,...]] [ks=[16,256]] [resamples=1000] [out=FILE.png]
+  python -m simko.plot transitions run=DIR baseline=DIR [ks=[1,16,256]] [out=FILE.csv]"""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except (FileNotFoundError, ValueError) as err:  # a missing folder, runs that do not match: one line, no traceback
+        raise SystemExit(f"error: {err}") from None
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    mode = argv.pop(0) if argv and argv[0] in ("frontier", "transitions") else None
+    cfg = OmegaConf.from_cli(argv)
+    ks = [int(k) for k in cfg.ks] if cfg.get("ks") else None
+    if mode == "transitions":
+        if "run" not in cfg or "baseline" not in cfg:
+            raise SystemExit(USAGE)
+        out = transitions_command(str(cfg.run), str(cfg.baseline), str(cfg.out) if cfg.get("out") else None, ks)
+        print(f"wrote {out}")
+        return
     if "runs" not in cfg:
-        raise SystemExit(
-            "usage: python -m simko.plot runs=[DIR,DIR,...] [labels=[a,b,...]] [baseline=LABEL] [out=FILE.png]"
+        raise SystemExit(USAGE)
+    if mode == "frontier":
+        out = plot_frontier_runs(
+            [str(r) for r in cfg.runs],
+            str(cfg.out) if cfg.get("out") else None,
+            [str(x) for x in cfg.labels] if cfg.get("labels") else None,
+            ks,
+            int(cfg.get("resamples") or 1000),
         )
+        print(f"wrote {out}")
+        return
     out = plot_runs(
         [str(r) for r in cfg.runs],
         str(cfg.out) if cfg.get("out") else None,

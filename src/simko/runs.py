@@ -14,18 +14,23 @@ Resume (``simko.train`` only, ``ckpt_path``):
 - ``ckpt_path=<run>/checkpoints/last.ckpt`` without ``hydra.run.dir`` continues in ``<run>`` (not a new folder).
 - A checkpoint with a *new* ``hydra.run.dir`` branches: a new run that starts from that checkpoint's state.
 
-Continuing a run in place moves the metrics rows the killed attempt logged after the checkpoint's step to
-``csv/superseded/`` (:func:`simko.steplog.supersede_rows_after`), deletes the temporary files a killed writer left
-(:func:`simko.atomic.remove_orphans`), and saves this attempt's Hydra config in ``.hydra/resume-<id>/`` so the
-run's first ``.hydra/`` files stay as they were.
+Continuing a run in place moves the metrics rows and sample rows the killed attempt wrote after the checkpoint's
+step to ``superseded/`` beside their files (:func:`simko.steplog.supersede_rows_after`,
+:func:`simko.callbacks.samples.supersede_samples_after`: each writer does it for its own file, wherever the config
+put it), deletes the temporary files a killed writer left (:func:`simko.atomic.remove_orphans`), and saves this
+attempt's Hydra config in ``.hydra/resume-<id>/`` so the run's first ``.hydra/`` files stay as they were. A run
+folder holding a symbolic link to a file is not continued (a run writes only into its own files).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,14 +52,56 @@ class RunDirError(ValueError):
 
 
 def is_launched_child() -> bool:
-    """True in the processes a launcher started for ranks other than global 0 (Lightning DDP, torchrun, SLURM)."""
-    for var in ("LOCAL_RANK", "NODE_RANK", "RANK", "GROUP_RANK"):
+    """True in the processes a launcher started for ranks other than global 0: Lightning's DDP children
+    (``LOCAL_RANK``), another node (``NODE_RANK``, torchrun's ``GROUP_RANK``), torchrun's ``RANK``, SLURM's srun
+    tasks (``SLURM_PROCID``)."""
+    for var in ("LOCAL_RANK", "NODE_RANK", "RANK", "GROUP_RANK", "SLURM_PROCID"):
         try:
             if int(os.environ.get(var, "0") or 0) > 0:
                 return True
         except ValueError:
             continue
     return False
+
+
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ.get(name, "") or 0)
+    except ValueError:
+        return 0
+
+
+def launched_processes(config: DictConfig) -> str | None:
+    """How this process knows it is one of several ranks started apart from each other, or None.
+
+    Such ranks cannot agree on a default run folder name (it holds each process's start time and pid), so they
+    must all be given the same ``hydra.run.dir``. Seen before the trainer exists: srun's ``SLURM_NTASKS`` (as
+    Lightning's SLURMEnvironment reads it), a launcher's ``WORLD_SIZE`` (torchrun; Lightning's own DDP children,
+    which it always hands ``hydra.run.dir``), or ``trainer.num_nodes`` > 1 (a node started by hand).
+    """
+    if _env_int("SLURM_NTASKS") > 1 and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        return f"srun started {_env_int('SLURM_NTASKS')} tasks (SLURM_NTASKS)"
+    if _env_int("WORLD_SIZE") > 1:
+        return f"a launcher started {_env_int('WORLD_SIZE')} processes (WORLD_SIZE)"
+    nodes = OmegaConf.select(config, "trainer.num_nodes", default=1)
+    if isinstance(nodes, int) and nodes > 1:
+        return f"trainer.num_nodes={nodes}"
+    return None
+
+
+def _console_logging_only(config: DictConfig) -> None:
+    """No ``.hydra/`` and no log file from this process: the run folder is global rank 0's to write."""
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.output_subdir = None
+        logging_cfg = config.hydra.job_logging
+        handlers = logging_cfg.get("handlers") or {}
+        files = [name for name, handler in handlers.items() if "filename" in handler]
+        for name in files:
+            del handlers[name]
+        sections = [logging_cfg.get("root")] + list((logging_cfg.get("loggers") or {}).values())
+        for section in sections:
+            if section is not None and section.get("handlers") is not None:
+                section.handlers = [h for h in section.handlers if h not in files]
 
 
 def last_checkpoint(run_dir: str | Path) -> Path:
@@ -132,6 +179,9 @@ class RunClaim:
     def __init__(self, run_dir: Path, continue_run: bool = False, allowed: set[str] = frozenset()) -> None:
         self.run_dir = run_dir
         self.allowed = OWN_FILES | set(allowed)
+        if run_dir.is_symlink() and not run_dir.exists():
+            target = os.readlink(run_dir)
+            raise RunDirError(f"run folder {run_dir} is a symbolic link to {target}, which does not exist")
         run_dir.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(run_dir / LOCK)
         try:
@@ -153,6 +203,13 @@ class RunClaim:
         if continue_run:
             if not marker.is_file() and not (self.run_dir / ".hydra").is_dir():
                 raise RunDirError(f"{self.run_dir} is not a simko run folder (no {MARKER}, no .hydra/): not resumed")
+            links = symlinked_files(self.run_dir)
+            if links:
+                raise RunDirError(
+                    f"run folder {self.run_dir} holds a symbolic link, {links[0]} -> {os.readlink(links[0])}"
+                    f"{f' (and {len(links) - 1} more)' if len(links) > 1 else ''}: a run writes only into its own "
+                    "files, never through a link; put the file itself there, then continue the run"
+                )
             info = json.loads(marker.read_text()) if marker.is_file() else {"attempts": []}
             info["attempts"].append(attempt)
             from simko.atomic import atomic_write
@@ -193,19 +250,68 @@ def _owner_text(run_dir: Path) -> str:
         return ""
 
 
+_CONTINUED: dict[str, int | None] = {"step": None}
+
+
+def continued_run_step() -> int | None:
+    """When this process continues a run in its own folder: the RL step of the checkpoint it continues from (-1: the
+    run had none yet). None for a new run (a branch included). The writers of the run's files read it to move aside
+    what a killed attempt wrote after that step (``simko.steplog.StepCSVLogger``, ``RolloutSamples``)."""
+    return _CONTINUED["step"]
+
+
 def prepare_continued_run(run_dir: Path, resume_step: int) -> None:
-    """Before a run continues in its folder: supersede rows logged after the checkpoint, remove orphaned files."""
+    """Before a run continues in its folder: remove the files a killed writer left; the metrics and samples writers
+    move aside what was written after ``resume_step`` when they open their files (see :func:`continued_run_step`)."""
     from simko.atomic import remove_orphans
-    from simko.steplog import METRICS_FILE, supersede_rows_after
 
     remove_orphans(run_dir)
-    for metrics in run_dir.glob(f"*/{METRICS_FILE}"):
-        supersede_rows_after(metrics, resume_step)
+    _CONTINUED["step"] = resume_step
+
+
+def symlinked_files(run_dir: Path) -> list[Path]:
+    """Symbolic links in ``run_dir`` (walked without following links) that do not point to a folder: a run would
+    write through them into another file (a symlinked ``checkpoints/`` folder on another disk is fine)."""
+    found = []
+    for folder, dirs, files in os.walk(run_dir):
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            if path.is_symlink() and not path.is_dir():
+                found.append(path)
+    return sorted(found)
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run: this run's overrides, its folder and ``ckpt_path=last``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # outside a Hydra run
+        overrides = []
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "hydra.run.dir")]
+    args = [*keep, f"hydra.run.dir={run_dir}", "ckpt_path=last"]
+    return "python -m simko.train " + " ".join(shlex.quote(a) for a in args)
 
 
 def _fail(err: Exception) -> None:
     print(f"error: {str(err).strip()}", file=sys.stderr)
     raise SystemExit(2)
+
+
+@contextmanager
+def _claiming(folder: Path) -> Iterator[None]:
+    """Any error while claiming ``folder`` stops the run (exit status 2) with one message naming the folder.
+
+    Hydra's callback runner catches an exception raised by a callback and only warns, so an error let through here
+    would let the run go on in a folder it does not own (a lock file replaced by a directory did exactly that).
+    """
+    try:
+        yield
+    except (RunDirError, ValueError, FileNotFoundError) as err:  # messages that name the folder or the file
+        _fail(err)
+    except Exception as err:  # an unreadable, read-only or odd folder: OSError, and anything else
+        _fail(RunDirError(f"run folder {folder} could not be claimed, so the run stops: {type(err).__name__}: {err}"))
 
 
 def _given(config: DictConfig, key: str) -> bool:
@@ -226,25 +332,41 @@ class RunDirGuard(Callback):
         self._job_claim: RunClaim | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launched = launched_processes(config)
+        if launched and not _given(config, "hydra.run.dir"):
+            _fail(
+                RunDirError(
+                    f"{launched}: give every rank the same run folder, hydra.run.dir=<folder> (on a filesystem all "
+                    "nodes share); the default folder name holds each process's start time and pid, so the ranks "
+                    "would not agree on it"
+                )
+            )
         if is_launched_child():  # rank 0 owns the folder; the other ranks' processes write nothing there
+            _console_logging_only(config)
             return
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).expanduser().absolute()
         ckpt = OmegaConf.select(config, self.resume_key) if self.resume_key else None
-        try:
+        _CONTINUED["step"] = None
+        with _claiming(run_dir):
             plan = plan_run(run_dir, ckpt, _given(config, "hydra.run.dir"))
-            claim = RunClaim(plan.run_dir, continue_run=plan.continue_run)
-        except (RunDirError, ValueError, FileNotFoundError) as err:
-            _fail(err)
-        self._claims.append(claim)
+            self._claims.append(RunClaim(plan.run_dir, continue_run=plan.continue_run))
+            if plan.continue_run:
+                prepare_continued_run(plan.run_dir, plan.resume_step)
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.run.dir = str(plan.run_dir)
             if plan.continue_run and config.hydra.output_subdir is not None:
                 # This attempt's config goes beside the run's first one instead of overwriting it.
                 config.hydra.output_subdir = f"{config.hydra.output_subdir}/resume-{RUN_ID}"
-        if plan.continue_run:
-            prepare_continued_run(plan.run_dir, plan.resume_step)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launched = launched_processes(config)
+        if launched:
+            _fail(
+                RunDirError(
+                    f"{launched}: a sweep (-m) is not run across launched ranks (every rank would run every job "
+                    "into folders of its own). Start one launch per setting, each with its own hydra.run.dir"
+                )
+            )
         if is_launched_child():
             return
         subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir", ""))
@@ -256,10 +378,8 @@ class RunDirGuard(Callback):
                 )
             )
         sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir"))).expanduser().absolute()
-        try:
+        with _claiming(sweep_dir):
             self._claims.append(RunClaim(sweep_dir))
-        except RunDirError as err:
-            _fail(err)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if is_launched_child() or config.hydra.mode != RunMode.MULTIRUN:
@@ -267,10 +387,8 @@ class RunDirGuard(Callback):
         # Hydra has just written this job's .hydra/ (and opened its log) inside the sweep folder this sweep owns.
         job_dir = Path(config.hydra.runtime.output_dir)
         written = {str(config.hydra.output_subdir), f"{config.hydra.job.name}.log", f"{config.get('task_name')}.log"}
-        try:
+        with _claiming(job_dir):
             self._job_claim = RunClaim(job_dir, allowed=written)
-        except RunDirError as err:
-            _fail(err)
 
     def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self._job_claim is not None:

@@ -16,6 +16,10 @@ import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from simko.config import check_torch_extensions  # noqa: E402
+
+check_torch_extensions()  # a torchvision built for another torch: the fix, before `import lightning` fails
+
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 

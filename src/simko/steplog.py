@@ -9,12 +9,14 @@
   ``metrics.csv`` continued instead of deleted (Lightning's writer deleted the earlier rows when a run resumed into
   its folder).
 - :func:`supersede_rows_after`: on resume, the rows a killed attempt logged after the checkpoint's step are moved
-  to ``csv/superseded/`` (the resumed run logs those steps again), so the main file is one run.
+  to ``superseded/`` beside the file (the resumed run logs those steps again), so the main file is one run.
+  :class:`StepCSVLogger` does it for its own file, wherever ``save_dir``/``name``/``version`` put it.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import logging
 import os
@@ -30,7 +32,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from simko import atomic
+from simko import atomic, runs
 
 log = logging.getLogger(__name__)
 
@@ -89,17 +91,17 @@ class _StepRows(ExperimentWriter):
         if new_keys or not self.metrics_keys:
             keys = ["step", *sorted((set(self.metrics_keys) | set(new_keys)) - {"step"})]
             self._rewrite_header(keys)
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.metrics_keys, restval="")
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
+        text = io.StringIO()
+        csv.DictWriter(text, fieldnames=self.metrics_keys, restval="").writerows(rows)
+        atomic.append(self.path, text.getvalue().encode())  # whole rows or nothing; never through a symlink
         for s in steps:
             del self._rows[s]
 
     def _rewrite_header(self, keys: list[str]) -> None:
         """A new column: rewrite the file with the wider header, beside it, then rename (never in place)."""
         old_rows = []
+        if self.path.is_symlink():
+            raise OSError(errno.ELOOP, f"{self.path} is a symbolic link: a run writes only into its own files")
         if self.path.is_file():
             with open(self.path, newline="") as f:
                 old_rows = list(csv.DictReader(f))
@@ -123,6 +125,9 @@ class StepCSVLogger(CSVLogger):
     def experiment(self) -> _StepRows:  # type: ignore[override]
         if self._experiment is None:
             os.makedirs(self.root_dir, exist_ok=True)
+            step = runs.continued_run_step()
+            if step is not None:  # this run continues in its folder: this logger's own file, wherever it is
+                supersede_rows_after(Path(self.log_dir) / METRICS_FILE, step)
             self._experiment = _StepRows(log_dir=self.log_dir)
         return self._experiment
 

@@ -9,11 +9,19 @@ At RL step 1 and every ``every_n_steps`` RL steps after, :class:`RolloutSamples`
 to ``<run>/samples.jsonl`` (always; appended, so nothing written earlier is lost), to TensorBoard as a text table
 (tag ``samples/train``) and to W&B as a table (``samples/train``) when those loggers are configured. TRL's
 ``log_completions`` and verl's ``log_val_generations`` do the same for their trainers.
+
+A step's rows are appended as one write that either lands whole or leaves the file as it was (``simko.atomic.append``:
+a full disk cuts nothing in half; a symbolic link in the file's place is refused). When a run continues in its
+folder, the rows a killed attempt wrote after the checkpoint's step, and a last line cut short, move to
+``superseded/`` beside the file (:func:`supersede_samples_after`), as ``metrics.csv`` rows do: the file then holds
+each step once, like the metrics.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +29,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
+from simko import atomic, runs
 from simko.rewards import extract_final_answer
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ["rl_step", "prompt_index", "id", "prompt", "completion", "extracted", "answer", "verifier", "reward",
            "advantage"]  # fmt: skip
@@ -115,6 +126,10 @@ class RolloutSamples(Callback):
         """Sample at RL step ``rl_step`` (1-based)?"""
         return self.every_n_steps > 0 and (rl_step == 1 or rl_step % self.every_n_steps == 0)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and runs.continued_run_step() is not None:  # this run continues in its folder
+            supersede_samples_after(self.samples_path, int(pl_module.rl_step))
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         last = getattr(pl_module, "last_rollout", None)
         if not trainer.is_global_zero or last is None or not self.due(int(last["step"]) + 1):
@@ -125,12 +140,35 @@ class RolloutSamples(Callback):
 
     def write(self, rows: list[dict[str, Any]], loggers: list) -> None:
         self.samples_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.samples_path, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        atomic.append(self.samples_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode())
         step = rows[0]["rl_step"]
         for logger in loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text(TAG, markdown_table(rows), global_step=step)
             elif isinstance(logger, WandbLogger):
                 logger.log_table(key=TAG, columns=COLUMNS, data=[[row[c] for c in COLUMNS] for row in rows])
+
+
+def supersede_samples_after(path: str | Path, step: int) -> Path | None:
+    """Move the rows of ``path`` (a samples file) with ``rl_step`` > ``step``, and a last line cut short, to a file in
+    ``superseded/`` beside it; the main file is rewritten beside itself and renamed (the aside file is written
+    first). Returns the aside file, or None when nothing had to move."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return None
+    keep, aside = [], []
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True):
+        try:
+            complete = line.endswith("\n") and int(json.loads(line)["rl_step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            complete = False
+        (keep if complete else aside).append(line if line.endswith("\n") else line + "\n")
+    if not aside:
+        return None
+    aside_path = (
+        path.parent / "superseded" / f"{path.stem}.after-step{step}.{datetime.now():%Y-%m-%d_%H-%M-%S-%f}{path.suffix}"
+    )
+    atomic.atomic_write(aside_path, lambda f: f.write("".join(aside).encode()))
+    atomic.atomic_write(path, lambda f: f.write("".join(keep).encode()))
+    log.info("resuming after step %d: moved %d sample rows written after it to %s", step, len(aside), aside_path)
+    return aside_path

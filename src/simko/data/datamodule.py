@@ -26,6 +26,7 @@ import hashlib
 from collections.abc import Iterator
 from typing import Any, Protocol
 
+import jinja2
 import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset
@@ -72,7 +73,15 @@ def render_prompt(
     if not has_chat_template:
         raise ValueError("use_chat_template=True but the tokenizer has no chat_template.")
     messages = [{"role": "user", "content": text}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except jinja2.TemplateError as error:  # a syntax error, or the sandbox refusing what the template does
+        raise ValueError(
+            f"the chat template of the tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}"
+            f" failed ({type(error).__name__}: {error}). Chat templates run in jinja's sandbox, which refuses "
+            "templates that reach into Python objects; fix its chat_template (tokenizer_config.json / "
+            "chat_template.jinja) or set data.use_chat_template=false"
+        ) from None
 
 
 class _TrainSteps(IterableDataset):

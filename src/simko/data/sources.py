@@ -17,23 +17,32 @@ Field names may be dotted paths into nested values (``reward_model.ground_truth`
 
 Where the rows come from (``path``):
 
-* a file: ``.jsonl`` / ``.json`` (JSON Lines or one JSON list) or ``.parquet``, read with ``datasets``' json and
-  parquet builders; a malformed file fails naming the file and the line (bad JSON, a byte that is not UTF-8) or
-  says that it is empty;
+* a file: ``.jsonl`` / ``.json`` (JSON Lines or one JSON list), read with Python's ``json`` so that numbers stay
+  exact (integers of any size as ints, decimals as ``Decimal``: an answer ``36472996377170786403`` is that number,
+  not the float64 ``36472996377170788352`` a JSON-to-Arrow reader makes of it); or ``.parquet``, read with
+  ``datasets``' parquet builder. A malformed file fails naming the file and the line (bad JSON, a byte that is not
+  UTF-8), or says that it is empty;
 * ``hf://NAME``: ``datasets.load_dataset(NAME, config_name, split=split)``, i.e. a dataset on the Hugging Face Hub
   (``hf://openai/gsm8k`` with ``config_name=main``: downloaded into ``cache_dir`` when online, read from there
   when offline) or a local folder of data files that ``load_dataset`` reads (``hf:///data/my_dataset``);
 * a local folder: one written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (read with
   ``datasets.load_from_disk``), or a folder of data files (``load_dataset(folder)``, as ``hf://``).
+
+Gold answers, questions and ids are text. A number becomes its exact decimal text (``27.0`` is ``27``, ``2.50`` is
+``2.5``). What can't be an exact answer is refused naming the file and the line (JSON) or row: ``NaN`` and
+``Infinity``, and a float (a parquet or Arrow double column) that is integral and beyond 2**53, whose digits the
+file no longer holds.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +153,7 @@ class LocalFileSource:
             try:
                 example = self._example(row, index, id_prefix)
             except ValueError as error:
-                raise ValueError(f"{self.path}: row {index}: {error}") from None
+                raise ValueError(f"{self.path}: {row_place(rows, index)}: {error}") from None
             if not example["answer"]:
                 # e.g. 2 of the 7,500 official MATH train rows have an empty target and an empty
                 # \boxed{}: with no gold there is no reward signal, so the row is dropped (not an error).
@@ -256,16 +265,100 @@ def _load_dataset(path: Path | str, cache_dir: str | None, split: str | None, co
             "set them to null."
         )
     suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        builder = "parquet"
-    elif suffix in (".jsonl", ".json"):
-        builder = "json"  # the json builder reads both JSON Lines and a top-level JSON list
-    else:
+    if suffix in (".jsonl", ".json"):
+        return JsonRows(path)
+    if suffix != ".parquet":
         raise ValueError(f"{path}: unsupported file type {suffix!r}; expected .jsonl, .json or .parquet.")
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+        return datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache_dir)
     except Exception as error:
         raise _read_error(path, error) from None
+
+
+class NonFinite(str):
+    """``NaN``, ``Infinity`` or ``-Infinity`` as written in a JSON file: kept as a marker (a column the source does
+    not use may hold one), refused where a source reads it as a value (:func:`scalar_text`)."""
+
+
+class JsonRows:
+    """The rows of a JSON Lines file or of a file holding one JSON list, read with Python's ``json``: integers
+    exact at any size, decimals as :class:`~decimal.Decimal`, non-finite constants as :class:`NonFinite`.
+
+    ``datasets``' json builder goes through Arrow, which reads an integer beyond int64 as a float64 and so changes
+    its digits, and turns ``NaN`` into a float. ``lines[i]`` is the line row ``i`` starts on (for messages). The
+    interface is the part of ``datasets.Dataset`` that :func:`_load_rows` uses.
+    """
+
+    def __init__(self, path: Path) -> None:
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: {json_file_problem(path)}") from None
+        if not text.strip():
+            raise ValueError(f"{path}: the file is empty (no rows).")
+        decoder = json.JSONDecoder(parse_float=Decimal, parse_constant=NonFinite)
+        self.rows: list[Any] = []
+        self.lines: list[int] = []
+        try:
+            if text.lstrip().startswith("["):
+                self._read_list(text, decoder)
+            else:
+                for number, line in enumerate(text.split("\n"), 1):
+                    if line.strip():
+                        self.rows.append(decoder.decode(line))
+                        self.lines.append(number)
+        except json.JSONDecodeError as error:
+            line = error.lineno if text.lstrip().startswith("[") else number
+            raise ValueError(f"{path}: line {line}, column {error.colno}: invalid JSON ({error.msg}).") from None
+        for row, line in zip(self.rows, self.lines):
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {line}: a row must be a JSON object {{...}}, got {type(row).__name__}.")
+        self.column_names = list(dict.fromkeys(key for row in self.rows for key in row))
+
+    def _read_list(self, text: str, decoder: json.JSONDecoder) -> None:
+        """One JSON list, element by element, so that each row knows its line."""
+        space = re.compile(r"\s*")
+        position = space.match(text, text.index("[") + 1).end()
+        if text.startswith("]", position):
+            position += 1
+        else:
+            while True:
+                row, end = decoder.raw_decode(text, position)
+                self.rows.append(row)
+                self.lines.append(text.count("\n", 0, position) + 1)
+                position = space.match(text, end).end()
+                if text.startswith("]", position):
+                    position += 1
+                    break
+                if not text.startswith(",", position):
+                    raise json.JSONDecodeError("Expecting ',' delimiter", text, position)
+                position = space.match(text, position + 1).end()
+        if text[position:].strip():
+            raise json.JSONDecodeError("Extra data", text, space.match(text, position).end())
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def select_columns(self, columns: Sequence[str]) -> JsonRows:
+        return self
+
+    def to_list(self) -> JsonRowList:
+        return JsonRowList(self.rows, self.lines)
+
+
+class JsonRowList(list):
+    """Rows (dicts) that remember the line each starts on."""
+
+    def __init__(self, rows: list[dict[str, Any]], lines: list[int]) -> None:
+        super().__init__(rows)
+        self.lines = lines
+
+
+def row_place(rows: Sequence[Any], index: int) -> str:
+    """``row 3`` or, for a JSON file, ``row 3 (line 4)``: where a message points."""
+    lines = getattr(rows, "lines", None)
+    return f"row {index} (line {lines[index]})" if lines else f"row {index}"
 
 
 def _read_error(path: Path | str, error: Exception) -> ValueError:
@@ -384,12 +477,29 @@ def _answer_from_ground_truth_dict(ground_truth: Mapping[str, Any], field: str) 
 
 
 def scalar_text(value: Any) -> str:
-    """A scalar as text; integral floats lose their ``.0`` (AMC23 stores 27.0 for the answer 27)."""
+    """A scalar as exact text; integral numbers lose their ``.0`` (AMC23 stores 27.0 for the answer 27).
+
+    Refused (ValueError): ``NaN``/``Infinity``, and an integral float beyond 2**53, whose digits are not the
+    number that was written (``36472996377170786403`` read as a float64 is ``36472996377170788352``).
+    """
+    if isinstance(value, NonFinite):
+        raise ValueError(f"{value} is not a number an answer can be; write the value as a string if it is meant")
     if isinstance(value, bool):
         return str(value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, (str, int, float)):
+    if isinstance(value, Decimal):  # a JSON decimal, exactly as written
+        return str(int(value)) if value == value.to_integral_value() else format(value.normalize(), "f")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value} is not a number an answer can be")
+        if value.is_integer():
+            if abs(value) >= 2**53:
+                raise ValueError(
+                    f"{value!r} is a float beyond 2**53: its digits are not exact (float64 keeps 53 bits), so the "
+                    "number that was meant is lost; store such answers as strings or as an integer column"
+                )
+            return str(int(value))
+        return repr(value)
+    if isinstance(value, (str, int)):
         return str(value)
     raise ValueError(f"expected a string or a number, got {type(value).__name__}: {value!r:.200}")
 

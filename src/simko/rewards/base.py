@@ -10,6 +10,15 @@ trainer adds any reward term (an overlong penalty) to get the reward the advanta
 A subclass implements ``_score(completions, answers)`` (lists of equal, non-zero length) and, when its rule
 differs from the default (``extract_final_answer``), ``final_answer``. A failed check is never an exception in
 the trainer: it is a 0.0 score and a counter, so one degenerate completion can't stop a run.
+
+What ``score`` makes of ``_score``'s result:
+
+- not one value per completion (a shorter or longer list, None, a number): :class:`VerifierError` naming the
+  verifier. That is a bug in the verifier, and padding or cutting the list would train on scores of the wrong
+  completions, so the run stops.
+- a value that is not a score (NaN, inf, a string, a list, or beyond ``MAX_ABS_SCORE``): 0.0 and one more
+  ``num_errors``, with a warning naming the verifier, as for a check that raised. ``None`` is 0.0 ("does not
+  apply"), not an error.
 """
 
 from __future__ import annotations
@@ -23,6 +32,14 @@ from simko.rewards.extract import extract_final_answer
 from simko.rewards.pool import TaskResult
 
 logger = logging.getLogger(__name__)
+
+# The largest |score| taken. Scores, rewards, advantages and the group statistics are float32: a score of 1e39 is
+# inf there, and sums of squares of scores near 1e19 overflow; 1e15 leaves room for a million rows.
+MAX_ABS_SCORE = 1e15
+
+
+class VerifierError(ValueError):
+    """A verifier returned something that is not one score per completion; the message names the verifier."""
 
 
 class Verifier:
@@ -46,7 +63,15 @@ class Verifier:
             raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
         if not completions:
             return []
-        return self._score(completions, answers)
+        values = self._score(completions, answers)
+        check_score_count(values, len(completions), self.name)
+        scores = []
+        for value in values:
+            try:
+                scores.append(to_score(value))
+            except (TypeError, ValueError) as e:
+                scores.append(self._failed("error", f"bad score value: {e}"))
+        return scores
 
     def __call__(self, completion: str, answer: str) -> float:
         return self.score([completion], [answer])[0]
@@ -108,10 +133,42 @@ def check_timeouts(timeout_s: float, batch_timeout_s: float | None) -> None:
 
 
 def to_score(value: Any) -> float:
-    """A verifier's return value as a float score: None counts as 0.0 (not applicable); NaN/inf are errors."""
+    """A verifier's return value as a float score: None counts as 0.0 (not applicable); anything but a number
+    (a string too), NaN, inf and |value| > ``MAX_ABS_SCORE`` raise TypeError/ValueError."""
     if value is None:
         return 0.0
-    score = float(value)
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"score must be a number, got the {type(value).__name__} {value!r:.50}")
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"score must be a number, got {type(value).__name__}: {value!r:.50}") from None
     if not math.isfinite(score):
         raise ValueError(f"score must be finite, got {value!r}")
+    if abs(score) > MAX_ABS_SCORE:
+        raise ValueError(f"score {score:g} is beyond +-{MAX_ABS_SCORE:g}, where float32 statistics overflow")
     return score
+
+
+def check_score_count(values: Any, count: int, name: str) -> None:
+    """Raise :class:`VerifierError` unless ``values`` is a sequence of ``count`` scores."""
+    try:
+        got = len(values)
+    except TypeError:
+        got = None
+    if got != count or isinstance(values, (str, bytes, dict)):
+        what = f"{got} scores" if got is not None else f"a {type(values).__name__}"
+        raise VerifierError(
+            f"verifier {name!r} returned {what} for {count} completions: a verifier must return one score per "
+            "completion, in order"
+        )
+
+
+def checked_scores(values: Any, count: int, name: str) -> list[float]:
+    """``count`` scores as floats, or :class:`VerifierError` naming the verifier (for scorers that are not a
+    :class:`Verifier`, whose bad values can't be counted as failed checks)."""
+    check_score_count(values, count, name)
+    try:
+        return [to_score(v) for v in values]
+    except (TypeError, ValueError) as e:
+        raise VerifierError(f"verifier {name!r} returned a bad score value: {e}") from None

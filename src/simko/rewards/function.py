@@ -72,13 +72,7 @@ class FunctionVerifier(Verifier):
                 raise ValueError(f"returned {len(values)} scores for {len(completions)} completions")
         except Exception as e:
             return [self._failed("error", f"{type(e).__name__}: {e}") for _ in completions]
-        scores = []
-        for value in values:
-            try:
-                scores.append(to_score(value))
-            except (TypeError, ValueError) as e:
-                scores.append(self._failed("error", f"bad score value: {e}"))
-        return scores
+        return values  # Verifier.score turns each into a score, counting the bad ones
 
     def start(self) -> None:
         if self.pool is not None:
@@ -93,5 +87,5 @@ def call_on_one(fn: ScoreFn, completion: str, answer: str) -> float:
     """``fn`` on a batch of one, in a pool worker."""
     values = list(fn([completion], [answer]))
     if len(values) != 1:
-        raise ValueError(f"returned {len(values)} rewards for 1 completion")
+        raise ValueError(f"returned {len(values)} scores for 1 completion")
     return to_score(values[0])

@@ -17,10 +17,23 @@ worker's main thread, so libraries that time themselves with ``signal.alarm`` wo
   is cheap. Workers import ``preload`` and run ``initializer`` before they take a task, and a task's timeout
   counts from when a worker takes it: start-up is never charged to a task, nor to a batch's budget when the
   batch begins.
-- SIGTERM ends a worker at once. pebble stops a worker with SIGTERM, waits up to 3 s, then SIGKILLs, one worker
-  after the other in its manager thread; its SIGTERM handler is Python code, which cannot run while a task is
-  inside a C loop. Measured (6 tasks of ``sum(range(10**13))``, timeout 0.5 s, 2 workers): 20.1 s with pebble's
-  handler, 2.1 s with the default action (``SIG_DFL``), which the worker initializer restores.
+- A check's child processes die with it. Each worker starts its own process group (``setsid``); when pebble stops
+  a worker (its task timed out or was cancelled, the pool closes; ``Process.terminate``), the worker's whole
+  group gets SIGKILL, and so does the group of a worker found dead: a check that starts ``sleep 1234`` and then
+  hangs left one orphan per timed-out check before. Each worker also asks the kernel for SIGKILL when its parent
+  dies (``PR_SET_PDEATHSIG``), since a kill aimed at the trainer's process group no longer reaches it. A process
+  that leaves the worker's group itself (``setsid``, a daemon) is out of reach.
+- Stopping a worker is immediate: pebble's ``terminate`` (SIGTERM, up to 3 s of waiting, then SIGKILL, one worker
+  after the other in its manager thread) is SIGKILL to the group here. pebble's SIGTERM handler is Python code,
+  which cannot run while a task is inside a C loop: measured (6 tasks of ``sum(range(10**13))``, timeout 0.5 s,
+  2 workers), 20.1 s with it, 2.1 s with an immediate kill.
+- Workers and the fork server are immune to SIGTERM and to SIGUSR1, SLURM's requeue signal (as pebble and
+  multiprocessing make them to SIGINT): a scheduler's preemption signals every process of the job, and the trainer
+  finishes its RL step before it stops (``simko.checkpointing.GracefulStop``); killed workers would fail that
+  step's checks, whose rewards then go into the checkpoint. They are started with both blocked (a signal mask
+  survives fork and exec, so the fork server is immune from its first instruction, not once it has imported its
+  preloads: a SIGTERM in between killed it), and a worker then ignores them (so do the processes its check
+  starts). Workers still die with the trainer (the parent-death signal, the fork server's pipe).
 - Each call is pickled here and unpickled inside the task, so a call the worker cannot unpickle (a function in
   a ``__main__`` the worker cannot import) fails alone, as an error, instead of killing the worker between tasks.
 - A main program read from standard input (``python - <<EOF``) has ``__main__.__file__ == "<stdin>"``, which
@@ -29,7 +42,8 @@ worker's main thread, so libraries that time themselves with ``signal.alarm`` wo
 - A pool that cannot start (a preload import fails, the initializer raises) raises RuntimeError on first use;
   a pool that broke later (all workers died between tasks) is replaced on the next call.
 - Workers stop on ``close()``, when the pool is garbage-collected, and at interpreter exit; they are reaped
-  (no zombies).
+  (no zombies). Stopping is bounded (``SHUTDOWN_DEADLINE_S``): the workers are killed at once, and pebble's join
+  is given up at the deadline (Ctrl-C during a busy batch could leave it waiting for ever).
 
 Cost against the hand-written pool this replaces (measured on the busy 2-core machine): a kill and its
 replacement take ~0.3 s instead of ~0.2 s (pebble checks deadlines and replaces workers every 0.1 s), a batch of
@@ -63,7 +77,9 @@ log = logging.getLogger(__name__)
 
 # Modules every pool asked to preload, so the (one, process-wide) fork server imports them all once, whichever
 # pool starts it; pools are usually all built before the first one starts a worker.
-_FORKSERVER_PRELOAD: dict[str, None] = {"__main__": None}  # "__main__" is the standard library's default
+# "__main__" is the standard library's default; this module, because every worker runs its initializer and so
+# imports it (with the simko.rewards package, torch included: 2-9 s on the 2-core machine) unless the fork server did.
+_FORKSERVER_PRELOAD: dict[str, None] = {"__main__": None, __name__: None}
 
 
 @dataclass
@@ -195,6 +211,7 @@ class KillablePool:
         pool = ProcessPool(
             self.num_workers, initializer=_start_worker, initargs=(self.preload, self.initializer), context=context
         )
+        _kill_process_groups_with_workers(pool)
         self._pool = pool
         # Runs on close(), when this object is garbage-collected, or at interpreter exit, whichever comes first.
         self._finalizer = weakref.finalize(self, _shut_down, pool)
@@ -251,22 +268,98 @@ def _result(future: Future) -> TaskResult:
     return TaskResult("error", message=f"{type(error).__name__}: {error}"[:500])
 
 
+# The signals a scheduler sends every process of a job to stop it (simko.stopping.stopping_on_signals): SIGTERM, and
+# SLURM's requeue signal (SIGUSR1 by default; `sbatch --signal`, sent to every process of the job's steps).
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGUSR1})
+
+
 def _budget_result(budget_s: float | None) -> TaskResult:
     return TaskResult("timeout", message=f"not finished within the batch budget of {budget_s:g} s")
 
 
 def _start_worker(preload: Sequence[str], initializer: Callable[[], Any] | None) -> None:
-    """pebble's worker initializer: SIGTERM ends the worker at once (see the module docstring), then warm up."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    """pebble's worker initializer: its own process group, SIGKILL when its parent dies, the stop signals ignored
+    (see the module docstring); then warm up."""
+    os.setsid()
+    _die_with_parent()
+    for signum in STOP_SIGNALS:  # one pending since the worker started is dropped here
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by _stop_signals_blocked since its start
     for module in preload:
         importlib.import_module(module)
     if initializer is not None:
         initializer()
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel sends this process SIGKILL when its parent exits (``prctl(PR_SET_PDEATHSIG)``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def kill_process_group(pid: int) -> None:
+    """SIGKILL the process group led by ``pid`` (a worker and whatever it started), if there is one.
+
+    Safe after the worker was reaped: Linux does not reuse a pid while a process group of that id has members, and
+    a pid that led no group (a worker killed before its ``setsid``) names no group.
+    """
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_process_groups_with_workers(pool: ProcessPool) -> None:
+    """Make ``pool`` kill the process group of a worker it finds dead (what the worker started may live on).
+
+    pebble has no hook for this, so its worker manager's ``inspect_workers`` (which drops dead workers) is wrapped on
+    this pool's instance. Workers pebble stops are killed with their group by ``terminate`` (:class:`_GroupKill`).
+    """
+    manager = pool._pool_manager.worker_manager
+    inspect_workers = manager.inspect_workers
+
+    def inspect() -> tuple:
+        before = set(manager.workers)
+        expired = inspect_workers()
+        for pid in before - set(manager.workers):
+            kill_process_group(pid)
+        return expired
+
+    manager.inspect_workers = inspect
+
+
+# How long closing a pool may wait for pebble's threads. Ctrl-C while the pool worked left the main thread in
+# pool.join() for good (2 times in 39), waiting for a pebble thread that never ended.
+SHUTDOWN_DEADLINE_S = 10.0
+
+
 def _shut_down(pool: ProcessPool) -> None:
-    pool.stop()
-    pool.join()  # joins pebble's threads; each worker is terminated and reaped
+    """Stop the pool within ``SHUTDOWN_DEADLINE_S``: no task is waited for, every worker's process group is killed,
+    and pebble's own join (which reaps the workers) runs in a thread that is given up at the deadline."""
+    pool.stop()  # pebble's loops stop at their next turn, so no new worker is started after this one
+    manager = pool._pool_manager.worker_manager
+    for pid in list(manager.workers):
+        kill_process_group(pid)
+    joiner = threading.Thread(target=pool.join, name="simko-pool-join", daemon=True)
+    joiner.start()
+    joiner.join(SHUTDOWN_DEADLINE_S)
+    workers = list(manager.workers.values())
+    for worker in workers:  # a worker pebble started while it stopped, if any
+        kill_process_group(worker.pid)
+    if joiner.is_alive():
+        log.warning(
+            "a verifier pool did not stop within %g s; its workers were killed, pebble's threads are left behind",
+            SHUTDOWN_DEADLINE_S,
+        )
+        for worker in workers:
+            worker.join(timeout=1.0)  # reap (no zombie)
 
 
 # --- starting workers next to a __main__ they cannot import ---------------------------------------------------
@@ -302,17 +395,39 @@ def _unreadable_main_path_hidden() -> Iterator[None]:
             main.__file__ = path
 
 
-class _ForkServerProcess(multiprocessing.context.ForkServerProcess):
+@contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """:data:`STOP_SIGNALS` blocked in the calling thread while a worker (and, the first time, the fork server) is
+    started: the new process inherits the mask, so it can't die of a stop signal sent to every process of the job.
+    One for this process meanwhile stays pending and is delivered when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class _GroupKill:
+    """``terminate()`` (how pebble stops a worker) is SIGKILL to the worker's process group: the worker and what its
+    check started, at once (see the module docstring)."""
+
+    def terminate(self) -> None:
+        if self.pid is not None:
+            kill_process_group(self.pid)
+        self.kill()  # a worker killed before its initializer's setsid leads no group yet
+
+
+class _ForkServerProcess(_GroupKill, multiprocessing.context.ForkServerProcess):
     @staticmethod
     def _Popen(process_obj):
-        with _unreadable_main_path_hidden():
+        with _unreadable_main_path_hidden(), _stop_signals_blocked():
             return multiprocessing.context.ForkServerProcess._Popen(process_obj)
 
 
-class _SpawnProcess(multiprocessing.context.SpawnProcess):
+class _SpawnProcess(_GroupKill, multiprocessing.context.SpawnProcess):
     @staticmethod
     def _Popen(process_obj):
-        with _unreadable_main_path_hidden():
+        with _unreadable_main_path_hidden(), _stop_signals_blocked():
             return multiprocessing.context.SpawnProcess._Popen(process_obj)
 
 

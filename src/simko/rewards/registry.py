@@ -22,7 +22,7 @@ import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from simko.registry import Registry
-from simko.rewards.base import Verifier
+from simko.rewards.base import Verifier, checked_scores
 from simko.rewards.function import FunctionVerifier
 
 
@@ -89,7 +89,7 @@ def score_batch(
     for name, items in groups.items():
         verifier = verifiers[name] if verifiers and name in verifiers else shared_verifier(name)
         group_scores = verifier.score([completions[i] for i in items], [answers[i] for i in items])
-        for i, score in zip(items, group_scores):
+        for i, score in zip(items, checked_scores(group_scores, len(items), name), strict=True):
             scores[i] = score
     return scores
 
