@@ -68,9 +68,8 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 import torch  # noqa: E402
 
 from loss_step import GSM8K_TEMPLATE, gsm8k_examples, mixed_scores, no_gc  # noqa: E402
-from simko import block_checkpoint  # noqa: E402
 from simko.data import render_prompt  # noqa: E402
-from simko.forward import rollout_token_stats  # noqa: E402
+from simko.forward import disable_checkpointing, enable_checkpointing, rollout_token_stats  # noqa: E402
 from simko.losses import build_loss  # noqa: E402
 from simko.rollout import build_rollouts, eos_ids  # noqa: E402
 from simko.update import UpdateHooks, UpdateSchedule, accumulate_gradients  # noqa: E402
@@ -189,9 +188,9 @@ def schedule_of(side: dict) -> UpdateSchedule:
 
 def update_step(model, rollouts, scores, loss_fn, side: dict, chunk_size: int) -> float:
     if side["ckpt"]:
-        block_checkpoint.enable(model)
+        enable_checkpointing(model)
     else:
-        block_checkpoint.disable(model)
+        disable_checkpointing(model)
     model.zero_grad(set_to_none=True)
     advantages = loss_fn.compute_advantages(scores.view(-1, rollouts.group_size)).reshape(-1)
     metrics: dict[str, float] = defaultdict(float)
@@ -307,9 +306,9 @@ def per_token(model, rollouts, scores, loss_fn, args) -> dict:
 
             def step(side=side, sub_rows=sub_rows):
                 if side["ckpt"]:
-                    block_checkpoint.enable(model)
+                    enable_checkpointing(model)
                 else:
-                    block_checkpoint.disable(model)
+                    disable_checkpointing(model)
                 model.zero_grad(set_to_none=True)
                 adv = loss_fn.compute_advantages(scores.view(-1, rollouts.group_size)).reshape(-1)
                 # The LM head's chunk at args.chunk_size positions whatever the rows (packing multiplies it by

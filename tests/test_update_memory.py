@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from helpers import digit_tokenizer, loss_configs, make_loss, random_qwen2
-from simko import block_checkpoint
 from simko.diagnostics import concentration_sums
-from simko.forward import rollout_token_stats
+from simko.forward import enable_checkpointing, is_checkpointed, rollout_token_stats
 from simko.losses import build_loss
 from simko.models import lora
 from simko.rollout import build_rollouts
@@ -46,7 +45,7 @@ def run_update(model, loss_fn, r, scores, *, checkpointing=False, tokens=None, p
     metrics, diagnostics, final parameters)."""
     model = copy.deepcopy(model)
     if checkpointing:
-        assert block_checkpoint.enable(model) == 2
+        assert enable_checkpointing(model) == 2
     frozen = random_qwen2(seed=9).to(next(model.parameters()).dtype).requires_grad_(False)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     grads = []
@@ -188,7 +187,7 @@ def test_checkpointing_recomputes_blocks_only_under_autograd_and_keeps_parameter
     from simko.engines.vllm import full_weights
 
     names = [n for n, _ in model.named_parameters()], list(model.state_dict()), [n for n, _ in full_weights(model)]
-    assert block_checkpoint.enable(model) == 2 and block_checkpoint.enable(model) == 2  # idempotent
+    assert enable_checkpointing(model) == 2 and enable_checkpointing(model) == 2  # idempotent
     pushed = [n for n, _ in full_weights(model)]  # what the vLLM engine's weight sync sends
     assert ([n for n, _ in model.named_parameters()], list(model.state_dict()), pushed) == names
     calls = []
@@ -206,7 +205,7 @@ def test_checkpointing_recomputes_blocks_only_under_autograd_and_keeps_parameter
         rollout_token_stats(model, rows, 0, 1.0, share_prompt=False)
     assert len(calls) == 2
     copied = copy.deepcopy(model)
-    assert all(block_checkpoint.is_enabled(b) for b in copied.model.layers)
+    assert all(is_checkpointed(b) for b in copied.model.layers)
     assert all(b.forward.__self__ is b for b in copied.model.layers)  # bound to the copy, not to the original
     tok = digit_tokenizer()
     a = generate_rollouts(plain, tok, ["12+3=", "5+5="], group_size=4, max_new_tokens=6, seed=0)

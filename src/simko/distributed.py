@@ -3,7 +3,7 @@
 - :func:`is_sharded`: FSDP (``FSDPStrategy``) or FSDP2 (``ModelParallelStrategy`` with ``fully_shard``), where
   generation must keep ranks in lockstep and a second forward inside one backward is impossible;
 - :func:`transformer_blocks`: the policy's decoder blocks (the unit of FSDP2 sharding and of activation
-  checkpointing, :mod:`simko.block_checkpoint`);
+  checkpointing, :func:`simko.forward.enable_checkpointing`);
 - :func:`shard_fsdp2`: the FSDP2 sharding of the policy (``RLVRModule.configure_model``);
 - :func:`transformer_block_policy`: FSDP1's auto-wrap policy;
 - :func:`max_over_ranks`: one count all ranks agree on (token-budget micro-batches under FSDP);

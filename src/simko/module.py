@@ -28,12 +28,12 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from simko import block_checkpoint, distributed
+from simko import distributed
 from simko.correction import RolloutCorrection
 from simko.diagnostics import concentration_over_ranks, concentration_sums
 from simko.engines import RolloutEngine, Sampling, available_engines, build_engine, check_engine, step_seed
 from simko.evaluation import SampleMetrics, sample_and_score
-from simko.forward import rollout_token_stats
+from simko.forward import enable_checkpointing, rollout_token_stats
 from simko.losses import PolicyLoss, TokenStats
 from simko.metrics import default_ks
 from simko.models import lora
@@ -72,7 +72,7 @@ class RLVRModule(LightningModule):
         grad_clip: max global grad norm (0 disables clipping; the norm is logged either way).
         stats_chunk_size: sequence chunk of the token statistics (memory ~ rows x chunk x vocab).
         gradient_checkpointing: recompute each transformer block's activations in the update's backward instead of
-            keeping them (:mod:`simko.block_checkpoint`; autograd forwards only, never generation); exact.
+            keeping them (:func:`simko.forward.enable_checkpointing`; autograd forwards only, never generation); exact.
         micro_batch_tokens: form micro-batches by a token budget instead of ``micro_batch_size`` rows: rows (whole
             groups with ``share_prompt``, the prompt counted once), largest first, go first-fit into micro-batches
             of at most this many tokens (prompt + response; a longer row alone); None: ``micro_batch_size`` rows
@@ -214,7 +214,7 @@ class RLVRModule(LightningModule):
             ref = copy.deepcopy(policy).eval().requires_grad_(False)
             object.__setattr__(self, "_reference", ref)
         if self.gradient_checkpointing:  # after the reference copy, which runs without autograd anyway
-            block_checkpoint.enable(policy)
+            enable_checkpointing(policy)
         self.rl_step = 0
         # pass@k, diversity and diagnostics of the validation samples (not persistent: never in checkpoints).
         self.val_metrics = SampleMetrics(default_ks(val_samples), self.diagnostics_top_k, diagnostics_tau)
