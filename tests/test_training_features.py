@@ -95,3 +95,44 @@ def test_lora_on_two_processes_ddp_equals_fsdp2_resumes_and_evaluates(args, tmp_
     run("simko.eval", f"ckpt_path={tmp_path / 'ddp' / 'checkpoints' / 'last.ckpt'}", "eval.n=4", "eval.limit=8",
         f"paths.cache_dir={features_cache}", f"paths.log_dir={tmp_path}", f"hydra.run.dir={out}", *WARM)  # fmt: skip
     assert (out / "pass_at_k.json").exists()
+
+
+MEMORY_KNOBS = ["module.gradient_checkpointing=true", "module.micro_batch_tokens=40", "module.padding_free=true"]
+PENALTY = "module.overlong.buffer=4"  # rewards shaped by length: non-zero updates
+
+
+def test_memory_knobs_on_two_processes_fsdp2_equal_ddp_without_them(args, tmp_path):
+    """Gradient checkpointing (before fully_shard), token-budget micro-batches (as many on both ranks: FSDP2's
+    collectives hang otherwise) and packing under FSDP2 on 2 CPU processes train the steps DDP trains without
+    them (the padded path, the shared prompt): rewards, losses, gradient norms, diagnostics and final weights."""
+    run("simko.train", *args("ddp", "trainer=ddp", "rl_steps=2", PENALTY), timeout=600)
+    run("simko.train", *args("fsdp2", "trainer=fsdp2", "rl_steps=2", PENALTY, *MEMORY_KNOBS), timeout=600)
+    ddp, fsdp2 = metrics(tmp_path / "ddp"), metrics(tmp_path / "fsdp2")
+    cols = ["train/reward", "train/loss", "train/grad_norm", "diag/p_rank1", "train/response_len"]
+    assert ddp["train/grad_norm"].gt(0).all()
+    pd.testing.assert_frame_equal(ddp[cols], fsdp2[cols], rtol=1e-4)
+    a = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "fsdp2" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_memory_knobs_resume_exactly_on_two_processes(args, tmp_path):
+    """DDP with the knobs resumed after step 1 trains step 2 as the uninterrupted run did (FSDP2 likewise)."""
+    knobs = [PENALTY, *MEMORY_KNOBS]
+    for trainer in ("ddp", "fsdp2"):
+        run("simko.train", *args(f"{trainer}_full", f"trainer={trainer}", "rl_steps=2", *knobs), timeout=600)
+        run("simko.train", *args(f"{trainer}_first", f"trainer={trainer}", "rl_steps=1", *knobs), timeout=600)
+        ckpt = tmp_path / f"{trainer}_first" / "checkpoints" / "last.ckpt"
+        resumed = args(f"{trainer}_resumed", f"trainer={trainer}", "rl_steps=2", f"ckpt_path={ckpt}", *knobs)
+        run("simko.train", *resumed, timeout=600)
+        full, again = metrics(tmp_path / f"{trainer}_full"), metrics(tmp_path / f"{trainer}_resumed")
+        assert full["train/grad_norm"].gt(0).all()
+        cols = ["train/reward", "train/loss", "train/grad_norm", "diag/p_rank1"]
+        pd.testing.assert_frame_equal(full.loc[[2.0], cols], again[cols], rtol=1e-5)
+        a = torch.load(tmp_path / f"{trainer}_full" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        b = torch.load(tmp_path / f"{trainer}_resumed" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)

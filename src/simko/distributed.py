@@ -2,8 +2,11 @@
 
 - :func:`is_sharded`: FSDP (``FSDPStrategy``) or FSDP2 (``ModelParallelStrategy`` with ``fully_shard``), where
   generation must keep ranks in lockstep and a second forward inside one backward is impossible;
+- :func:`transformer_blocks`: the policy's decoder blocks (the unit of FSDP2 sharding and of activation
+  checkpointing, :func:`simko.forward.enable_checkpointing`);
 - :func:`shard_fsdp2`: the FSDP2 sharding of the policy (``RLVRModule.configure_model``);
 - :func:`transformer_block_policy`: FSDP1's auto-wrap policy;
+- :func:`max_over_ranks`: one count all ranks agree on (token-budget micro-batches under FSDP);
 - :func:`no_sync`: skip DDP's gradient all-reduce on all but the last micro-batch;
 - :func:`clip_grad_norm`: the global gradient norm and clipping under every strategy.
 """
@@ -23,17 +26,23 @@ def is_sharded(strategy: Strategy | None) -> bool:
     return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
+def transformer_blocks(policy: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder blocks of a transformers model (or a peft model around one): the modules whose class is one of
+    the model's ``_no_split_modules``; an error naming the model when there are none."""
+    block_names = set(getattr(policy, "_no_split_modules", None) or [])
+    blocks = [m for m in policy.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise RuntimeError(f"found no transformer blocks ({block_names}) in {type(policy).__name__}")
+    return blocks
+
+
 def shard_fsdp2(policy: torch.nn.Module, mesh) -> None:
     """FSDP2: ``fully_shard`` every transformer block over ``mesh``, then the whole policy as the root."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if isinstance(policy, FSDPModule):  # already sharded (validate() ran before fit())
         return
-    block_names = set(getattr(policy, "_no_split_modules", None) or [])
-    blocks = [m for m in policy.modules() if type(m).__name__ in block_names]
-    if not blocks:
-        raise RuntimeError(f"FSDP2: found no transformer blocks ({block_names}) in {type(policy).__name__}")
-    for block in blocks:
+    for block in transformer_blocks(policy):
         fully_shard(block, mesh=mesh)
     # The root keeps its parameters unsharded between forward and backward, which the chunked LM head
     # (applied after the forward, in TokenStats.from_hidden) relies on.
@@ -52,6 +61,13 @@ def transformer_block_policy(block_names: tuple[str, ...] | list[str] = DECODER_
         return True if recurse else type(module).__name__ in names
 
     return policy
+
+
+def max_over_ranks(strategy: Strategy, value: int) -> int:
+    """The largest ``value`` of all ranks (ranks agree on a count of forwards: FSDP's collectives need it)."""
+    if strategy.world_size == 1:
+        return value
+    return int(strategy.reduce(torch.tensor(value, device=strategy.root_device), reduce_op="max"))
 
 
 def no_sync(strategy: Strategy) -> AbstractContextManager:

@@ -33,7 +33,7 @@ from simko.correction import RolloutCorrection
 from simko.diagnostics import concentration_over_ranks, concentration_sums
 from simko.engines import RolloutEngine, Sampling, available_engines, build_engine, check_engine, step_seed
 from simko.evaluation import SampleMetrics, sample_and_score
-from simko.forward import rollout_token_stats
+from simko.forward import enable_checkpointing, rollout_token_stats
 from simko.losses import PolicyLoss, TokenStats
 from simko.metrics import default_ks
 from simko.models import lora
@@ -71,6 +71,17 @@ class RLVRModule(LightningModule):
         micro_batch_size: rows per forward/backward (gradient accumulation inside a mini-batch).
         grad_clip: max global grad norm (0 disables clipping; the norm is logged either way).
         stats_chunk_size: sequence chunk of the token statistics (memory ~ rows x chunk x vocab).
+        gradient_checkpointing: recompute each transformer block's activations in the update's backward instead of
+            keeping them (:func:`simko.forward.enable_checkpointing`; autograd forwards only, never generation); exact.
+        micro_batch_tokens: form micro-batches by a token budget instead of ``micro_batch_size`` rows: rows (whole
+            groups with ``share_prompt``, the prompt counted once), largest first, go first-fit into micro-batches
+            of at most this many tokens (prompt + response; a longer row alone); None: ``micro_batch_size`` rows
+            (:func:`simko.update.token_budget_bins`).
+        padding_free: pack each micro-batch's rows into one sequence, positions restarting per row, so no padding
+            token is computed; with ``share_prompt`` each distinct prompt runs once and the rows' responses are
+            packed after it, each seeing its prompt and itself (:func:`simko.forward.packed_token_stats`);
+            ``"auto"``: per micro-batch, packed where that computes fewer FLOPs (without a variable-length attention
+            kernel a packed sequence attends over its whole length; :func:`simko.forward.packing_is_cheaper`).
         share_prompt: run each distinct prompt once per micro-batch in the update and hand its keys/values to the
             G rows that share it (exact up to float rounding; see :func:`simko.forward.rollout_token_stats`).
             Off under FSDP/FSDP2: the backward of the shared prompt would run after FSDP has resharded the
@@ -112,6 +123,9 @@ class RLVRModule(LightningModule):
         micro_batch_size: int = 16,
         grad_clip: float = 1.0,
         stats_chunk_size: int = 256,
+        gradient_checkpointing: bool = False,
+        micro_batch_tokens: int | None = None,
+        padding_free: bool | str = False,
         share_prompt: bool = True,
         verifiers: dict[str, Any] | None = None,
         verifier: Callable[[list[str], list[str], list[str]], list[float]] | None = None,
@@ -138,6 +152,8 @@ class RLVRModule(LightningModule):
         ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if micro_batch_tokens is not None and (isinstance(micro_batch_tokens, bool) or micro_batch_tokens < 1):
+            raise ValueError(f"micro_batch_tokens must be null or an integer >= 1, got {micro_batch_tokens!r}")
         if not isinstance(loss, PolicyLoss):
             raise TypeError(f"loss must be a simko.losses.PolicyLoss (build_loss), got {type(loss).__name__}")
         # An unknown engine, knobs that are not its own, vLLM not installed: fail now (the install command).
@@ -168,6 +184,11 @@ class RLVRModule(LightningModule):
         self.micro_batch_size = micro_batch_size
         self.grad_clip = grad_clip
         self.stats_chunk_size = stats_chunk_size
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.micro_batch_tokens = micro_batch_tokens
+        if padding_free not in (True, False, "auto"):
+            raise ValueError(f"padding_free must be true, false or auto, got {padding_free!r}")
+        self.padding_free = padding_free
         self.share_prompt = share_prompt
         self._sharded = False  # set in setup(), once the strategy is known
         self.val_sampling = dict(group_size=val_samples, temperature=val_temperature, top_p=val_top_p)
@@ -192,6 +213,8 @@ class RLVRModule(LightningModule):
         if loss.needs_reference and not lora.is_lora(policy):
             ref = copy.deepcopy(policy).eval().requires_grad_(False)
             object.__setattr__(self, "_reference", ref)
+        if self.gradient_checkpointing:  # after the reference copy, which runs without autograd anyway
+            enable_checkpointing(policy)
         self.rl_step = 0
         # pass@k, diversity and diagnostics of the validation samples (not persistent: never in checkpoints).
         self.val_metrics = SampleMetrics(default_ks(val_samples), self.diagnostics_top_k, diagnostics_tau)
@@ -279,7 +302,15 @@ class RLVRModule(LightningModule):
     def token_stats(self, model: torch.nn.Module, rows: dict[str, Tensor], top_k: int) -> TokenStats:
         """TokenStats of the response tokens of ``rows`` under ``model`` at the rollout temperature."""
         share = self.share_prompt and not self._sharded
-        return rollout_token_stats(model, rows, top_k, self.temperature, self.stats_chunk_size, share_prompt=share)
+        return rollout_token_stats(
+            model,
+            rows,
+            top_k,
+            self.temperature,
+            self.stats_chunk_size,
+            share_prompt=share,
+            padding_free=self.padding_free,
+        )
 
     # ------------------------------------------------------------------ the RL step
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -320,12 +351,15 @@ class RLVRModule(LightningModule):
             reference_stats=self._reference_stats(),
             backward=self.manual_backward,
             no_sync=partial(distributed.no_sync, self.trainer.strategy),
+            max_over_ranks=partial(distributed.max_over_ranks, self.trainer.strategy),
             diagnose=self._diagnostics if diag_k else None,
         )
         schedule = UpdateSchedule(
             ppo_epochs=self.ppo_epochs,
             num_mini_batches=self.num_mini_batches,
             micro_batch_size=self.micro_batch_size,
+            micro_batch_tokens=self.micro_batch_tokens,
+            share_prompt=self.share_prompt and not self._sharded,
             shuffle_seed=step_seed(self.seed, step, 0),  # the group shuffle, the same on every rank
             stats_top_k=max(self.loss_fn.top_k, diag_k),
             correction=self.correction,

@@ -13,6 +13,10 @@ the responses it is over (valid tokens for ``token_mean``, responses with a vali
 :meth:`simko.losses.PolicyLoss.aggregation_weight`), which gives the gradient of the loss of the whole mini-batch
 in one piece, however the micro-batches split the groups. Metrics are weighted the same way and averaged over the
 updates.
+
+Micro-batches are ``micro_batch_size`` rows in mini-batch order, or, with ``micro_batch_tokens``, bins of at most
+that many tokens (prompt + response) filled largest first (:func:`token_budget_bins`; whole groups, the prompt
+counted once, when the forward shares it), so each forward holds at most that many tokens whatever the lengths.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class UpdateHooks:
         no_sync: the context for all but the last micro-batch of a mini-batch (DDP: no gradient all-reduce).
         diagnose: ``diagnose(stats) -> token sums`` of the concentration diagnostics
             (:func:`simko.diagnostics.concentration_sums`), seen by the first mini-batch (None: off).
+        max_over_ranks: the largest of an integer over all ranks, so that every rank runs as many token-budget
+            micro-batches (FSDP's collectives run per forward); the identity on one process.
     """
 
     token_stats: StatsFn
@@ -54,6 +60,7 @@ class UpdateHooks:
     backward: Callable[[Tensor], None] = Tensor.backward
     no_sync: Callable[[], AbstractContextManager] = nullcontext
     diagnose: Callable[[TokenStats], dict[str, float]] | None = None
+    max_over_ranks: Callable[[int], int] = int
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,10 @@ class UpdateSchedule:
         ppo_epochs: passes over the batch.
         num_mini_batches: optimizer steps per pass (whole groups each).
         micro_batch_size: rows per forward/backward.
+        micro_batch_tokens: tokens (prompt + response) per forward/backward instead (:func:`token_budget_bins`);
+            None: ``micro_batch_size`` rows.
+        share_prompt: the forward runs each prompt once per micro-batch (:mod:`simko.forward`): token budgets then
+            keep a prompt's rows together where they fit and count the prompt once.
         shuffle_seed: seeds the group shuffle of every epoch (:func:`minibatch_rows`).
         stats_top_k: top-K candidates computed per token (>= the loss's ``top_k``; more when ``diagnose`` needs
             them); None: the loss's.
@@ -75,6 +86,8 @@ class UpdateSchedule:
     ppo_epochs: int = 1
     num_mini_batches: int = 1
     micro_batch_size: int = 16
+    micro_batch_tokens: int | None = None
+    share_prompt: bool = False
     shuffle_seed: int = 0
     stats_top_k: int | None = None
     correction: RolloutCorrection | None = None
@@ -100,22 +113,92 @@ def minibatch_rows(
     return out
 
 
-def micro_batches(
-    rows: Tensor, micro_batch_size: int, response_mask: Tensor, loss_fn: PolicyLoss, advantages: Tensor
-) -> tuple[list[Tensor], list[float], float]:
-    """(micro-batch row indices, their aggregation weights, the weights' sum) of one mini-batch."""
-    micro = list(rows.split(micro_batch_size))
+def token_budget_bins(
+    lengths: Tensor, budget: int, num_bins: int = 0, groups: Tensor | None = None, prompt_lengths: Tensor | None = None
+) -> list[Tensor]:
+    """Positions into ``lengths`` [n] grouped into bins of at most ``budget`` tokens: first-fit decreasing (units
+    largest first, ties by position, each into the first bin it fits; a unit larger than the budget gets a bin of
+    its own). A unit is a row, or with ``groups`` [n] (the rows' prompt ids) and ``prompt_lengths`` [n] a whole
+    group, whose prompt counts once (the forward shares it), as long as the group fits in the budget; a group that
+    does not is split into its rows. With ``num_bins`` above the count that needs, the bins with the most tokens (of
+    more than one row) are halved until there are that many. Each bin lists its positions in increasing order; the
+    bins come in the order they were opened (largest units first). Deterministic."""
+    units: list[tuple[int, list[int]]] = []
+    if groups is None:
+        units = [(int(n), [i]) for i, n in enumerate(lengths)]
+    else:
+        members: dict[int, list[int]] = {}
+        for i, g in enumerate(groups.tolist()):
+            members.setdefault(g, []).append(i)
+        for rows in members.values():
+            cost = sum(int(lengths[i]) for i in rows) - (len(rows) - 1) * int(prompt_lengths[rows[0]])
+            units += [(cost, rows)] if cost <= budget else [(int(lengths[i]), [i]) for i in rows]
+    units.sort(key=lambda unit: (-unit[0], unit[1][0]))
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for cost, rows in units:
+        for b, load in enumerate(loads):
+            if load + cost <= budget:
+                bins[b] += rows
+                loads[b] += cost
+                break
+        else:
+            bins.append(list(rows))
+            loads.append(cost)
+    while len(bins) < num_bins:
+        splittable = [b for b in range(len(bins)) if len(bins[b]) > 1]
+        if not splittable:
+            break
+        b = max(splittable, key=lambda b: (loads[b], -b))
+        rows = sorted(bins[b], key=lambda i: (-int(lengths[i]), i))  # longest first: alternate between the halves
+        bins[b], half = rows[0::2], rows[1::2]
+        loads[b] = sum(int(lengths[i]) for i in bins[b])
+        bins.insert(b + 1, half)
+        loads.insert(b + 1, sum(int(lengths[i]) for i in half))
+    return [torch.tensor(sorted(rows), dtype=torch.long) for rows in bins]
+
+
+def split_rows(rows: Tensor, rollouts: Rollouts, schedule: UpdateSchedule, hooks: UpdateHooks) -> list[Tensor]:
+    """The micro-batches (row indices) of ``rows``: ``micro_batch_size`` rows in order, or the token-budget bins of
+    their tokens (prompt + response; with ``schedule.share_prompt`` whole groups, each prompt counted once), as many
+    on every rank (``hooks.max_over_ranks``)."""
+    if schedule.micro_batch_tokens is None:
+        return list(rows.split(schedule.micro_batch_size))
+    attention_mask = rollouts.attention_mask[rows].cpu()
+    lengths = attention_mask.sum(1)
+    groups = prompts = None
+    if schedule.share_prompt:
+        groups = (rows // rollouts.group_size).cpu()
+        prompts = attention_mask[:, : rollouts.prompt_len].sum(1)
+    budget = schedule.micro_batch_tokens
+    bins = token_budget_bins(lengths, budget, 0, groups, prompts)
+    count = hooks.max_over_ranks(len(bins))
+    if count > len(bins):
+        bins = token_budget_bins(lengths, budget, count, groups, prompts)
+    if len(bins) != count:  # fewer rows here than micro-batches elsewhere: cannot match the other ranks' forwards
+        raise RuntimeError(
+            f"micro_batch_tokens: {len(rows)} rows on this rank make {len(bins)} micro-batches, another rank runs "
+            f"{count}; raise micro_batch_tokens"
+        )
+    return [rows[b.to(rows.device)] for b in bins]
+
+
+def micro_batch_weights(
+    micro: list[Tensor], response_mask: Tensor, loss_fn: PolicyLoss, advantages: Tensor
+) -> tuple[list[float], float]:
+    """(the aggregation weights of the micro-batches ``micro`` of one mini-batch, the weights' sum)."""
     weights = [loss_fn.aggregation_weight(response_mask[i], advantages[i]) for i in micro]
-    return micro, weights, sum(weights) or 1.0
+    return weights, sum(weights) or 1.0
 
 
 @torch.no_grad()
-def sampled_logprobs(token_stats: StatsFn, rollouts: Rollouts, micro_batch_size: int) -> Tensor:
-    """Log-probs [N, R] of the sampled tokens under the model behind ``token_stats`` (no grad), micro-batched, in
-    the dtype of the model's log-probs (float32 for float32 and bfloat16 models, float64 for float64 ones)."""
+def sampled_logprobs(token_stats: StatsFn, rollouts: Rollouts, micro: list[Tensor]) -> Tensor:
+    """Log-probs [N, R] of the sampled tokens under the model behind ``token_stats`` (no grad), over the row
+    micro-batches ``micro``, in the dtype of the model's log-probs (float32 for float32 and bfloat16 models,
+    float64 for float64 ones)."""
     mask = rollouts.response_mask
     out = None
-    for idx in torch.arange(rollouts.num_rows, device=mask.device).split(micro_batch_size):
+    for idx in micro:
         lp = token_stats(rollouts.rows(idx), 0).logprobs
         if out is None:
             out = torch.zeros(mask.shape, dtype=lp.dtype, device=mask.device)
@@ -153,9 +236,8 @@ def accumulate_gradients(
     """
     top_k = loss_fn.top_k if schedule.stats_top_k is None else schedule.stats_top_k
     correction = schedule.correction
-    micro, weights, total_weight = micro_batches(
-        rows, schedule.micro_batch_size, rollouts.loss_mask, loss_fn, advantages
-    )
+    micro = split_rows(rows, rollouts, schedule, hooks)
+    weights, total_weight = micro_batch_weights(micro, rollouts.loss_mask, loss_fn, advantages)
     for i, (idx, w) in enumerate(zip(micro, weights)):
         stats = hooks.token_stats(rollouts.rows(idx), top_k)
         if hooks.diagnose is not None and diagnostics is not None:
@@ -218,11 +300,13 @@ def update_policy(
         raise ValueError("update_policy needs hooks.optimizer_step and hooks.zero_grad")
     # Old log-probs are needed only if some token is used after the policy has moved.
     needs_old = schedule.ppo_epochs * schedule.num_mini_batches > 1
-    micro_batch_size = schedule.micro_batch_size
-    old_logprobs = sampled_logprobs(hooks.token_stats, rollouts, micro_batch_size) if needs_old else None
-    reference = hooks.reference_stats
-    ref_logprobs = sampled_logprobs(reference, rollouts, micro_batch_size) if reference is not None else None
     device = rollouts.response_mask.device
+    reference = hooks.reference_stats
+    every_row = []
+    if needs_old or reference is not None:
+        every_row = split_rows(torch.arange(rollouts.num_rows, device=device), rollouts, schedule, hooks)
+    old_logprobs = sampled_logprobs(hooks.token_stats, rollouts, every_row) if needs_old else None
+    ref_logprobs = sampled_logprobs(reference, rollouts, every_row) if reference is not None else None
     generator = torch.Generator().manual_seed(schedule.shuffle_seed)
     batches = minibatch_rows(
         rollouts.num_rows, rollouts.group_size, schedule.ppo_epochs, schedule.num_mini_batches, generator, device
