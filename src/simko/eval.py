@@ -22,6 +22,7 @@ import csv
 import json
 import logging
 import os
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -92,6 +93,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     diag_sum: dict[str, float] = defaultdict(float)
     rows_out, answers_all, correct_all = [], [], []
     response_tokens = 0  # generated tokens up to and including EOS, summed over all samples
+    truncated = missing = 0  # samples without EOS within max_new_tokens / without a final answer their verifier reads
+    seconds: dict[str, float] = defaultdict(float)  # wall time of sampling, verifying and the diagnostics forward
     batch = max(1, int(cfg.eval.prompts_per_batch))
     engine = build_engine(engine_name, policy, tokenizer, **(cfg.rollout.get(engine_name) or {}))
 
@@ -104,14 +107,20 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
                 top_p=float(cfg.eval.top_p),
                 seed=step_seed(cfg.seed, start, 0),
             )
+            started = time.perf_counter()
             rollouts = engine.generate(tokenize_prompts(tokenizer, [ex["prompt"] for ex in chunk]), n, sampling)
+            seconds["generate"] += time.perf_counter() - started
             answers = [ex["answer"] for ex in chunk for _ in range(n)]
             names = [ex["verifier"] for ex in chunk for _ in range(n)]
+            started = time.perf_counter()
             scores = torch.tensor(score_batch(rollouts.completions, answers, names, verifiers=verifiers))
+            seconds["score"] += time.perf_counter() - started
             correct = (scores >= 1.0).view(len(chunk), n)
             metric.update(correct)
             response_tokens += int(rollouts.response_mask.sum())
+            truncated += int(rollouts.truncated.sum())
             diversity.update(*grouped_solution_keys(chunk, rollouts.completions, correct))
+            started = time.perf_counter()
             if diag_k:
                 for idx in _diagnostics_rows(len(chunk), n, cfg.eval.get("diagnostics_samples")).split(
                     int(cfg.eval.micro_batch_size)
@@ -119,12 +128,17 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
                     stats = rollout_token_stats(policy, rollouts.rows(idx), diag_k, float(cfg.eval.temperature))
                     for key, value in concentration_sums(stats, float(cfg.eval.diagnostics_tau)).items():
                         diag_sum[key] += value  # token sums: the means are over all diagnosed tokens
+            seconds["diagnostics"] += time.perf_counter() - started
             for i, ex in enumerate(chunk):
                 completions = rollouts.completions[i * n : (i + 1) * n]
                 extracted = [final_answer(c, ex["verifier"], verifiers) for c in completions]  # what its verifier reads
+                missing += sum(answer is None for answer in extracted)
                 answers_all.append(extracted)
                 correct_all.append(correct[i].tolist())
-                rows_out.append(problem_row(ex.get("id", start + i), ex, completions, extracted, correct[i].tolist()))
+                cut = rollouts.truncated[i * n : (i + 1) * n].tolist()
+                rows_out.append(
+                    problem_row(ex.get("id", start + i), ex, completions, extracted, correct[i].tolist(), cut)
+                )
             advance(len(chunk))
     engine.close()
 
@@ -139,6 +153,11 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "diagnostics": metrics_from_sums(diag_sum),
         "diversity": diversity.compute(),  # distinct correct solutions, their entropy and coverage (n samples)
         "response_tokens": response_tokens / num_samples,  # mean response length in tokens (EOS included)
+        "truncated_frac": truncated / num_samples,  # no EOS within eval.max_new_tokens
+        # no final answer by the verifier's own rule (math: no complete \boxed{}; it then falls back to
+        # math-verify's extraction from the text, so such a sample can still score)
+        "no_final_answer_frac": missing / num_samples,
+        "seconds": dict(seconds),  # wall time: generate, score (the verifiers), diagnostics (their forward)
         "config": {
             "model": OmegaConf.to_container(cfg.model),
             "ckpt_path": cfg.get("ckpt_path"),
@@ -153,20 +172,29 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     return summary
 
 
-PER_PROBLEM_COLUMNS = ["id", "c", "n", "answer", "extracted", "prompt", "sample_completion", "sample_correct"]
+PER_PROBLEM_COLUMNS = ["id", "c", "n", "answer", "extracted", "correct", "truncated", "prompt", "sample_completion",
+                       "sample_correct"]  # fmt: skip
 
 
 def problem_row(
-    problem_id, example: dict, completions: list[str], extracted: list[str], correct: list[bool]
+    problem_id,
+    example: dict,
+    completions: list[str],
+    extracted: list[str],
+    correct: list[bool],
+    truncated: list[bool] | None = None,
 ) -> dict[str, object]:
-    """One row of ``per_problem.csv``: the problem, its counts, the extracted answers of all n samples, and its
-    prompt with the first sample's completion (whether that sample was correct: ``sample_correct``)."""
+    """One row of ``per_problem.csv``: the problem, its counts, per sample (JSON lists, in sample order) the
+    extracted answer, whether it was correct and whether it was cut off at ``max_new_tokens``, and the prompt with
+    the first sample's completion (whether that sample was correct: ``sample_correct``)."""
     return {
         "id": problem_id,
         "c": int(sum(correct)),
         "n": len(completions),
         "answer": example["answer"],
         "extracted": json.dumps(extracted, ensure_ascii=False),
+        "correct": json.dumps([int(bool(x)) for x in correct]),
+        "truncated": json.dumps([int(bool(x)) for x in truncated]) if truncated is not None else "",
         "prompt": example.get("prompt", example.get("question")),
         "sample_completion": completions[0] if completions else "",
         "sample_correct": int(bool(correct[0])) if correct else 0,
