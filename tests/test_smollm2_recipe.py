@@ -217,3 +217,21 @@ def test_report_from_runs_on_disk(tmp_path):
     payload = json.loads((task / "results.json").read_text())
     mean, low, high = payload["paired"]["grpo-base_seed0_pass@1"]
     assert mean == pytest.approx(np.mean([1, 2, 2, 0, 4, 1]) / 16) and low <= mean <= high
+
+
+def test_real_text_round_trip_flags_dropped_special_tokens():
+    """scripts/smollm2_real_text.py: a special token inside a response vanishes from the text the verifier reads
+    (build_rollouts decodes with skip_special_tokens=True); the trailing EOS does not count."""
+    from helpers import digit_tokenizer
+
+    spec = importlib.util.spec_from_file_location("smollm2_real_text", REPO / "scripts" / "smollm2_real_text.py")
+    real_text = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_text)
+    tok = digit_tokenizer()
+    one, two, pad, eos = tok.convert_tokens_to_ids(["1", "2", "<pad>", "<eos>"])
+    clean = real_text.round_trip(tok, [one, two, eos], [eos])
+    assert clean == {"text_changes": False, "ids_differ": False, "special_inside": [],
+                     "text_without_skip_differs": False}  # fmt: skip
+    dropped = real_text.round_trip(tok, [one, pad, two, eos], [eos])
+    assert dropped["special_inside"] == [pad] and dropped["text_without_skip_differs"]
+    assert dropped["ids_differ"] and not dropped["text_changes"]  # "12" re-encodes without the <pad>
