@@ -164,6 +164,42 @@ def interval_text(mean: float, low: float, high: float, signed: bool = False) ->
     return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" if signed else f"{mean:.3f} [{low:.3f}, {high:.3f}]"
 
 
+# --- problems the question itself solves -------------------------------------------------------------------------
+
+
+def echo_solved_problems(recipe: Toy, out: Path) -> set[str]:
+    """Ids of the evaluated problems whose own question text, scored as a completion, gets reward 1.
+
+    Without a box the math verifier reads math-verify's extraction of the text, the last expression in it, and
+    decides equivalence symbolically: "Evaluate $102^2 - 98^2$." as a completion extracts ``102^2 - 98^2``, which
+    equals the gold 800. On such problems a sample that restates the question is rewarded without computing
+    anything, so the report gives pass@k on the other problems too. Cached in ``<out>/<task>/echo.json``."""
+    cache = out / recipe.name / "echo.json"
+    if cache.is_file():
+        return set(json.loads(cache.read_text())["echo_solved"])
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from simko.config import CONFIG_DIR
+    from simko.rewards import score_batch
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[f"experiment={recipe.eval_experiment}"])
+    source = instantiate(cfg.data).val_source
+    problems = [source[i] for i in range(min(len(source), recipe.problems))]
+    verifiers = instantiate(cfg.eval.verifiers)
+    try:
+        scores = score_batch([p["question"] for p in problems], [p["answer"] for p in problems],
+                             [p["verifier"] for p in problems], verifiers=verifiers)  # fmt: skip
+    finally:
+        for verifier in verifiers.values():
+            verifier.close()
+    solved = [p["id"] for p, score in zip(problems, scores) if score >= 1.0]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"problems": len(problems), "echo_solved": solved}, indent=1) + "\n")
+    return set(solved)
+
+
 # --- the report --------------------------------------------------------------------------------------------------
 
 
@@ -180,8 +216,10 @@ def train_dir(out: Path, recipe: Toy, loss: str, seed: int) -> Path:
     return out / recipe.name / "train" / f"{loss}_seed{seed}"
 
 
-def write_report(recipe: Toy, out: Path) -> str:
-    """results.md / results.json / figures from whatever runs are finished (missing ones are listed, not invented)."""
+def write_report(recipe: Toy, out: Path, echo_ids: set[str] | None = None) -> str:
+    """results.md / results.json / figures from whatever runs are finished (missing ones are listed, not invented).
+    ``echo_ids``: the problems the question itself solves (``echo_solved_problems``); pass@k is also given without
+    them."""
     from simko.plot import read_training_log
 
     folder = out / recipe.name
@@ -239,6 +277,8 @@ def write_report(recipe: Toy, out: Path) -> str:
         rows.sort(key=lambda r: (order.get(r[0], 99), r[1]))
         lines += md_table(["model", "seed", *[f"pass@{k}" for k in ks], "tokens", "cut", "no box"], rows)
         lines += ["", *paired_section(recipe, counts, ks, payload)]
+        if echo_ids:
+            lines += ["", *echo_section(recipe, counts, ks, echo_ids, payload)]
     lines += ["", *training_section(recipe, logs, payload)]
     lines += ["", *timing_section(recipe, folder, logs, evals, payload)]
     if missing:
@@ -293,6 +333,42 @@ def paired_section(recipe: Toy, counts: dict, ks: list[int], payload: dict) -> l
         "standard errors over at least 3 seeds.",
         "",
         *md_table(["difference", "seed", *[f"Δ pass@{k}" for k in ks]], rows + over_seeds),
+    ]
+
+
+def echo_section(recipe: Toy, counts: dict, ks: list[int], echo_ids: set[str], payload: dict) -> list[str]:
+    """pass@k on the problems that restating the question does not solve, and on those it does, with the paired
+    difference to the base model on the first kind."""
+    ids = next(iter(counts.values()))[0]
+    keep = np.array([i not in echo_ids for i in ids])
+    shown = [ks[0], ks[-1]]
+    rows = []
+    for (run, seed), (_, c, n) in counts.items():
+        cells = []
+        for subset in (keep, ~keep):
+            for k in shown:
+                cells.append(interval_text(*bootstrap_interval_over_problems(per_problem_pass_at_k(c[subset], n, k))))
+        if run != "base" and run_key("base", seed) in counts:
+            _, c_base, n_base = counts[run_key("base", seed)]
+            diff = bootstrap_interval_over_problems(
+                per_problem_pass_at_k(c[keep], n, 1), per_problem_pass_at_k(c_base[keep], n_base, 1)
+            )
+            payload["paired"][f"{run}-base_seed{seed}_pass@1_without_echo"] = diff
+            bold = diff[1] > 0 or diff[2] < 0
+            cells.append(f"**{interval_text(*diff, signed=True)}**" if bold else interval_text(*diff, signed=True))
+        else:
+            cells.append("–")
+        rows.append([run, str(seed), *cells])
+    order = {name: i for i, name in enumerate(("base", *recipe.arms))}
+    rows.sort(key=lambda r: (order.get(r[0], 99), r[1]))
+    kept, echoed = int(keep.sum()), int((~keep).sum())
+    header = [*(f"pass@{k}, {kept} others" for k in shown), *(f"pass@{k}, {echoed} echo" for k in shown)]
+    return [
+        f"{echoed} of the {len(ids)} problems are solved by restating the question: its text, scored as a "
+        "completion, gets reward 1 (math-verify evaluates the expression the question asks to compute). pass@k on "
+        f"the {kept} other problems and on those {echoed}, and Δ pass@1 (after − base) on the {kept} others:",
+        "",
+        *md_table(["model", "seed", *header, f"Δ pass@1, {kept} others"], rows),
     ]
 
 
@@ -480,7 +556,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             runner.pool.shutdown()
         print(f"runs done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
-    text = write_report(recipe, out)
+    text = write_report(recipe, out, echo_solved_problems(recipe, out))
     command = "python scripts/smollm2_recipe.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"`{command}`\n\n{text}")
     print(f"wrote {out / recipe.name / 'results.md'} and its figures")

@@ -205,13 +205,16 @@ def test_report_from_runs_on_disk(tmp_path):
         _write_training_log(task / "train" / f"{loss}_seed{seed}", [0.1 + 0.01 * s for s in range(12)])
     (task / "timings.jsonl").write_text(json.dumps({"module": "simko.train", "run": "grpo_seed0", "seconds": 600,
         "load_start": 1.2, "load_end": 3.4, "finished_at": "2026-12-07 21:00:00"}) + "\n")  # fmt: skip
-    text = recipe_script.write_report(recipe, tmp_path)
+    text = recipe_script.write_report(recipe, tmp_path, echo_ids={"math/test/4"})
     assert "| base | 0 | 0.115 [" in text  # pass@1 of the base: mean of c / 16 over the 6 problems
     assert "| grpo − base | 0 |" in text and "| simko − grpo | 1 |" in text and "| grpo − base | 2 seeds |" in text
     assert "| 12 | 0.145 → 0.165 | 54.5 → 52.5 |" in text  # train reward and length, first and last 10 steps
     assert "| grpo | 0 | 10.0 | 0.5 | 40.0 | 0.3 | 50.8 | 79 % |" in text
     assert "| simko.train | grpo_seed0 | 10.0 | 1.2 → 3.4 |" in text
     assert "Not finished yet: train grpo_seed0" in text  # no last.ckpt: listed, not counted as done
+    # problem 4 (8, 12, 10, 9, 11 of 16 correct) is left out of the "others" and makes the "echo" subset alone
+    assert "1 of the 6 problems are solved by restating the question" in text
+    assert "| base | 0 | 0.037 [0.000, 0.087] | 0.400 [0.000, 0.800] | 0.500 [0.500, 0.500] |" in text  # others, echo
     for figure in ("pass_at_k.png", "training.png"):
         assert (task / figure).stat().st_size > 10_000
     payload = json.loads((task / "results.json").read_text())
@@ -235,3 +238,15 @@ def test_real_text_round_trip_flags_dropped_special_tokens():
     dropped = real_text.round_trip(tok, [one, pad, two, eos], [eos])
     assert dropped["special_inside"] == [pad] and dropped["text_without_skip_differs"]
     assert dropped["ids_differ"] and not dropped["text_changes"]  # "12" re-encodes without the <pad>
+
+
+def test_echo_solved_problems_are_found_and_cached(tmp_path):
+    """17 of the 100 evaluated MATH Level 1 problems score 1 when the completion restates the question (e.g.
+    "Evaluate: $102^2 - 98^2$" -> math-verify extracts 102^2 - 98^2 = 800, the gold): found once, then cached."""
+    shared_file("simko-official/math/test.parquet")
+    recipe_script = load_recipe_script()
+    echo = recipe_script.echo_solved_problems(recipe_script.RECIPE, tmp_path)
+    assert len(echo) == 17 and all(i.startswith("math/test/") for i in echo)
+    cached = json.loads((tmp_path / "smollm2_math_level1" / "echo.json").read_text())
+    assert cached["problems"] == 100 and set(cached["echo_solved"]) == echo
+    assert recipe_script.echo_solved_problems(recipe_script.RECIPE, tmp_path) == echo  # read back, not recomputed
