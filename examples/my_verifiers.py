@@ -1,4 +1,4 @@
-"""A verifier of your own, plugged into the command line with the ``imports`` config key (README, "Verifiers").
+"""A verifier of your own, plugged into the command line with the ``imports`` config key (docs/tasks.md).
 
     python -m simko.train imports=[examples.my_verifiers] \
         +data.train_source.verifier=digits +data.val_source.verifier=digits

@@ -26,6 +26,26 @@ UNTRAINED_TINY = [
     "model.eval_problems=0",
 ]
 
+# A smaller tiny model than the default (2 layers, width 64), warm-started for a few steps only: the integration
+# tests' model, built once per test module into its cache.
+SMALL_TINY = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.intermediate_size=128",
+    "model.warm_start_steps=40",
+    "model.eval_problems=32",
+]
+
+
+def rl_metrics(run_dir: Path):
+    """A run's ``csv/metrics.csv`` rows of the RL steps (validation-only rows dropped), indexed by RL step."""
+    import pandas as pd
+
+    frame = pd.read_csv(Path(run_dir) / "csv" / "metrics.csv")
+    return frame[frame["train/reward"].notna()].set_index("train/rl_step")
+
 
 def shared_file(relative: str) -> Path:
     """A file under the shared data root; the calling test skips (naming the path) when it is absent."""
@@ -112,3 +132,34 @@ def fit_in_process(module, tmp_path, max_steps: int, prompts_per_step: int, logg
     )
     trainer.fit(module, datamodule=data)
     return trainer
+
+
+class GlooSum:
+    """What the module needs of a Lightning strategy for an all-reduce: ``world_size`` and a summing ``reduce``."""
+
+    world_size = 2
+
+    def reduce(self, tensor, reduce_op="mean"):
+        import torch.distributed as dist
+
+        assert reduce_op == "sum"
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+
+def run_two_ranks(worker, port_salt: int = 0) -> dict:
+    """Run ``worker(rank, port, queue)`` in 2 spawned processes (it joins a gloo group on 127.0.0.1:port and puts
+    ``(rank, result)`` on the queue); returns {rank: result} once both exited cleanly."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = 29500 + (os.getpid() + port_salt) % 1000
+    procs = [ctx.Process(target=worker, args=(rank, port, queue)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return got

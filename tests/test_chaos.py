@@ -1,4 +1,4 @@
-"""The chaos run, small (scripts/chaos.py; the full one: 100 RL steps, 10 kills, numbers in README)."""
+"""The chaos run, small (scripts/chaos.py; the full one: 100 RL steps, 10 kills, numbers in docs/robustness.md)."""
 
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from helpers import GlooSum, run_two_ranks
 from simko.diagnostics import concentration_metrics, concentration_over_ranks, concentration_sums, metrics_from_sums
 from simko.losses.stats import TokenStats, response_quantile_mask
 
@@ -71,36 +71,16 @@ def test_added_sums_give_the_means_over_all_tokens():
         assert got[key] == pytest.approx(expected[key], rel=1e-12, abs=1e-12), key
 
 
-class _GlooSum:
-    """What the module needs of a Lightning strategy: ``world_size`` and a summing ``reduce``."""
-
-    world_size = 2
-
-    def reduce(self, tensor, reduce_op="mean"):
-        assert reduce_op == "sum"
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-
 def _rank_worker(rank: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     sums = concentration_sums(_stats(**BATCHES[rank]), TAU)
-    queue.put((rank, concentration_over_ranks(sums, _GlooSum())))
+    queue.put((rank, concentration_over_ranks(sums, GlooSum())))
     dist.destroy_process_group()
 
 
 def test_two_processes_log_the_same_keys_and_the_pooled_means():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = 29500 + (os.getpid() + 7) % 1000
-    procs = [ctx.Process(target=_rank_worker, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = run_two_ranks(_rank_worker, port_salt=7)
     expected = _reference([_stats(**BATCHES[0]), _stats(**BATCHES[1])])
     assert got[0] == got[1]  # every rank logs the same keys and values: one all-reduce, nothing mismatched
     assert got[0].keys() == expected.keys()
@@ -111,4 +91,4 @@ def test_two_processes_log_the_same_keys_and_the_pooled_means():
 def test_one_process_needs_no_collective():
     sums = concentration_sums(_stats(**BATCHES[0]), TAU)
     assert concentration_over_ranks(sums, None) == metrics_from_sums(sums)
-    assert concentration_over_ranks({}, _GlooSum()) == {}  # no diagnostics (top_k = 0): nothing to reduce
+    assert concentration_over_ranks({}, GlooSum()) == {}  # no diagnostics (top_k = 0): nothing to reduce

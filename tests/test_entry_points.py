@@ -16,21 +16,12 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import loss_configs
+from helpers import SMALL_TINY, loss_configs, rl_metrics
 from simko.checkpointing import read_checkpoint
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL_TINY = [
-    "model.num_layers=2",
-    "model.hidden_size=64",
-    "model.num_heads=4",
-    "model.num_kv_heads=2",
-    "model.intermediate_size=128",
-    "model.warm_start_steps=40",
-    "model.eval_problems=32",
-]
 
 
 def run(module: str, *overrides: str, cwd: Path = REPO, check: bool = True, timeout: int = 600):
@@ -67,8 +58,7 @@ def train_args(cache_dir, tmp_path):
 
 
 def metrics(run_dir: Path) -> pd.DataFrame:
-    frame = pd.read_csv(run_dir / "csv" / "metrics.csv")
-    return frame[frame["train/reward"].notna()].set_index("train/rl_step")
+    return rl_metrics(run_dir)
 
 
 def test_train_grpo_writes_metrics_and_checkpoints(train_args, tmp_path):

@@ -808,13 +808,13 @@ def test_simko_knob_validation():
     assert torch.equal(wide.loss, exact.loss) and wide.metrics == exact.metrics
 
 
-def test_readme_functional_api_float32_matches_analytic_gradient():
+def test_docs_functional_api_float32_matches_analytic_gradient():
     batch = Batch(seed=3)
     logits = batch.logits.float().requires_grad_(True)
     rew = batch.rewards.float()
     adv = build_advantage("grpo")(batch.grouped(rew)).reshape(-1)
     old_lp = batch.old_logprobs.float()
-    # --- as in the README
+    # --- as in docs/losses.md (Functional API)
     stats = TokenStats.from_logits(logits, batch.tokens, batch.mask, top_k=3, temperature=1.0)
     loss_fn = build_loss("simko", k=3, alpha=0.01, lam=1.1, tau=0.8, clip_eps=0.2)
     out = loss_fn(stats, old_logprobs=old_lp, advantages=adv, rewards=rew)

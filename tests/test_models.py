@@ -203,6 +203,25 @@ def test_build_once_is_atomic(tmp_path):
     assert (target / "ok").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["entry"]
 
 
+@pytest.mark.parametrize(
+    "env, builds",
+    [
+        ({}, True),
+        ({"LOCAL_RANK": "0", "RANK": "3"}, True),  # torchrun: local rank 0 of the second node
+        ({"LOCAL_RANK": "1"}, False),
+        ({"SLURM_LOCALID": "1", "SLURM_PROCID": "1"}, False),  # srun's second task of a node: no LOCAL_RANK
+        ({"SLURM_LOCALID": "0", "SLURM_PROCID": "8"}, True),  # srun's first task of the second node
+        ({"RANK": "1"}, False),
+    ],
+)
+def test_local_rank_zero_of_each_node_builds(monkeypatch, env, builds):
+    """Under srun (Lightning's SLURM environment sets no LOCAL_RANK) the node's other tasks used to build too."""
+    monkeypatch.delenv("SLURM_LOCALID", raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert cache_module.is_builder_rank() is builds
+
+
 def test_other_ranks_wait_for_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(TimeoutError, match="local rank 0"):

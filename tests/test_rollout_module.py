@@ -373,6 +373,8 @@ def test_training_step_with_epochs_and_mini_batches_syncs_the_engine_after_the_l
     assert RecordingEngine.events == [("sync", 0), ("generate", 0), ("sync", 4), ("generate", 4), ("sync", 8)]
     assert module.rl_step == 2 and module._engine is None  # closed at the end of fit
     logged = trainer.callback_metrics
-    for key in ("time/weight_sync", "train/grad_norm", "train/clip_frac", "diag/p_rank1"):
+    for key in ("time/weight_sync", "time/step", "train/grad_norm", "train/clip_frac", "diag/p_rank1"):
         assert key in logged, key
+    assert logged["time/step"] >= logged["time/update"] + logged["time/weight_sync"]
+    assert not any(k.startswith("mem/") for k in logged)  # the GPU peak memory: logged on CUDA only
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from simko.engines import Sampling, build_engine
-from simko.engines.vllm import check_vllm_installed, prompt_seed
+from simko.engines.vllm import check_vllm_installed, engine_local_rank, prompt_seed
 from simko.forward import rollout_token_stats
 from simko.models.char_tokenizer import build_char_tokenizer
 from simko.models.tiny import build_tiny_model
@@ -203,6 +203,19 @@ def _token_ranks(policy, r, temperature):
     logits = logits[:, rows["prompt_len"] - 1 : -1] / temperature
     picked = logits.gather(-1, rows["response_tokens"][..., None])
     return (logits > picked).sum(-1)
+
+
+def test_engine_device_is_the_ranks_own_gpu_on_every_node(monkeypatch):
+    """vLLM's external launcher runs a rank's engine on cuda:LOCAL_RANK. On the second node of a multi-node run
+    (Lightning's SLURM environment, or a node started by hand, sets no LOCAL_RANK) it used to get the global rank:
+    a GPU that node does not have. Needs no vLLM."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("RANK", "9")
+    assert engine_local_rank(torch.device("cuda", 1)) == 1  # global rank 9 = node 1, local rank 1
+    assert engine_local_rank(torch.device("cpu")) == 0
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert engine_local_rank(torch.device("cpu")) == 3
+    assert engine_local_rank(torch.device("cuda", 0)) == 0  # the policy's GPU decides on GPU
 
 
 @pytest.mark.vllm

@@ -149,3 +149,63 @@ def build_advantage(name: str, **kwargs) -> Callable[[Tensor], Tensor]:
     if name in _CHECKS:
         _CHECKS[name](**kwargs)
     return lambda rewards: fn(rewards, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MaxRL: Tajwar, Zeng et al. 2026, "Maximum Likelihood Reinforcement Learning", arXiv 2602.02710; official code
+# tajwarfahim/maxrl (on verl), verl/trainer/ppo/core_algos.py. With p the success probability of a prompt, RL
+# maximises p while maximum likelihood maximises log p = -sum_k (1 - p)^k / k = -sum_k fail@k / k; truncating the
+# sum at order T gives J_T, with grad J_T = (1 - (1 - p)^T) grad log p: T = 1 is REINFORCE, T -> inf is ML.
+
+
+def _check_maxrl(truncate_order: int | None = None, **_) -> None:
+    if truncate_order is not None and (int(truncate_order) != truncate_order or truncate_order < 1):
+        raise ValueError(f"maxrl truncate_order must be an integer >= 1 (or null), got {truncate_order}")
+
+
+@register_advantage("maxrl", check=_check_maxrl)
+def maxrl_advantages(
+    rewards: Tensor, truncate_order: int | None = None, correct_threshold: float = 1.0, eps: float = 1e-6
+) -> Tensor:
+    """MaxRL advantages for binary rewards (the official ``compute_maxrl_outcome_advantage``):
+
+        A_i = (R_i - mean_G R) / (mean_G R + eps)
+
+    the group-centred reward normalised by the group mean (the success rate) instead of the std, so a prompt solved
+    once in G gets (G - 1) on its success and -1 on each failure. Groups with all rewards equal get A = 0. Rewards
+    must lie in [0, 1] (the estimator's derivation is for binary outcomes; a negative reward, e.g. from DAPO's
+    overlong penalty, would make the mean 0 or negative and flip the sign): others raise ValueError.
+
+    ``truncate_order`` = T (an integer >= 1) selects the official unbiased estimator of the order-T truncated
+    objective instead (``compute_maclaurin_outcome_advantage`` / ``verl/trainer/ppo/maclaurin.py::
+    maclaurin_weights``), on binary outcomes (correct = reward >= ``correct_threshold``); with f failures among the G
+    responses:
+
+        correct:   A = 1 / G
+        incorrect: A = -(1 / G) * sum_{k=2}^{min(T, f)} C(f - 1, k - 1) / C(G - 1, k - 1)
+
+    (the U-statistic of -grad fail@k / k over the k-subsets of the group; T = 1 is REINFORCE without a baseline,
+    A = 1[correct] / G). As in the official code these weights carry the estimator's 1/G, and no baseline.
+    """
+    rewards = _check(rewards)
+    if truncate_order is None:
+        if rewards.numel() and (rewards.min() < 0 or rewards.max() > 1):
+            raise ValueError(
+                f"maxrl advantages need rewards in [0, 1] (binary outcomes), got min {rewards.min().item():g} and max "
+                f"{rewards.max().item():g}; a reward shaping that makes rewards negative (module.overlong) does not "
+                "fit MaxRL's group-mean normalisation"
+            )
+        mean = rewards.mean(dim=1, keepdim=True)
+        return (rewards - mean) / (mean + eps)
+    group_size, order = rewards.shape[1], int(truncate_order)
+    correct = rewards >= correct_threshold
+    num_fail = (~correct).sum(dim=1)  # [P] integers in 0..G
+    # w_fail depends only on the number of failures f: tabulate it for f = 0..G with exact integer binomials.
+    fail_weight = [
+        -sum(math.comb(f - 1, k - 1) / math.comb(group_size - 1, k - 1) for k in range(2, min(order, f) + 1))
+        / group_size
+        for f in range(group_size + 1)
+    ]
+    fail_weight = torch.tensor(fail_weight, dtype=torch.float64, device=rewards.device)[num_fail]
+    adv = torch.where(correct, torch.full_like(fail_weight[:, None], 1.0 / group_size), fail_weight[:, None])
+    return adv.to(rewards.dtype)

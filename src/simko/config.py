@@ -3,7 +3,8 @@
 The configs are a top-level folder of the repository (``configs/``), next to ``src/``; the package is installed
 editable (``pip install -e .``). ``SIMKO_CONFIG_DIR`` points elsewhere, e.g. at a copy with your own groups.
 
-It also registers the ``${simko_run_id:}`` resolver that names the default run folders (``configs/hydra``).
+It also registers the ``${simko_run_id:}`` resolver that names the default run folders (``configs/hydra``) and
+``${simko_world_size:...}``, FSDP2's data-parallel size (``configs/trainer/fsdp2.yaml``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,21 @@ os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
 _now = datetime.now()
 RUN_ID = f"{_now:%Y-%m-%d_%H-%M-%S}-{_now.microsecond // 1000:03d}_{os.getpid()}"
 OmegaConf.register_new_resolver("simko_run_id", lambda: RUN_ID, replace=True)
+
+
+def world_size(devices, num_nodes) -> int:
+    """``${simko_world_size:${trainer.devices},${trainer.num_nodes}}``: the number of processes of a run, for
+    FSDP2's data-parallel mesh (``configs/trainer/fsdp2.yaml``). ``devices`` is a count or a list of device ids."""
+    count = len(devices) if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else devices
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1 or not isinstance(num_nodes, int):
+        raise ValueError(
+            f"trainer.devices={devices!r} with trainer.num_nodes={num_nodes!r}: this strategy needs the number of "
+            "processes per node as a count >= 1 (or a list of device ids), e.g. trainer.devices=8"
+        )
+    return count * num_nodes
+
+
+OmegaConf.register_new_resolver("simko_world_size", world_size, replace=True)
 
 
 def check_config_dir() -> str:

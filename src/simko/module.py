@@ -245,10 +245,12 @@ class RLVRModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rl_step"] = self.rl_step
+        checkpoint["loss_state"] = self.loss_fn.state_dict()  # e.g. the entropy controller's: resume is exact
         lora.drop_base_weights(checkpoint, self.policy)  # LoRA: the adapter only, and its config
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.rl_step = checkpoint.get("rl_step", 0)
+        self.loss_fn.load_state_dict(checkpoint.get("loss_state", {}))
         lora.restore_base_weights(checkpoint, self.policy)  # LoRA: the base weights back, for the strict load
 
     def score(self, completions: list[str], answers: list[str], names: list[str]) -> list[float]:
@@ -299,6 +301,9 @@ class RLVRModule(LightningModule):
     # ------------------------------------------------------------------ the RL step
     def training_step(self, batch: dict, batch_idx: int) -> None:
         examples, step = batch["examples"], int(batch["step"])
+        t_step = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # mem/max_allocated_gib is this step's peak
         G = self.group_size
         rollouts, scores, timings = self.rollout(examples, step, G, self.temperature, self.top_p)
         trained = module_step_batch(self, examples, step, rollouts, scores, timings)  # filters, refills
@@ -330,11 +335,14 @@ class RLVRModule(LightningModule):
         self.engine.sync_weights(lora.engine_view(self.policy))  # the next RL step samples from the updated policy
         timings["time/update"] = t_sync - t_update
         timings["time/weight_sync"] = time.perf_counter() - t_sync
+        timings["time/step"] = time.perf_counter() - t_step
         self.rl_step = step + 1
         metrics = {
             k if k.startswith("rollout/") else f"train/{k}": v for k, v in {**metrics, **trained.metrics}.items()
         }
         diagnostics = concentration_over_ranks(diagnostics, self.trainer.strategy, self.device)  # same on all ranks
+        if self.loss_fn.entropy_control is not None:  # its measured entropy (all ranks' tokens): equal on all ranks
+            metrics.update({f"train/{k}": v for k, v in self.loss_fn.entropy_control.metrics().items()})
         metrics.update({f"diag/{k}": v for k, v in diagnostics.items()})
         # The step's trained rollouts as text, for logging samples (simko.callbacks.samples.RolloutSamples).
         self.last_rollout = dict(step=step, examples=trained.examples, completions=trained.rollouts.completions,
@@ -361,7 +369,15 @@ class RLVRModule(LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
+        self.loss_fn.end_optimizer_step(self._sum_over_ranks)  # the entropy controller's update (every rank)
         return norm
+
+    def _sum_over_ranks(self, values: Tensor) -> Tensor:
+        """All-reduce (sum) of a tensor through the strategy; itself in one process."""
+        strategy = self.trainer.strategy
+        if getattr(strategy, "world_size", 1) > 1:
+            return strategy.reduce(values.to(self.device), reduce_op="sum")
+        return values
 
     def _log_step(self, rollouts: Rollouts, rewards: Tensor, metrics: dict, timings: dict) -> None:
         G = self.group_size
@@ -376,14 +392,17 @@ class RLVRModule(LightningModule):
             **metrics,
             **timings,
             **self.verifier_failures(),
+            **self._memory_metrics(),
         }
         for key, value in log.items():
             # Counts are summed over ranks, everything else averaged.
             summed = key in ("solved_all", "solved_none") or key.removeprefix("train/") in SUMMED_METRICS
             reduce = "sum" if summed or key.startswith("verifier/") else "mean"
-            if key.startswith("diag/"):  # already over all ranks' tokens (concentration_over_ranks): equal values
+            if key.startswith(("diag/", "mem/")):  # diag/: equal on all ranks already; mem/: the largest rank's
                 reduce = "max"
-            name = key if key.startswith(("train/", "time/", "diag/", "verifier/", "rollout/")) else f"train/{key}"
+            name = (
+                key if key.startswith(("train/", "time/", "diag/", "verifier/", "rollout/", "mem/")) else f"train/{key}"
+            )
             self.log(
                 name,
                 float(value),
@@ -394,6 +413,13 @@ class RLVRModule(LightningModule):
                 prog_bar=key in ("reward",),
                 batch_size=rollouts.num_rows,
             )
+
+    def _memory_metrics(self) -> dict[str, float]:
+        """On CUDA, the step's peak of memory allocated by tensors on this rank's GPU
+        (``torch.cuda.max_memory_allocated``, reset at the step's start), in GiB; nothing on other devices."""
+        if self.device.type != "cuda":
+            return {}
+        return {"mem/max_allocated_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:

@@ -47,14 +47,56 @@ class RunDirError(ValueError):
 
 
 def is_launched_child() -> bool:
-    """True in the processes a launcher started for ranks other than global 0 (Lightning DDP, torchrun, SLURM)."""
-    for var in ("LOCAL_RANK", "NODE_RANK", "RANK", "GROUP_RANK"):
+    """True in the processes a launcher started for ranks other than global 0: Lightning's DDP children
+    (``LOCAL_RANK``), another node (``NODE_RANK``, torchrun's ``GROUP_RANK``), torchrun's ``RANK``, SLURM's srun
+    tasks (``SLURM_PROCID``)."""
+    for var in ("LOCAL_RANK", "NODE_RANK", "RANK", "GROUP_RANK", "SLURM_PROCID"):
         try:
             if int(os.environ.get(var, "0") or 0) > 0:
                 return True
         except ValueError:
             continue
     return False
+
+
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ.get(name, "") or 0)
+    except ValueError:
+        return 0
+
+
+def launched_processes(config: DictConfig) -> str | None:
+    """How this process knows it is one of several ranks started apart from each other, or None.
+
+    Such ranks cannot agree on a default run folder name (it holds each process's start time and pid), so they
+    must all be given the same ``hydra.run.dir``. Seen before the trainer exists: srun's ``SLURM_NTASKS`` (as
+    Lightning's SLURMEnvironment reads it), a launcher's ``WORLD_SIZE`` (torchrun; Lightning's own DDP children,
+    which it always hands ``hydra.run.dir``), or ``trainer.num_nodes`` > 1 (a node started by hand).
+    """
+    if _env_int("SLURM_NTASKS") > 1 and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        return f"srun started {_env_int('SLURM_NTASKS')} tasks (SLURM_NTASKS)"
+    if _env_int("WORLD_SIZE") > 1:
+        return f"a launcher started {_env_int('WORLD_SIZE')} processes (WORLD_SIZE)"
+    nodes = OmegaConf.select(config, "trainer.num_nodes", default=1)
+    if isinstance(nodes, int) and nodes > 1:
+        return f"trainer.num_nodes={nodes}"
+    return None
+
+
+def _console_logging_only(config: DictConfig) -> None:
+    """No ``.hydra/`` and no log file from this process: the run folder is global rank 0's to write."""
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.output_subdir = None
+        logging_cfg = config.hydra.job_logging
+        handlers = logging_cfg.get("handlers") or {}
+        files = [name for name, handler in handlers.items() if "filename" in handler]
+        for name in files:
+            del handlers[name]
+        sections = [logging_cfg.get("root")] + list((logging_cfg.get("loggers") or {}).values())
+        for section in sections:
+            if section is not None and section.get("handlers") is not None:
+                section.handlers = [h for h in section.handlers if h not in files]
 
 
 def last_checkpoint(run_dir: str | Path) -> Path:
@@ -226,7 +268,17 @@ class RunDirGuard(Callback):
         self._job_claim: RunClaim | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launched = launched_processes(config)
+        if launched and not _given(config, "hydra.run.dir"):
+            _fail(
+                RunDirError(
+                    f"{launched}: give every rank the same run folder, hydra.run.dir=<folder> (on a filesystem all "
+                    "nodes share); the default folder name holds each process's start time and pid, so the ranks "
+                    "would not agree on it"
+                )
+            )
         if is_launched_child():  # rank 0 owns the folder; the other ranks' processes write nothing there
+            _console_logging_only(config)
             return
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).expanduser().absolute()
         ckpt = OmegaConf.select(config, self.resume_key) if self.resume_key else None
@@ -245,6 +297,14 @@ class RunDirGuard(Callback):
             prepare_continued_run(plan.run_dir, plan.resume_step)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launched = launched_processes(config)
+        if launched:
+            _fail(
+                RunDirError(
+                    f"{launched}: a sweep (-m) is not run across launched ranks (every rank would run every job "
+                    "into folders of its own). Start one launch per setting, each with its own hydra.run.dir"
+                )
+            )
         if is_launched_child():
             return
         subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir", ""))

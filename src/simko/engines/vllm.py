@@ -24,7 +24,8 @@ policy, and never reads a checkpoint from disk.
   The prefix cache is reset after every push (its keys and values came from the old weights).
 - **Distributed.** Under DDP/FSDP each rank builds its own engine (``distributed_executor_backend=
   "external_launcher"``: vLLM reuses the trainer's process group, each rank an independent tensor-parallel-1
-  engine that samples its own prompts).
+  engine that samples its own prompts on the rank's own device, ``cuda:<local rank>`` on every node of a
+  multi-node run: :func:`engine_local_rank`). Tensor- or pipeline-parallel engines are not supported.
 
 Process state vLLM changes while it starts, and that this class puts back: the CPU backend replaces
 ``torch.set_num_threads`` with a no-op (and would then block the trainer from ever changing its thread count),
@@ -139,6 +140,18 @@ def prompt_seed(seed: int, index: int) -> int:
     """
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=7).digest()
     return int.from_bytes(digest, "little")
+
+
+def engine_local_rank(device: torch.device) -> int:
+    """The ``LOCAL_RANK`` vLLM's external launcher gets: on GPU, the index of the GPU the trainer put this rank's
+    policy on (vLLM's worker runs on ``cuda:LOCAL_RANK``); on CPU, the launcher's ``LOCAL_RANK`` (0 if unset).
+
+    Not the global rank: on the second node of a multi-node run it would name a GPU this node does not have, and
+    neither Lightning's SLURM environment nor a node started by hand sets ``LOCAL_RANK``.
+    """
+    if device.type == "cuda":
+        return device.index if device.index is not None else torch.cuda.current_device()
+    return int(os.environ.get("LOCAL_RANK", "0") or 0)
 
 
 def full_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -259,7 +272,7 @@ class VLLMEngine(RolloutEngine):
             # Each rank is an independent engine on the trainer's process group (vLLM reads these variables).
             os.environ["RANK"] = str(torch.distributed.get_rank())
             os.environ["WORLD_SIZE"] = str(torch.distributed.get_world_size())
-            os.environ.setdefault("LOCAL_RANK", str(torch.distributed.get_rank()))
+            os.environ["LOCAL_RANK"] = str(engine_local_rank(self.device))
             kwargs["distributed_executor_backend"] = "external_launcher"
         with preserved_process_state():
             self.llm = vllm.LLM(**kwargs)

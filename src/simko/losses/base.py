@@ -4,7 +4,8 @@ The base loss has the knobs every loss shares: the clip range (and verl's dual c
 responses the loss is over (``subset``), a KL term to a frozen reference, the advantage estimator (``advantage``:
 GRPO's group normalisation, PSR/NSR/W-REINFORCE's fixed signs, pass@k, ...; :mod:`simko.advantages`) and an
 entropy bonus (``entropy_coef``). Losses that are only settings of these knobs are YAML presets
-(``configs/loss/dapo.yaml``, ``nsr.yaml``, ...). A loss that changes the objective is a small registered class
+(``configs/loss/dapo.yaml``, ``nsr.yaml``, ...). ``entropy_control`` adds an adaptive entropy controller to any loss
+(:mod:`simko.losses.entropy_control`). A loss that changes the objective is a small registered class
 with four hooks a subclass may override:
 
 - :meth:`PolicyLoss.surrogate` returns the per-token ratio and advantage that enter the objective (GRPO: the
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from simko.advantages import build_advantage
 from simko.losses.aggregation import aggregate, aggregation_weight, check_aggregation, masked_mean
+from simko.losses.entropy_control import SumOverRanks, build_entropy_control
 from simko.losses.stats import TokenStats
 from simko.registry import class_registrar
 
@@ -95,7 +97,7 @@ class PolicyLoss:
         kl_coef: beta of the KL term to the frozen reference; 0 (default) loads no reference model.
         kl_estimator: ``k1`` | ``k2`` | ``k3`` (clamped as verl's, see :func:`kl_penalty`).
         advantage: name of the advantage estimator (see :mod:`simko.advantages`): ``grpo`` | ``psr`` | ``nsr`` |
-            ``w_reinforce`` | ``passk``.
+            ``w_reinforce`` | ``passk`` | ``maxrl``.
         advantage_kwargs: keyword arguments of the estimator (e.g. ``{norm_std: false}`` for Dr.GRPO, ``{k: 4}``
             for ``passk``); checked against its signature here.
         entropy_coef: beta_H of the entropy bonus ``-beta_H * aggregate(H)``, H differentiable (0: off).
@@ -107,6 +109,10 @@ class PolicyLoss:
             adds nothing to the sum but counts in the denominator. ``nonzero_advantage``: only responses with
             A != 0, as if the others were not in the batch (denominator, KL, entropy bonus and covariances
             included): RLVR-Decomposed's PSR/NSR, which subset the batch to the correct/incorrect responses.
+        entropy_control: adaptive entropy control towards a target entropy, a mapping ``{target: ..., method:
+            entropic | adaptive_coef, ...}`` (:mod:`simko.losses.entropy_control`: EntroPIC's PI controller, or
+            Skywork-OR1's/TRL's adaptive bonus coefficient); None (default): off. Its state is updated by
+            :meth:`end_optimizer_step` and saved through :meth:`state_dict`.
 
     ``top_k`` (class or instance attribute): how many top-K candidates the loss needs in :class:`TokenStats`.
     """
@@ -127,6 +133,7 @@ class PolicyLoss:
         entropy_coef: float = 0.0,
         dual_clip_c: float | None = None,
         subset: str = "all",
+        entropy_control: dict | None = None,
     ):
         if not clip_eps > 0:
             raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
@@ -159,12 +166,34 @@ class PolicyLoss:
         self.dual_clip_c = None if dual_clip_c is None else float(dual_clip_c)
         self.subset = subset
         self._advantage_fn = build_advantage(advantage, **dict(advantage_kwargs or {}))  # Hydra: a DictConfig
+        self.entropy_control = build_entropy_control(entropy_control)
+        if self.entropy_control is not None and self.entropy_control.method == "adaptive_coef" and entropy_coef:
+            raise ValueError(
+                "entropy_control method adaptive_coef sets the entropy bonus itself: leave entropy_coef at 0 and give "
+                "its starting value as entropy_control.init_coef"
+            )
 
     # ------------------------------------------------------------------ public API
     @property
     def needs_reference(self) -> bool:
         """Whether the trainer must build a frozen reference model (only for a KL term)."""
         return self.kl_coef > 0
+
+    def end_optimizer_step(self, sum_over_ranks: SumOverRanks | None = None) -> None:
+        """Call after every optimizer step (every rank): the entropy controller, if any, measures the entropy the loss
+        saw since the last step (token sums all-reduced by ``sum_over_ranks``) and sets its next coefficient."""
+        if self.entropy_control is not None:
+            self.entropy_control.update(sum_over_ranks)
+
+    def state_dict(self) -> dict:
+        """The loss's training state (the entropy controller's; {} without one), for checkpoints."""
+        return {} if self.entropy_control is None else {"entropy_control": self.entropy_control.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`. A controller without saved state (none in the checkpoint) starts afresh; a
+        saved controller of another method is refused."""
+        if self.entropy_control is not None and "entropy_control" in state:
+            self.entropy_control.load_state_dict(state["entropy_control"])
 
     def compute_advantages(self, rewards: Tensor) -> Tensor:
         """rewards [P, G] -> advantages [P, G] with this loss's estimator."""
@@ -233,6 +262,12 @@ class PolicyLoss:
         penalty = self.token_penalty(stats, old_logprobs, adv_tok, metrics)
         if penalty is not None:
             per_token = per_token + penalty
+        if self.entropy_control is not None:
+            self.entropy_control.observe(stats.entropy, mask)
+            control = self.entropy_control.token_term(stats, old_logprobs, adv_tok)
+            if control is not None:
+                per_token = per_token + control
+            metrics["entropy_control/coef"] = self.entropy_control.coef
         policy_loss = aggregate(per_token, mask, self.aggregation, self.norm_len)
         loss = policy_loss
 
@@ -299,11 +334,14 @@ class PolicyLoss:
         policy term, so micro-batch weighting stays exact. Cui et al. 2025 (arXiv 2505.22617) report the
         coefficient is touchy: ~1e-3 barely moves entropy, 1e-2 can make it explode.
         """
-        if self.entropy_coef == 0:
+        coef = self.entropy_coef
+        if self.entropy_control is not None:
+            coef += self.entropy_control.bonus_coef()  # adaptive_coef (0 for entropic): entropy_coef is 0 there
+        if coef == 0:
             return None
         entropy = aggregate(stats.entropy, stats.mask, self.aggregation, self.norm_len)
         metrics["entropy_bonus"] = float(entropy.detach())
-        return -self.entropy_coef * entropy
+        return -coef * entropy
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -3,8 +3,8 @@
 The PPO-clip objective on the sampled token with group-normalised advantages. The variants are YAML presets of
 ``configs/loss/grpo.yaml`` (``defaults: [grpo]`` + overrides): ``dr_grpo`` (``aggregation:
 seq_mean_token_sum_norm``, ``advantage_kwargs: {norm_std: false}``), ``dapo`` (``clip_eps_high``), ``psr`` /
-``nsr`` / ``w_reinforce`` / ``passk`` (``advantage:``), ``entropy_bonus`` (``entropy_coef``); ``kl_coef`` /
-``kl_estimator`` add a KL to the frozen reference.
+``nsr`` / ``w_reinforce`` / ``passk`` / ``maxrl`` (``advantage:``), ``entropy_bonus`` (``entropy_coef``),
+``entropy_control`` (``entropy_control``); ``kl_coef`` / ``kl_estimator`` add a KL to the frozen reference.
 """
 
 from simko.losses.base import PolicyLoss, register_loss

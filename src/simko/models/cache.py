@@ -36,9 +36,12 @@ _WORK_FOLDER = re.compile(r"\..+\.(?:tmp|old)-(?P<pid>\d+)(?:@(?P<host>[^/]*))?-
 
 
 def is_builder_rank() -> bool:
-    """True in the process that should build caches: LOCAL_RANK (else RANK) unset or 0."""
-    rank = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))
-    return int(rank) == 0
+    """True in the process that should build caches: the local rank 0 of its node. The local rank is
+    ``LOCAL_RANK`` (Lightning, torchrun), else srun's ``SLURM_LOCALID``, else ``RANK``; unset: 0."""
+    for var in ("LOCAL_RANK", "SLURM_LOCALID", "RANK"):
+        if os.environ.get(var, "") != "":
+            return int(os.environ[var]) == 0
+    return True
 
 
 def build_once(
