@@ -80,6 +80,20 @@ def test_sample_rows_take_whole_groups_with_extracted_answers_and_rewards():
     assert table.count("\n") == 2 and "0\\|x<br>line" in table  # one row: pipes escaped, newline kept visible
 
 
+def test_sample_rows_log_the_final_answer_that_the_examples_verifier_reads():
+    """``extracted`` is what the reward was computed from. Before, it was the exact-match rule for every verifier:
+    an unboxed math completion showed its last ``answer:`` line (math reads no box, so no final answer), and a
+    countdown completion its box (countdown reads the ``<answer>`` tag first)."""
+    countdown = '{"numbers": [1, 2], "target": 3}'
+    examples = [{"id": "m", "prompt": "q", "answer": "10", "verifier": "math"},
+                {"id": "c", "prompt": "q", "answer": countdown, "verifier": "countdown"}]  # fmt: skip
+    completions = ["so 40 - 30 = 10.\nThe answer: 10", "\\boxed{2 - 1} or rather <answer>1 + 2</answer>"]
+    rollout = {"step": 0, "examples": examples, "completions": completions, "rewards": torch.tensor([1.0, 1.0])}
+    rows = sample_rows(rollout, num_prompts=2)
+    assert [r["extracted"] for r in rows] == [None, "1 + 2"]
+    assert json.loads(json.dumps(rows[0]))["extracted"] is None  # written to samples.jsonl as null
+
+
 def test_samples_are_taken_at_step_one_and_every_n(tmp_path):
     cb = RolloutSamples(str(tmp_path / "s.jsonl"), every_n_steps=10)
     assert [s for s in range(1, 41) if cb.due(s)] == [1, 10, 20, 30, 40]

@@ -197,6 +197,55 @@ def test_parquet_floats_that_lost_digits_are_refused(tmp_path, datasets_cache):
         LocalFileSource(nan, cache_dir=datasets_cache)
 
 
+def test_where_keeps_the_matching_rows_before_limit_with_their_file_ids(tmp_path, datasets_cache):
+    rows = [
+        {"question": "q0", "answer": "0", "level": "Level 2", "meta": {"year": 2001}},
+        {"question": "q1", "answer": "1", "level": "Level 1", "meta": {"year": 2002}},
+        {"question": "q2", "answer": "2", "level": "Level 3", "meta": {"year": 2002}},
+        {"question": "q3", "answer": "3", "level": "Level 1", "meta": {"year": 2003}},
+        {"question": "q4", "answer": "4", "level": "Level 1", "meta": {"year": 2002}},
+    ]
+    path = write_jsonl(tmp_path / "levels.jsonl", rows)
+    level1 = LocalFileSource(path, where={"level": "Level 1"}, cache_dir=datasets_cache)
+    assert [(e["id"], e["question"]) for e in level1.examples] == [
+        ("test_where_keeps_the_matching_0/levels/1", "q1"),
+        ("test_where_keeps_the_matching_0/levels/3", "q3"),
+        ("test_where_keeps_the_matching_0/levels/4", "q4"),
+    ]
+    assert "where={'level': ['Level 1']}" in repr(level1)
+    # a list of values, a dotted field compared as text (the JSON integer 2002 matches "2002"), limit after where
+    both = LocalFileSource(
+        path, where={"level": ["Level 1", "Level 3"], "meta.year": "2002"}, limit=2, cache_dir=datasets_cache
+    )
+    assert [e["question"] for e in both.examples] == ["q1", "q2"]
+    with pytest.raises(ValueError, match=r"levels.jsonl: no row matches where=\{'level': \['Level 9'\]\}"):
+        LocalFileSource(path, where={"level": "Level 9"}, cache_dir=datasets_cache)
+    with pytest.raises(ValueError, match=r"row 0 has no field 'difficulty'"):
+        LocalFileSource(path, where={"difficulty": "easy"}, cache_dir=datasets_cache)
+    with pytest.raises(ValueError, match=r"where.level: give a value or a non-empty list"):
+        LocalFileSource(path, where={"level": []}, cache_dir=datasets_cache)
+
+
+def test_math_level1_config_holds_the_level1_problems_of_math_train_and_test(datasets_cache, monkeypatch):
+    import pandas as pd
+    from hydra.utils import instantiate
+
+    from helpers import compose_config
+
+    monkeypatch.setenv("PROJECT_ROOT", str(REPO_ROOT))
+    train_file, test_file = (
+        shared_file("simko-official/math/train.parquet"),
+        shared_file("simko-official/math/test.parquet"),
+    )
+    cfg = compose_config(["data=math_level1", f"paths.cache_dir={datasets_cache}"])
+    datamodule = instantiate(cfg.data)
+    for source, path in ((datamodule.train_source, train_file), (datamodule.val_source, test_file)):
+        levels = pd.read_parquet(path, columns=["level"])["level"]
+        assert len(source) == int((levels == "Level 1").sum())  # 564 train, 437 test
+        assert all(levels[int(e["id"].rsplit("/", 1)[1])] == "Level 1" for e in source.examples)
+    assert datamodule.val_prompts is None
+
+
 def test_value_helpers():
     assert get_path({"a": {"b": [1, {"c": "x"}]}}, "a.b.1.c") == "x"
     assert get_path({"a": {}}, "a.b") is None

@@ -208,6 +208,15 @@ def test_eval_writes_table_csv_and_plot(train_args, tmp_path, cache_dir):
     assert summary["cover_at_tau"]["0.5"] == (per_problem["c"] >= 4).mean()
     assert summary["bootstrap"]["resamples"] == 1000 and summary["bootstrap"]["seeds"] == 1
     assert per_problem["prompt"].str.endswith("=").all() and "sample_completion" in per_problem
+    correct = per_problem["correct"].map(json.loads)
+    assert (correct.map(len) == 8).all() and (correct.map(sum) == per_problem["c"]).all()
+    truncated = per_problem["truncated"].map(json.loads)
+    assert summary["truncated_frac"] == pytest.approx(truncated.map(sum).sum() / 64)
+    extracted = per_problem["extracted"].map(json.loads)
+    missing = sum(answer is None for answers in extracted for answer in answers)
+    assert summary["no_final_answer_frac"] == pytest.approx(missing / 64)
+    assert set(summary["seconds"]) == {"generate", "score", "diagnostics"}
+    assert all(v > 0 for v in summary["seconds"].values())
     assert (out / "pass_at_k.png").stat().st_size > 1000
     assert "p_rank1" in summary["diagnostics"]
     plot = tmp_path / "cmp.png"

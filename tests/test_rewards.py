@@ -212,6 +212,10 @@ MATH_CASES = [
     ("\\boxed{☃𝔘\u0000\ufffd}", "5", 0.0),  # garbage unicode
     ("ðŸ¤” \x00\x1b[31m", "5", 0.0),
     (r"\boxed{3}", "", 0.0),  # empty gold: an error, counted
+    # an empty box is the instruction's placeholder, not an answer: what follows it is read (was 0.0)
+    (r"The answer is \boxed{} 8.", "8", 1.0),
+    (r"so \boxed{5} and then \boxed{ }", "5", 1.0),  # the last box with something in it
+    (r"\boxed{} then \boxed{1", "1", 0.0),  # still an unclosed box: no fallback
 ]
 
 
@@ -223,6 +227,12 @@ def test_math_verifier_cases(math_verifier):
     ]
     assert math_verifier.num_timeouts == 0
     assert math_verifier.num_errors == errors_before + 1  # the empty gold
+
+
+def test_math_final_answer_skips_empty_boxes(math_verifier):
+    assert math_verifier.final_answer(r"The answer is \boxed{} 8.") is None  # the fallback reads the text
+    assert math_verifier.final_answer(r"\boxed{5} \fbox{  }") == "5"
+    assert math_verifier.final_answer(r"\boxed{\{\}}") == r"\{\}"  # escaped braces are content
 
 
 def test_math_verifier_call_and_empty(math_verifier):

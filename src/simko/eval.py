@@ -24,6 +24,8 @@ import csv
 import json
 import logging
 import os
+import time
+from collections import defaultdict
 from functools import partial
 from pathlib import Path
 
@@ -104,6 +106,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     token_stats = partial(rollout_token_stats, policy, temperature=temperature)  # (rows, top_k) -> TokenStats
     rows_out, answers_all, correct_all = [], [], []
     response_tokens = 0  # generated tokens up to and including EOS, summed over all samples
+    truncated = missing = 0  # samples without EOS within max_new_tokens / without a final answer their verifier reads
+    seconds: dict[str, float] = defaultdict(float)  # wall time of sampling, verifying and the diagnostics forward
     batch = max(1, int(cfg.eval.prompts_per_batch))
     micro_batch_size = int(cfg.eval.micro_batch_size)  # rows per forward of the diagnostics
     engine = build_engine(engine_name, policy, tokenizer, **(cfg.rollout.get(engine_name) or {}))
@@ -117,16 +121,25 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
                 top_p=float(cfg.eval.top_p),
                 seed=step_seed(cfg.seed, start, 0),
             )
-            rollouts, scores, _ = sample_and_score(engine, tokenizer, chunk, n, sampling, score)
+            rollouts, scores, times = sample_and_score(engine, tokenizer, chunk, n, sampling, score)
+            seconds["generate"] += times["time/generate"]
+            seconds["score"] += times["time/score"]
             diagnostic_rows = _diagnostics_rows(len(chunk), n, cfg.eval.get("diagnostics_samples"))
+            started = time.perf_counter()  # the update's share is the diagnostics forward (the rest is counting)
             correct = metrics.update(chunk, rollouts, scores, token_stats, micro_batch_size, diagnostic_rows)
+            seconds["diagnostics"] += time.perf_counter() - started
             response_tokens += int(rollouts.response_mask.sum())
+            truncated += int(rollouts.truncated.sum())
             for i, ex in enumerate(chunk):
                 completions = rollouts.completions[i * n : (i + 1) * n]
                 extracted = [final_answer(c, ex["verifier"], verifiers) for c in completions]  # what its verifier reads
+                missing += sum(answer is None for answer in extracted)
                 answers_all.append(extracted)
                 correct_all.append(correct[i].tolist())
-                rows_out.append(problem_row(ex.get("id", start + i), ex, completions, extracted, correct[i].tolist()))
+                cut = rollouts.truncated[i * n : (i + 1) * n].tolist()
+                rows_out.append(
+                    problem_row(ex.get("id", start + i), ex, completions, extracted, correct[i].tolist(), cut)
+                )
             advance(len(chunk))
     engine.close()
 
@@ -147,6 +160,11 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         "diagnostics": diagnostics,
         "diversity": diversity,  # distinct correct solutions, their entropy and coverage (n samples)
         "response_tokens": response_tokens / num_samples,  # mean response length in tokens (EOS included)
+        "truncated_frac": truncated / num_samples,  # no EOS within eval.max_new_tokens
+        # no final answer by the verifier's own rule (math: no complete \boxed{}; it then falls back to
+        # math-verify's extraction from the text, so such a sample can still score)
+        "no_final_answer_frac": missing / num_samples,
+        "seconds": dict(seconds),  # wall time: generate, score (the verifiers), diagnostics (their forward)
         "config": {
             "model": OmegaConf.to_container(cfg.model),
             "ckpt_path": cfg.get("ckpt_path"),
@@ -161,20 +179,29 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     return summary
 
 
-PER_PROBLEM_COLUMNS = ["id", "c", "n", "answer", "extracted", "prompt", "sample_completion", "sample_correct"]
+PER_PROBLEM_COLUMNS = ["id", "c", "n", "answer", "extracted", "correct", "truncated", "prompt", "sample_completion",
+                       "sample_correct"]  # fmt: skip
 
 
 def problem_row(
-    problem_id, example: dict, completions: list[str], extracted: list[str], correct: list[bool]
+    problem_id,
+    example: dict,
+    completions: list[str],
+    extracted: list[str],
+    correct: list[bool],
+    truncated: list[bool] | None = None,
 ) -> dict[str, object]:
-    """One row of ``per_problem.csv``: the problem, its counts, the extracted answers of all n samples, and its
-    prompt with the first sample's completion (whether that sample was correct: ``sample_correct``)."""
+    """One row of ``per_problem.csv``: the problem, its counts, per sample (JSON lists, in sample order) the
+    extracted answer, whether it was correct and whether it was cut off at ``max_new_tokens``, and the prompt with
+    the first sample's completion (whether that sample was correct: ``sample_correct``)."""
     return {
         "id": problem_id,
         "c": int(sum(correct)),
         "n": len(completions),
         "answer": example["answer"],
         "extracted": json.dumps(extracted, ensure_ascii=False),
+        "correct": json.dumps([int(bool(x)) for x in correct]),
+        "truncated": json.dumps([int(bool(x)) for x in truncated]) if truncated is not None else "",
         "prompt": example.get("prompt", example.get("question")),
         "sample_completion": completions[0] if completions else "",
         "sample_correct": int(bool(correct[0])) if correct else 0,

@@ -2,7 +2,8 @@
 
 At RL step 1 and every ``every_n_steps`` RL steps after, :class:`RolloutSamples` takes the first
 ``num_prompts`` prompts of the step's batch (of global rank 0; with all their G completions, or the first
-``completions_per_prompt``) from ``RLVRModule.last_rollout`` and writes one row per completion
+``completions_per_prompt``) from ``RLVRModule.last_rollout`` and writes one row per completion (``extracted``: the
+final answer as the example's verifier reads it, ``simko.rewards.final_answer``; None where it reads none)
 
     rl_step, prompt_index, id, prompt, completion, extracted, answer, verifier, reward, advantage
 
@@ -30,7 +31,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from simko import atomic, runs
-from simko.rewards import extract_final_answer
+from simko.rewards import final_answer
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,16 @@ TAG = "samples/train"
 
 
 def sample_rows(
-    last_rollout: dict[str, Any], num_prompts: int, completions_per_prompt: int | None = None
+    last_rollout: dict[str, Any],
+    num_prompts: int,
+    completions_per_prompt: int | None = None,
+    verifiers: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows (one per completion) for the first ``num_prompts`` prompts of a rollout batch.
 
     ``last_rollout``: ``{"step": 0-based RL step, "examples": [...], "completions": [...] (prompt-major, G per
-    prompt), "rewards": [N], "advantages": [N]}`` as :class:`simko.module.RLVRModule` sets it.
+    prompt), "rewards": [N], "advantages": [N]}`` as :class:`simko.module.RLVRModule` sets it. ``verifiers``: the
+    module's verifier instances by name (``module.verifiers``), whose rule extracts the logged final answer.
     """
     examples, completions = last_rollout["examples"], last_rollout["completions"]
     if not examples:
@@ -66,7 +71,8 @@ def sample_rows(
                     "id": example.get("id"),
                     "prompt": example.get("prompt", example.get("question")),
                     "completion": completion,
-                    "extracted": extract_final_answer(completion),
+                    # what the reward was computed from: the example's verifier's own rule (math: the last box)
+                    "extracted": final_answer(completion, example.get("verifier"), verifiers),
                     "answer": example.get("answer"),
                     "verifier": example.get("verifier"),
                     "reward": rewards[row],
@@ -134,7 +140,7 @@ class RolloutSamples(Callback):
         last = getattr(pl_module, "last_rollout", None)
         if not trainer.is_global_zero or last is None or not self.due(int(last["step"]) + 1):
             return
-        rows = sample_rows(last, self.num_prompts, self.completions_per_prompt)
+        rows = sample_rows(last, self.num_prompts, self.completions_per_prompt, getattr(pl_module, "verifiers", None))
         if rows:
             self.write(rows, trainer.loggers)
 

@@ -93,6 +93,9 @@ class LocalFileSource:
             of a worked solution).
         verifier: registered verifier name stored in every example (``math`` for math data).
         limit: keep only the first ``limit`` usable rows (quick runs, tests).
+        where: keep only the rows whose fields have these values, ``{dotted field: value or list of values}``
+            (all must match; values compared as text), e.g. ``{level: Level 1}`` for the easiest MATH problems.
+            Applied before ``limit``; ids keep the row's position in the whole file.
         preset: ``"verl"`` for the verl parquet layout, ``"plain"``/None for flat rows.
         cache_dir: HF ``datasets`` cache folder (point it inside the run's logs so nothing lands in
             ``~/.cache``); None = the datasets default.
@@ -113,6 +116,7 @@ class LocalFileSource:
         cache_dir: str | Path | None = None,
         split: str | None = None,
         config_name: str | None = None,
+        where: Mapping[str, Any] | None = None,
     ) -> None:
         if preset is not None and preset not in PRESETS:
             raise ValueError(f"Unknown preset {preset!r}; expected one of {sorted(PRESETS)} or None.")
@@ -127,6 +131,7 @@ class LocalFileSource:
         self.id_field = id_field
         self.answer_format = answer_format
         self.verifier = verifier
+        self.where = {str(k): _allowed_values(k, v) for k, v in dict(where or {}).items()}
         self.examples = self._read(limit, cache_dir)
 
     def __len__(self) -> int:
@@ -137,12 +142,13 @@ class LocalFileSource:
         return dict(self.examples[index])
 
     def __repr__(self) -> str:
-        return f"LocalFileSource({str(self.path)!r}, rows={len(self)})"
+        where = f", where={ {k: sorted(v) for k, v in self.where.items()} }" if self.where else ""
+        return f"LocalFileSource({str(self.path)!r}, rows={len(self)}{where})"
 
     # --- reading -----------------------------------------------------------------------------------
 
     def _read(self, limit: int | None, cache_dir: str | Path | None) -> list[dict[str, str]]:
-        fields = [self.question_field, self.answer_field, self.id_field]
+        fields = [self.question_field, self.answer_field, self.id_field, *self.where]
         rows = _load_rows(self.path, fields, cache_dir, split=self.split, config_name=self.config_name)
         id_prefix = row_id_prefix(self.path, self.split)
         examples: list[dict[str, str]] = []
@@ -150,6 +156,8 @@ class LocalFileSource:
         for index, row in enumerate(rows):
             if limit is not None and len(examples) >= limit:
                 break
+            if not self._selected(row):
+                continue
             try:
                 example = self._example(row, index, id_prefix)
             except ValueError as error:
@@ -167,9 +175,22 @@ class LocalFileSource:
                 len(empty_answers),
                 empty_answers[:10],
             )
+        if not examples and self.where:
+            raise ValueError(f"{self.path}: no row matches where={ {k: sorted(v) for k, v in self.where.items()} }.")
         if not examples:
             raise ValueError(f"{self.path}: no usable rows (every answer in {self.answer_field!r} was empty).")
         return examples
+
+    def _selected(self, row: Mapping[str, Any]) -> bool:
+        """Whether ``row`` passes every ``where`` condition (a missing or non-scalar value fails it)."""
+        for field, allowed in self.where.items():
+            value = get_path(row, field)
+            try:
+                if value is None or scalar_text(value) not in allowed:
+                    return False
+            except ValueError:
+                return False
+        return True
 
     def _example(self, row: Mapping[str, Any], index: int, id_prefix: str) -> dict[str, str]:
         question = question_text(self._required(row, self.question_field))
@@ -195,6 +216,17 @@ class LocalFileSource:
         if self.answer_format == "boxed_solution":
             return extract_boxed(text) or ""
         return text.strip()
+
+
+def _allowed_values(field: Any, value: Any) -> frozenset[str]:
+    """The accepted values of one ``where`` condition, as text: a scalar or a non-empty list of scalars."""
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    if not values:
+        raise ValueError(f"where.{field}: give a value or a non-empty list of values")
+    try:
+        return frozenset(scalar_text(v) for v in values)
+    except ValueError as error:
+        raise ValueError(f"where.{field}: {error}") from None
 
 
 def data_location(path: str | Path) -> Path | str:
