@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from helpers import UNTRAINED_TINY, compose_config, shared_file
-from simko.losses import GRPOLoss, SimKOLoss
+from simko.losses.grpo import GRPOLoss
+from simko.losses.simko import SimKOLoss
 from simko.train import build
 
 REPO = Path(__file__).resolve().parents[1]
