@@ -135,29 +135,29 @@ def per_problem_counts(eval_dir: Path) -> tuple[list[str], np.ndarray, int]:
 
 
 def per_problem_pass_at_k(counts: np.ndarray, n: int, k: int) -> np.ndarray:
-    """The unbiased pass@k of each problem, ``1 - C(n - c, k) / C(n, k)`` (simko.metrics.pass_at_k)."""
-    from simko.metrics import pass_at_k
+    """The unbiased pass@k of each problem, ``1 - C(n - c, k) / C(n, k)`` (simko.metrics.uncertainty)."""
+    from simko.metrics.uncertainty import per_problem_pass_at_k as pass_at_k_per_problem
 
-    return np.array([pass_at_k(n, int(c), k) for c in counts])
+    return pass_at_k_per_problem(counts, n, [k])[:, 0]
 
 
 def bootstrap_interval_over_problems(
-    values: np.ndarray, baseline: np.ndarray | None = None, reps: int = 10_000, level: float = 0.95, seed: int = 0
+    values: np.ndarray, baseline: np.ndarray | None = None, reps: int = 10_000, seed: int = 0
 ) -> tuple[float, float, float]:
-    """(mean, low, high): the mean over problems of ``values`` (per-problem pass@k) and its percentile bootstrap
-    interval, the problems resampled with replacement. With ``baseline`` (the same problems, same order) it is the
-    mean paired difference ``values - baseline`` and its interval, resampling problems jointly.
+    """(mean, low, high): the mean over problems of ``values`` (per-problem pass@k) and its 95 % percentile
+    bootstrap interval over the problems (simko.metrics.uncertainty). With ``baseline`` (the same problems, same
+    order) it is the mean paired difference ``values - baseline`` and its interval, resampling problems jointly.
 
     The interval covers the sampling of the problems (and of the n completions of each), not the training seed: the
-    spread over seeds is reported separately."""
-    values = np.asarray(values, dtype=float)
-    if baseline is not None:
-        values = values - np.asarray(baseline, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(reps, len(values)))].mean(axis=1)
-    tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(values.mean()), float(low), float(high)
+    seeds are resampled in the over-seeds rows."""
+    from simko.metrics.uncertainty import bootstrap, paired_bootstrap
+
+    values = np.asarray(values, dtype=float)[:, None]
+    if baseline is None:
+        result = bootstrap(values, resamples=reps, seed=seed)
+    else:
+        result = paired_bootstrap(values, np.asarray(baseline, dtype=float)[:, None], resamples=reps, seed=seed)
+    return float(result["point"][0]), float(result["low"][0]), float(result["high"][0])
 
 
 def interval_text(mean: float, low: float, high: float, signed: bool = False) -> str:
@@ -298,7 +298,7 @@ def paired_section(recipe: Toy, counts: dict, ks: list[int], payload: dict) -> l
     ]
     rows, over_seeds = [], []
     for a, b in comparisons:
-        per_seed = {k: [] for k in ks}
+        per_seed = {k: ([], []) for k in ks}  # per k: the per-problem pass@k of a and of b, one array per seed
         for seed in recipe.seeds:
             key_a, key_b = run_key(a, seed), run_key(b, seed)
             if key_a not in counts or key_b not in counts:
@@ -309,28 +309,28 @@ def paired_section(recipe: Toy, counts: dict, ks: list[int], payload: dict) -> l
                 raise ValueError(f"{a} and {b} at seed {seed} were evaluated on different problems")
             cells = []
             for k in ks:
-                result = bootstrap_interval_over_problems(
-                    per_problem_pass_at_k(c_a, n_a, k), per_problem_pass_at_k(c_b, n_b, k)
-                )
-                per_seed[k].append(result[0])
+                values_a, values_b = per_problem_pass_at_k(c_a, n_a, k), per_problem_pass_at_k(c_b, n_b, k)
+                result = bootstrap_interval_over_problems(values_a, values_b)
+                per_seed[k][0].append(values_a)
+                per_seed[k][1].append(values_b)
                 bold = result[1] > 0 or result[2] < 0  # the interval excludes 0
                 cells.append(f"**{interval_text(*result, signed=True)}**" if bold else interval_text(*result, True))
                 payload["paired"][f"{a}-{b}_seed{seed}_pass@{k}"] = result
             rows.append([f"{a} − {b}", str(seed), *cells])
-        if len(per_seed[ks[0]]) > 1:
+        if len(per_seed[ks[0]][0]) > 1:
             cells = []
             for k in ks:
-                p = paired(per_seed[k], [0.0] * len(per_seed[k]))
-                cells.append(f"{p['mean']:+.3f} ± {p['sd']:.3f} ({p['wins']}/{p['losses']})")
+                p = paired(*per_seed[k])  # seeds, then problems resampled; the same draws for both arms
+                text = f"{interval_text(p['mean'], p['low'], p['high'], signed=True)} ({p['wins']}/{p['losses']})"
+                cells.append(f"**{text}**" if p["established"] else text)
                 payload["paired"][f"{a}-{b}_over_seeds_pass@{k}"] = p
-            over_seeds.append([f"{a} − {b}", f"{len(per_seed[ks[0]])} seeds", *cells])
+            over_seeds.append([f"{a} − {b}", f"{len(per_seed[ks[0]][0])} seeds", *cells])
     if not rows:
         return []
     return [
         "Paired differences on the same problems. Per seed: mean difference of per-problem pass@k [95 % bootstrap "
-        "interval over the problems]; **bold**: the interval excludes 0. Over seeds: mean ± sd of the per-seed "
-        "differences (seeds above/below 0); the toy reports' rule calls a difference established when |mean| > 2 "
-        "standard errors over at least 3 seeds.",
+        "interval over the problems]; **bold**: the interval excludes 0. Over seeds: the mean difference [95 % paired "
+        "bootstrap interval, seeds then problems resampled] (seeds above/below 0); **bold**: the interval excludes 0.",
         "",
         *md_table(["difference", "seed", *[f"Δ pass@{k}" for k in ks]], rows + over_seeds),
     ]
