@@ -257,6 +257,13 @@ def ctrl_c_trial(args, run_dir: Path, rng: random.Random, log_path: Path) -> dic
     while any(alive(p) for p in family[1:]) and time.monotonic() < deadline:
         time.sleep(0.1)
     record["left_running"] = [f"{p} {cmdline(p)}" for p in family[1:] if alive(p)]
+    kill_leftovers_and_log(family, tail, log_path)
+    return record
+
+
+def kill_leftovers_and_log(family: list[int], tail: list[str], log_path: Path) -> None:
+    """SIGKILL what of the trial's process tree is still alive (after it was recorded), and append the output's
+    last 40 lines to the trial's log."""
     for pid in [p for p in family[1:] if alive(p)]:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -264,7 +271,6 @@ def ctrl_c_trial(args, run_dir: Path, rng: random.Random, log_path: Path) -> dic
             pass
     with open(log_path, "a") as f:
         f.write("".join(tail[-40:]))
-    return record
 
 
 def py_spy_dump(pid: int) -> str:
@@ -316,13 +322,7 @@ def sigterm_attempt(args, run_dir: Path, rng: random.Random | None, log_path: Pa
         said_how_to_continue=any("ckpt_path=last" in line for line in tail),
         left_running=[f"{p} {cmdline(p)}" for p in family[1:] if alive(p)],
     )
-    for pid in [p for p in family[1:] if alive(p)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    with open(log_path, "a") as f:
-        f.write("".join(tail[-40:]))
+    kill_leftovers_and_log(family, tail, log_path)
     return record
 
 
