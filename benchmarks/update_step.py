@@ -186,24 +186,26 @@ def schedule_of(side: dict) -> UpdateSchedule:
     return UpdateSchedule(micro_batch_size=side["mbs"], micro_batch_tokens=side["tokens"], share_prompt=side["share"])
 
 
-def update_step(model, rollouts, scores, loss_fn, side: dict, chunk_size: int) -> float:
+def start_step(model, rollouts, scores, loss_fn, side: dict) -> torch.Tensor:
+    """Checkpointing on or off as the side says, gradients cleared; the step's advantages [rows]."""
     if side["ckpt"]:
         enable_checkpointing(model)
     else:
         disable_checkpointing(model)
     model.zero_grad(set_to_none=True)
-    advantages = loss_fn.compute_advantages(scores.view(-1, rollouts.group_size)).reshape(-1)
+    return loss_fn.compute_advantages(scores.view(-1, rollouts.group_size)).reshape(-1)
+
+
+def update_step(model, rollouts, scores, loss_fn, side: dict, chunk_size: int) -> float:
+    advantages = start_step(model, rollouts, scores, loss_fn, side)
     metrics: dict[str, float] = defaultdict(float)
     hooks = UpdateHooks(
         lambda rows, top_k: rollout_token_stats(
             model, rows, top_k, 1.0, chunk_size, share_prompt=side["share"], padding_free=side["packed"]
         )
     )
-    schedule = UpdateSchedule(
-        micro_batch_size=side["mbs"], micro_batch_tokens=side["tokens"], share_prompt=side["share"]
-    )
     rows = torch.arange(rollouts.num_rows)
-    accumulate_gradients(loss_fn, rollouts, scores, advantages, rows, hooks, schedule, metrics)
+    accumulate_gradients(loss_fn, rollouts, scores, advantages, rows, hooks, schedule_of(side), metrics)
     return metrics["loss"]
 
 
@@ -305,12 +307,7 @@ def per_token(model, rollouts, scores, loss_fn, args) -> dict:
             sub_rows = torch.arange(n)
 
             def step(side=side, sub_rows=sub_rows):
-                if side["ckpt"]:
-                    enable_checkpointing(model)
-                else:
-                    disable_checkpointing(model)
-                model.zero_grad(set_to_none=True)
-                adv = loss_fn.compute_advantages(scores.view(-1, rollouts.group_size)).reshape(-1)
+                adv = start_step(model, rollouts, scores, loss_fn, side)
                 # The LM head's chunk at args.chunk_size positions whatever the rows (packing multiplies it by
                 # the rows): its logits are the same size at every point, so the slope is the blocks' alone.
                 chunk = max(1, args.chunk_size // side["mbs"])
