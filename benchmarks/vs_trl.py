@@ -243,7 +243,8 @@ def make_reward_fn(verifiers: dict):
 
 
 def module_config() -> dict:
-    """The RLVRModule settings of configs/train.yaml that both sides share (micro-batch, grad clip, chunk)."""
+    """The RLVRModule settings of configs/train.yaml: those both sides share (micro-batch, grad clip) and our update's
+    own (chunk, prompt sharing, checkpointing, token budget, padding-free), so ours runs with the project's defaults."""
     from omegaconf import OmegaConf
 
     module = OmegaConf.load(ROOT / "configs" / "train.yaml").module
@@ -252,6 +253,9 @@ def module_config() -> dict:
         "grad_clip": float(module.grad_clip),
         "stats_chunk_size": int(module.stats_chunk_size),
         "share_prompt": bool(module.share_prompt),
+        "gradient_checkpointing": bool(module.gradient_checkpointing),
+        "micro_batch_tokens": module.micro_batch_tokens,
+        "padding_free": module.padding_free,
     }
 
 
@@ -331,6 +335,9 @@ class OursRunner:
             grad_clip=mod_cfg["grad_clip"],
             stats_chunk_size=mod_cfg["stats_chunk_size"],
             share_prompt=mod_cfg["share_prompt"],
+            gradient_checkpointing=mod_cfg["gradient_checkpointing"],
+            micro_batch_tokens=mod_cfg["micro_batch_tokens"],
+            padding_free=mod_cfg["padding_free"],
             verifiers=verifiers,
             seed=0,
             diagnostics_top_k=setting.args.diagnostics_top_k,
@@ -464,7 +471,7 @@ class TrlRunner:
             dataloader_num_workers=0,
             log_completions=False,
             # TRL's GRPOConfig turns activation checkpointing ON by default (less memory, the forward recomputed
-            # in the backward); ours has none. --trl-gradient-checkpointing off compares like for like.
+            # in the backward); ours has it off by default (module.gradient_checkpointing). --trl-gradient-checkpointing off compares like for like.
             gradient_checkpointing=setting.args.trl_gradient_checkpointing == "on",
         )
         optimizer = adamw([p for p in model.parameters() if p.requires_grad])
@@ -844,7 +851,7 @@ def parse_args(argv=None):
         "--trl-gradient-checkpointing",
         choices=("on", "off"),
         default="on",
-        help="TRL's activation checkpointing (on: GRPOConfig's default; ours has none)",
+        help="TRL's activation checkpointing (on: GRPOConfig's default; ours: configs/train.yaml's module.gradient_checkpointing, off)",
     )
     p.add_argument(
         "--micro-batch-size",

@@ -125,7 +125,7 @@ class RLVRModule(LightningModule):
         stats_chunk_size: int = 256,
         gradient_checkpointing: bool = False,
         micro_batch_tokens: int | None = None,
-        padding_free: bool | str = False,
+        padding_free: bool | str = "auto",
         share_prompt: bool = True,
         verifiers: dict[str, Any] | None = None,
         verifier: Callable[[list[str], list[str], list[str]], list[float]] | None = None,
