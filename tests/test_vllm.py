@@ -419,6 +419,50 @@ def test_train_and_resume_with_vllm(cli_cache, tmp_path):
 
 @pytest.mark.vllm
 @pytest.mark.integration
+def test_update_knobs_with_vllm_train_what_the_padded_update_trains(cli_cache, tmp_path):
+    """`rollout.engine=vllm` with activation checkpointing, token-budget micro-batches and packing: the engine samples
+    from the pushed weights (the checkpointed blocks keep their parameter names, so the push reaches every layer)
+    and the run trains what the padded update trains."""
+    if not HAS_VLLM:
+        pytest.skip("vLLM not installed")
+    tiny, metrics, run = _cli()
+
+    def args(name, *extra):
+        return [
+            "debug=fast",
+            "rl_steps=3",
+            f"paths.cache_dir={cli_cache}",
+            f"paths.log_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path / name}",
+            "callbacks.progress=null",
+            *tiny,
+            "rollout.engine=vllm",
+            "rollout.vllm.kv_cache_gib=0.05",
+            *extra,
+        ]
+
+    run("simko.train", *args("padded", "module.padding_free=false"))
+    knobs = ["module.gradient_checkpointing=true", "module.micro_batch_tokens=64", "module.padding_free=true"]
+    run("simko.train", *args("knobs", *knobs))
+    padded, packed = metrics(tmp_path / "padded"), metrics(tmp_path / "knobs")
+    assert list(packed.index) == [1.0, 2.0, 3.0]
+    # fp32 on CPU: the sampler follows the trainer's weights after every push, with the knobs as without them.
+    assert (packed["rollout/logp_abs_diff"] < 1e-4).all() and (packed["time/weight_sync"] > 0).all()
+    cols = ["train/reward", "train/loss", "train/grad_norm", "train/response_len"]
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(padded[cols], packed[cols], rtol=1e-4)
+    from simko.checkpointing import read_checkpoint
+
+    a = read_checkpoint(tmp_path / "padded" / "checkpoints" / "last.ckpt")["state_dict"]
+    b = read_checkpoint(tmp_path / "knobs" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.vllm
+@pytest.mark.integration
 def test_train_with_truncated_importance_sampling_and_eval_with_vllm(cli_cache, tmp_path):
     """A SimKO run with token-level truncated IS logs its weights; `simko.eval rollout.engine=vllm` evaluates it."""
     if not HAS_VLLM:
