@@ -471,7 +471,8 @@ class TrlRunner:
             dataloader_num_workers=0,
             log_completions=False,
             # TRL's GRPOConfig turns activation checkpointing ON by default (less memory, the forward recomputed
-            # in the backward); ours has it off by default (module.gradient_checkpointing). --trl-gradient-checkpointing off compares like for like.
+            # in the backward); ours has it off by default (module.gradient_checkpointing).
+            # --trl-gradient-checkpointing off compares like for like.
             gradient_checkpointing=setting.args.trl_gradient_checkpointing == "on",
         )
         optimizer = adamw([p for p in model.parameters() if p.requires_grad])
@@ -851,7 +852,7 @@ def parse_args(argv=None):
         "--trl-gradient-checkpointing",
         choices=("on", "off"),
         default="on",
-        help="TRL's activation checkpointing (on: GRPOConfig's default; ours: configs/train.yaml's module.gradient_checkpointing, off)",
+        help="TRL's activation checkpointing (on: GRPOConfig's default; ours follows configs/train.yaml: off)",
     )
     p.add_argument(
         "--micro-batch-size",
