@@ -28,9 +28,10 @@ def is_sharded(strategy: Strategy | None) -> bool:
 
 def transformer_blocks(policy: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder blocks of a transformers model (or a peft model around one): the modules whose class is one of
-    the model's ``_no_split_modules``; an error naming the model when there are none."""
+    the model's ``_no_split_modules``, or derives from one (FSDP2's ``fully_shard`` turns a ``Qwen2DecoderLayer``
+    into an ``FSDPQwen2DecoderLayer`` subclass); an error naming the model when there are none."""
     block_names = set(getattr(policy, "_no_split_modules", None) or [])
-    blocks = [m for m in policy.modules() if type(m).__name__ in block_names]
+    blocks = [m for m in policy.modules() if any(c.__name__ in block_names for c in type(m).__mro__)]
     if not blocks:
         raise RuntimeError(f"found no transformer blocks ({block_names}) in {type(policy).__name__}")
     return blocks
