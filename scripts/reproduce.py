@@ -191,6 +191,8 @@ class Runner:
         with self._lock:
             where = f"{run_dir.parent.parent.name}/{run_dir.parent.name}/{run_dir.name}"
             self.executed.append(f"{module} {where} {time.perf_counter() - start:.0f}s")
+            # As each run ends, so that a grid stopped early still leaves its runs' wall times in its log.
+            print(f"done {self.executed[-1]} (rc {proc.returncode})", flush=True)
         if proc.returncode != 0 or not finished(module, run_dir, done):
             raise RuntimeError(f"failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
 
