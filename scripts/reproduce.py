@@ -252,6 +252,8 @@ def warm_start(toy: Toy, runner: Runner, out: Path) -> None:
     marker = out / toy.name / "sft" / "done"
     if marker.exists():
         return
+    if marker.parent.exists():  # an interrupted build: its folder is that run's own, so start afresh next to it
+        marker.parent.rename(marker.parent.with_name(f"sft.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"))
     cmd = [
         sys.executable,
         "-m",
@@ -318,8 +320,10 @@ def run_toy(toy: Toy, runner: Runner, out: Path, args, extra: list[str]) -> dict
         steps = [train_step(toy, out, run, toy.sweep_seed, extra)]
         steps.append(eval_step(toy, out, run, toy.sweep_seed, "val", min(toy.sweep_n, toy.n), toy.problems))
         sweep_futures.append(runner.submit(steps))
-    # Seed-major: every arm at the first seed, then the next seed, so a grid stopped early leaves whole seeds.
+    # Seed-major: the base and every arm at the first seed, then the next seed, so a grid stopped early leaves whole
+    # seeds; the base first, as every row of the report is read against it.
     for seed in toy.seeds:
+        futures.append(runner.submit([eval_step(toy, out, None, seed, "test", toy.n, toy.problems)]))
         for arm in arms:
             if arm == "simko_tuned":
                 continue
@@ -328,7 +332,6 @@ def run_toy(toy: Toy, runner: Runner, out: Path, args, extra: list[str]) -> dict
                 eval_step(toy, out, arm, seed, "test", toy.n, toy.problems),
             ]
             futures.append(runner.submit(steps))
-        futures.append(runner.submit([eval_step(toy, out, None, seed, "test", toy.n, toy.problems)]))
     return {"arms": arms, "sweep": sweep, "sweep_futures": sweep_futures, "futures": futures}
 
 

@@ -625,7 +625,7 @@ def test_reproduce_grid_runs_seed_major_and_large_n_picks_its_runs(tmp_path):
     runner = Recorder()
     state = reproduce.run_toy(toy, runner, tmp_path, None, [])
     order = [steps[0][2].name for steps in runner.steps]
-    assert order == [f"{run}_seed{s}" for s in (0, 1) for run in (*toy.arms, "base")]
+    assert order == [f"{run}_seed{s}" for s in (0, 1) for run in ("base", *toy.arms)]
     for arm, score in (("maxrl", 0.3), ("sapo", 0.5)):
         for seed in (0, 1):
             path = tmp_path / "testbed" / "eval" / f"{arm}_seed{seed}" / "pass_at_k.json"
