@@ -164,7 +164,10 @@ def is_final_value(pred_parsed: list, gold_parsed: list) -> bool:
     if value is None or gold_value is None:
         return False
     value, gold_value = _evaluated(value), _evaluated(gold_value)
-    if getattr(value, "free_symbols", True) or _value_numerals(gold_value) != _numerals(gold_text):
+    gold_numerals = _value_numerals(gold_value)
+    if gold_numerals is not None and not gold_numerals - _numerals(gold_text) and written == gold_numerals:
+        return True  # math-verify read part of the gold (12 of the base-5 numeral 12_5, -2 of "-2 or -12")
+    if getattr(value, "free_symbols", True) or gold_numerals != _numerals(gold_text):
         return False  # an expression in another form than the gold's, or a gold in a form it asks for (12\frac35)
     return written == _value_numerals(value)
 
@@ -172,13 +175,13 @@ def is_final_value(pred_parsed: list, gold_parsed: list) -> bool:
 def _right_side(parsed: list) -> tuple:
     """A ``parse`` result as (value or None, text), of an equation its right-hand side (math-verify gives some
     equations as their right-hand side's value and the whole equation's text), of a percentage its number."""
-    from sympy import Mul, Rational
+    from sympy import Expr, Mul, Rational
     from sympy.core.relational import Relational
 
     value, text = (parsed[0], parsed[-1]) if len(parsed) == 2 else (None, str(parsed[-1]))
     if isinstance(value, Relational):
         value = value.rhs
-    if isinstance(value, Mul):  # 37.5\% is read as 37.5 * 1/100 (unevaluated)
+    if isinstance(value, Mul) and all(isinstance(arg, Expr) for arg in value.args):  # 37.5\% is 37.5 * 1/100
         factors = [arg for arg in value.args if _evaluated(arg) != Rational(1, 100)]
         value = Mul(*factors) if len(factors) < len(value.args) else value
     return value, text.rsplit("=", 1)[-1]
