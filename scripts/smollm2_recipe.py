@@ -170,16 +170,24 @@ def interval_text(mean: float, low: float, high: float, signed: bool = False) ->
 # --- problems the question itself solves -------------------------------------------------------------------------
 
 
+# The math verifier's rule for answers without a box that echo.json was computed under.
+ECHO_FALLBACK = "final value"
+
+
 def echo_solved_problems(recipe: Toy, out: Path) -> set[str]:
     """Ids of the evaluated problems whose own question text, scored as a completion, gets reward 1.
 
-    Without a box the math verifier reads math-verify's extraction of the text, the last expression in it, and
-    decides equivalence symbolically: "Evaluate $102^2 - 98^2$." as a completion extracts ``102^2 - 98^2``, which
-    equals the gold 800. On such problems a sample that restates the question is rewarded without computing
-    anything, so the report gives pass@k on the other problems too. Cached in ``<out>/<task>/echo.json``."""
+    Without a box the math verifier reads math-verify's extraction of the text, the last expression in it. It
+    credits only a final value (not ``102^2 - 98^2`` for the gold 800: 17 of the 100 problems scored before it
+    did), so what is left are questions whose last number is the plain answer. On such problems a sample that
+    restates the question is rewarded without computing anything, so the report gives pass@k on the other problems
+    too. Cached in ``<out>/<task>/echo.json``; a cache without ``"fallback": "final value"`` was written under the
+    verifier that credited expressions and is recomputed."""
     cache = out / recipe.name / "echo.json"
     if cache.is_file():
-        return set(json.loads(cache.read_text())["echo_solved"])
+        cached = json.loads(cache.read_text())
+        if cached.get("fallback") == ECHO_FALLBACK:
+            return set(cached["echo_solved"])
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
@@ -199,7 +207,8 @@ def echo_solved_problems(recipe: Toy, out: Path) -> set[str]:
             verifier.close()
     solved = [p["id"] for p, score in zip(problems, scores) if score >= 1.0]
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"problems": len(problems), "echo_solved": solved}, indent=1) + "\n")
+    payload = {"problems": len(problems), "fallback": ECHO_FALLBACK, "echo_solved": solved}
+    cache.write_text(json.dumps(payload, indent=1) + "\n")
     return set(solved)
 
 

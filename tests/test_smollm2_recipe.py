@@ -245,12 +245,17 @@ def test_real_text_round_trip_flags_dropped_special_tokens():
 
 
 def test_echo_solved_problems_are_found_and_cached(tmp_path):
-    """17 of the 100 evaluated MATH Level 1 problems score 1 when the completion restates the question (e.g.
-    "Evaluate: $102^2 - 98^2$" -> math-verify extracts 102^2 - 98^2 = 800, the gold): found once, then cached."""
+    """2 of the 100 evaluated MATH Level 1 problems score 1 when the completion restates the question: those whose
+    last number is the plain answer (17 before the math verifier's fallback credited only a final value: "Evaluate:
+    $102^2 - 98^2$" -> 102^2 - 98^2 = 800, the gold). Found once, then cached; a cache written under the old
+    verifier is recomputed."""
     shared_file("simko-official/math/test.parquet")
     recipe_script = load_recipe_script()
+    stale = tmp_path / "smollm2_math_level1" / "echo.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"problems": 100, "echo_solved": ["math/test/301"]}))  # no "fallback" key
     echo = recipe_script.echo_solved_problems(recipe_script.RECIPE, tmp_path)
-    assert len(echo) == 17 and all(i.startswith("math/test/") for i in echo)
-    cached = json.loads((tmp_path / "smollm2_math_level1" / "echo.json").read_text())
+    assert echo == {"math/test/498", "math/test/838"}
+    cached = json.loads(stale.read_text())
     assert cached["problems"] == 100 and set(cached["echo_solved"]) == echo
     assert recipe_script.echo_solved_problems(recipe_script.RECIPE, tmp_path) == echo  # read back, not recomputed
