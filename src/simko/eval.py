@@ -58,6 +58,7 @@ from simko.console import progress_bar  # noqa: E402
 from simko.engines import Sampling, build_engine, check_engine, step_seed  # noqa: E402
 from simko.eval_store import (  # noqa: E402
     STATE_VERSION,
+    check_resume,
     fingerprint,
     open_state,
     parse_shard,
@@ -101,6 +102,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict | None:
     torch.manual_seed(cfg.seed)
     check_eval_config(cfg)
     shard = parse_shard(cfg.eval.get("shard"))
+    check_resume(out_dir, fingerprint(cfg))  # a rerun into this folder with another config: refused before loading
     datamodule = build_data(cfg)  # before the model: a bad data path fails in seconds
     policy, tokenizer = load_model(cfg.model, apply=False)  # a LoRA adapter comes from the checkpoint
     if cfg.get("ckpt_path"):

@@ -87,6 +87,23 @@ def differences(old: dict, new: dict) -> list[str]:
     ]
 
 
+def _refuse(out_dir: Path, diff: list[str]) -> None:
+    shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+    raise ConfigError(
+        f"run folder {out_dir} holds an evaluation with another config ({shown}): a resume must use the same "
+        "config; evaluate into a new hydra.run.dir"
+    )
+
+
+def check_resume(out_dir: Path, fingerprint: dict) -> None:
+    """Refuse, before anything is loaded, a rerun into a folder whose evaluation has another fingerprint."""
+    path = out_dir / STATE
+    if path.is_file() and not path.is_symlink():
+        diff = differences(json.loads(path.read_text()).get("fingerprint", {}), fingerprint)
+        if diff:
+            _refuse(out_dir, diff)
+
+
 def open_state(out_dir: Path, state: dict) -> None:
     """Write ``eval_state.json`` for a new evaluation, or check that the folder's evaluation is this one."""
     path = out_dir / STATE
@@ -99,11 +116,7 @@ def open_state(out_dir: Path, state: dict) -> None:
             if old.get(key) != state[key]:
                 diff.append(f"{key}: {old.get(key)} -> {state[key]}")
         if diff:
-            shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
-            raise ConfigError(
-                f"run folder {out_dir} holds an evaluation with another config ({shown}): a resume must use the "
-                "same config; evaluate into a new hydra.run.dir"
-            )
+            _refuse(out_dir, diff)
         return
     atomic_write(path, lambda f: f.write(json.dumps(state, indent=1).encode()))
 
