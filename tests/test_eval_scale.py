@@ -145,7 +145,7 @@ def test_killed_eval_resumed_equals_the_uninterrupted_run(unsharded, cache, tmp_
     with open(records, "ab") as f:  # a record a kill cut short: dropped on resume, that problem sampled again
         f.write(b'{"index": 7, "c": 3, "ro')
     resumed = _eval(folder, cache)
-    assert f"{written} of 8 problems recorded" in resumed.stderr
+    assert f"{written} of 8 problems recorded" in resumed.stdout + resumed.stderr
     assert _summary(folder) == _summary(unsharded)
     assert (folder / "per_problem.csv").read_bytes() == (unsharded / "per_problem.csv").read_bytes()
     indices = [json.loads(line)["index"] for line in records.read_text().splitlines()]
