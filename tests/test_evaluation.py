@@ -167,16 +167,14 @@ def test_validation_and_simko_eval_run_the_same_path(monkeypatch, tmp_path):
             *UNTRAINED_TINY,
             "eval.n=4",
             "eval.limit=4",
-            "eval.prompts_per_batch=2",
             "eval.max_new_tokens=4",
         ],
         config_name="eval",
     )
     summary = simko.eval.evaluate(cfg, tmp_path / "eval")
-    assert calls == [("sample", 2, 4), ("update", 2, 4)] * 2
-    pass_k, diversity, diagnostics = results[1]
-    assert summary["pass_at_k"] == {str(k): pass_k[k] for k in (1, 2, 4)} and summary["mean@n"] == pass_k["mean@n"]
-    assert summary["diversity"] == diversity and summary["diagnostics"] == diagnostics and "p_rank1" in diagnostics
+    assert calls == [("sample", 1, 4), ("update", 1, 4)] * 4  # one problem per generate call, recorded after each
+    assert len(results) == 1  # simko.eval summarizes its per-problem records (simko.eval_store), as a merge does
+    assert list(summary["pass_at_k"]) == ["1", "2", "4"] and "p_rank1" in summary["diagnostics"]
 
 
 def test_config_errors_exit_with_one_line(capsys):
