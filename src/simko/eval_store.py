@@ -64,7 +64,7 @@ def fingerprint(cfg: DictConfig) -> dict:
         full.pop(key, None)
     full.get("eval", {}).pop("shard", None)
     ckpt = cfg.get("ckpt_path")
-    if ckpt:
+    if ckpt and Path(ckpt).is_file():  # a missing one: the loader's error names it
         stat = Path(ckpt).stat()
         full["ckpt_file"] = {"path": str(Path(ckpt).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return json.loads(json.dumps(full, default=str))
