@@ -58,8 +58,9 @@ def shard_range(num_problems: int, shard: tuple[int, int] | None) -> tuple[int, 
 
 def fingerprint(cfg: DictConfig) -> dict:
     """Everything in the config that can change a record (model, checkpoint, data, engine, seed, eval knobs), as
-    plain JSON; the checkpoint file's size and modification time stand for its contents."""
-    full = OmegaConf.to_container(cfg, resolve=True)
+    plain JSON; the checkpoint file's size and modification time stand for its contents. Interpolations are kept
+    as written: what they point to is in the fingerprint too, except ``paths`` (where files go, e.g. the cache)."""
+    full = OmegaConf.to_container(cfg, resolve=False)
     for key in _UNFINGERPRINTED:
         full.pop(key, None)
     full.get("eval", {}).pop("shard", None)
