@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct learns MATH Level 1 on a CPU: the recipe ``experiment=smollm2_math_level1``, end to end.
 
     python scripts/smollm2_recipe.py              # GRPO and SimKO x seeds 0 1 x 40 RL steps, n = 64 on 100 problems
-    python scripts/smollm2_recipe.py --quick      # the same recipe, 1 seed, 8 RL steps, n = 16 on 32 problems
+    python scripts/smollm2_recipe.py --quick      # the same recipe, 1 seed, 3 RL steps, n = 8 on 16 problems
     python scripts/smollm2_recipe.py --dry-run    # print the plan (every command, in order) and run nothing
     python scripts/smollm2_recipe.py --report     # only the report, from the runs already done
 
@@ -63,8 +63,11 @@ RECIPE = Toy(
     n=64,
     problems=100,
     rl_steps=40,
-    quick={"seeds": (0,), "rl_steps": 8, "n": 16, "problems": 32},
+    quick={"seeds": (0,), "rl_steps": 3, "n": 8, "problems": 16},
 )
+# --quick shows the whole loop, not learning: in-loop validation on 8 problems and one refill round of dynamic
+# sampling instead of three keep its training runs to a few minutes each.
+QUICK_TRAIN_EXTRA = ("data.val_prompts=8", "module.dynamic_sampling.max_extra_generations=1")
 EVAL_SEED = 0  # the sampling seed of every evaluation (see evaluation())
 KS_SHOWN = (1, 4, 16, 64)
 TIME_COLUMNS = ("time/generate", "time/score", "time/update", "time/weight_sync")
@@ -375,12 +378,14 @@ def echo_section(recipe: Toy, counts: dict, ks: list[int], echo_ids: set[str], p
 def training_section(recipe: Toy, logs: dict, payload: dict) -> list[str]:
     if not logs:
         return []
-    rows = []
+    rows, windows = [], set()
     for (loss, seed), frame in logs.items():
         steps = frame[frame["train/reward"].notna()] if "train/reward" in frame else frame.iloc[:0]
         if steps.empty:
             continue
-        head, tail = steps.iloc[:10], steps.iloc[-10:]
+        window = min(10, max(1, len(steps) // 2))  # the first and the last `window` steps never overlap
+        windows.add(window)
+        head, tail = steps.iloc[:window], steps.iloc[-window:]
         val = frame["val/pass@1"].dropna() if "val/pass@1" in frame else None
         record = {
             "steps": int(steps.index.max()),
@@ -401,9 +406,10 @@ def training_section(recipe: Toy, logs: dict, payload: dict) -> list[str]:
                      f"{record['length_first10']:.1f} → {record['length_last10']:.1f}",
                      f"{record['truncated_first10']:.3f} → {record['truncated_last10']:.3f}",
                      f"{record['p_rank1_first10']:.3f} → {record['p_rank1_last10']:.3f}", val_text])  # fmt: skip
+    window = "/".join(str(w) for w in sorted(windows))
     return [
-        "Training (means of the first and the last 10 RL steps; val pass@1 on the first 32 held-out problems × 4 "
-        "samples at each validation):",
+        f"Training (means of the first and the last {window} RL steps; val pass@1 on the first held-out problems "
+        "at each validation, `data.val_prompts` of them × `module.val_samples` samples):",
         "",
         *md_table(
             ["loss", "seed", "RL steps", "train reward", "response tokens", "truncated", "p(rank 1)", "val pass@1"],
@@ -525,7 +531,7 @@ def configured(args) -> Toy:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 8 RL steps, n = 16 on 32 problems (≤ 20 min)")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 3 RL steps, n = 8 on 16 problems (≤ 20 min)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and run nothing")
     parser.add_argument("--report", action="store_true", help="only write the report from the finished runs")
     parser.add_argument("--seeds", nargs="+", type=int)
@@ -538,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     recipe = configured(args)
     out = Path(args.out or REPO / "logs" / ("smollm2_quick" if args.quick else "smollm2")).resolve()
-    train_extra = [*args.extra]  # train_step adds seed= and callbacks.progress=null
+    train_extra = [*(QUICK_TRAIN_EXTRA if args.quick else ()), *args.extra]  # train_step adds seed=, callbacks
     steps = plan(recipe, out, train_extra)
     if args.dry_run:
         print(f"# {len(steps)} commands, one at a time, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}:")
