@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from helpers import SMALL_TINY
+from simko import eval_merge
 from simko.metrics import pass_at_k, pass_at_k_tensor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def unsharded(tmp_path_factory, cache) -> Path:
 
 
 @pytest.mark.integration
-def test_shards_merged_equal_the_unsharded_run(unsharded, cache, tmp_path):
+def test_shards_merged_equal_the_unsharded_run(unsharded, cache, tmp_path, capsys):
     summary = _summary(unsharded)
     rows = [json.loads(line)["row"] for line in (unsharded / "problems.jsonl").read_text().splitlines()]
     assert len({r["sample_completion"] for r in rows}) > 1 and len({r["extracted"] for r in rows}) == 8
@@ -85,23 +86,18 @@ def test_shards_merged_equal_the_unsharded_run(unsharded, cache, tmp_path):
         assert not (tmp_path / f"s{i}" / "pass_at_k.json").exists()  # a shard writes its records only
     lines = [len((tmp_path / f"s{i}" / "problems.jsonl").read_text().splitlines()) for i in range(2)]
     assert lines == [4, 4]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    merge = [sys.executable, "-m", "simko.eval_merge", *(str(tmp_path / f"s{i}") for i in (1, 0))]
-    proc = subprocess.run(
-        [*merge, "--out", str(tmp_path / "merged")], cwd=REPO, env=env, capture_output=True, text=True
-    )
+    shards = [str(tmp_path / f"s{i}") for i in (1, 0)]
+    merge = [sys.executable, "-m", "simko.eval_merge", *shards, "--out", str(tmp_path / "merged")]  # the real CLI
+    proc = subprocess.run(merge, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert _summary(tmp_path / "merged") == summary
     assert (tmp_path / "merged" / "per_problem.csv").read_bytes() == (unsharded / "per_problem.csv").read_bytes()
-    # the merge never writes into a folder that holds files, and refuses an incomplete set of shards
-    again = subprocess.run(
-        [*merge, "--out", str(tmp_path / "merged")], cwd=REPO, env=env, capture_output=True, text=True
-    )
-    assert again.returncode == 2 and "never overwrites" in again.stderr
-    partial = subprocess.run(
-        [*merge[:-1], "--out", str(tmp_path / "m2")], cwd=REPO, env=env, capture_output=True, text=True
-    )
-    assert partial.returncode == 2 and "4 of 8 problems are not recorded" in partial.stderr, partial.stderr
+    # the merge never writes into a folder that holds files, and refuses an incomplete set of shards (in process)
+    capsys.readouterr()
+    assert eval_merge.main([*shards, "--out", str(tmp_path / "merged")]) == 2
+    assert "never overwrites" in capsys.readouterr().err
+    assert eval_merge.main([shards[0], "--out", str(tmp_path / "m2")]) == 2
+    assert "4 of 8 problems are not recorded" in capsys.readouterr().err
 
 
 @pytest.mark.integration
