@@ -118,7 +118,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict | None:
     n = int(cfg.eval.n)
     ks = sorted(int(k) for k in cfg.eval.ks) if cfg.eval.ks else default_ks(n)
     lo, hi = shard_range(len(problems), shard)
-    eval_cfg = OmegaConf.to_container(cfg.eval)
+    eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)  # the values used (T, top-p, max tokens), as reports show
     eval_cfg.pop("shard", None)  # merged shards summarize as the unsharded run does
     state = {
         "version": STATE_VERSION,
