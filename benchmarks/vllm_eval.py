@@ -92,7 +92,6 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=64, help="samples per problem (eval.n)")
     ap.add_argument("--limit", type=int, default=64, help="problems (eval.limit)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="eval.max_new_tokens (default: the config's)")
-    ap.add_argument("--prompts-per-batch", type=int, default=8, help="eval.prompts_per_batch")
     ap.add_argument("--no-diagnostics", action="store_true", help="eval.diagnostics_top_k=0")
     ap.add_argument("--repeats", type=int, default=3, help="alternating rounds")
     ap.add_argument("--threads", type=int, default=1)
@@ -108,7 +107,6 @@ def main(argv=None) -> None:
         f"data={args.data}",
         f"eval.n={args.n}",
         f"eval.limit={args.limit}",
-        f"eval.prompts_per_batch={args.prompts_per_batch}",
         f"paths.cache_dir={args.cache_dir}",
         f"rollout.vllm.kv_cache_gib={args.kv_cache_gib}",
     ]

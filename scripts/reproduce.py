@@ -22,7 +22,8 @@
 
 Every run goes through the real entry points (``simko.sft`` builds each warm start once, then ``simko.train`` and
 ``simko.eval``), ``--jobs`` of them at a time, each with ``OMP_NUM_THREADS = cores / jobs`` unless set. Finished
-runs are reused (a train run with ``checkpoints/last.ckpt``, an evaluation with ``pass_at_k.json``); an
+runs are reused (a train run with ``checkpoints/last.ckpt``, an evaluation with ``pass_at_k.json``); an unfinished
+evaluation of the same config continues in its folder after its last recorded problem, any other
 unfinished one is moved aside (``<dir>.incomplete-<time>``), never overwritten. Seeds are paired: two arms with the
 same seed share the warm start, the prompts and their order, and the sampling seeds. For each toy it writes
 ``<out>/<toy>/results.md`` (pass@k and cover@τ, mean over seeds with 95 % bootstrap intervals over seeds and
@@ -182,7 +183,9 @@ class Runner:
             # An unfinished training run (killed, or with fewer steps) continues in its own folder from its
             # last.ckpt, exactly as if it had not stopped; a new folder just starts (simko.runs).
             overrides = [*overrides, "ckpt_path=last"]
-        elif run_dir.exists():  # an unfinished evaluation: keep it, start afresh next to it
+        elif run_dir.exists() and not resumable_eval(run_dir, [*overrides, *self.extra]):
+            # an unfinished evaluation of another config: keep it, start afresh next to it (one of this config
+            # continues in its folder after its last recorded problem: simko.eval_store)
             run_dir.rename(run_dir.with_name(f"{run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"))
         cmd = [sys.executable, "-m", module, *overrides, f"hydra.run.dir={run_dir}", *self.extra]
         print("$", " ".join(cmd), flush=True)
@@ -209,6 +212,21 @@ class Runner:
                 raise
 
         return self.pool.submit(job)
+
+
+def resumable_eval(run_dir: Path, overrides: list[str]) -> bool:
+    """Whether ``simko.eval`` would continue the unfinished evaluation in ``run_dir`` with these overrides (the same
+    config fingerprint as its ``eval_state.json``)."""
+    from hydra import compose, initialize_config_dir
+
+    from simko.eval_store import STATE, differences, fingerprint
+
+    state = run_dir / STATE
+    if not state.is_file():
+        return False
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[o for o in overrides if not o.startswith("hydra.")])
+    return not differences(json.loads(state.read_text()).get("fingerprint", {}), fingerprint(cfg))
 
 
 def finished(module: str, run_dir: Path, done: Path) -> bool:

@@ -19,8 +19,15 @@ thread) and reports, as JSON (``--out``) and on screen:
   extraction of the text), and examples of each;
 - **verifier time**: seconds per completion in the killable worker pool.
 
+- **restated question**: the share of the first ``--restated-problems`` held-out problems (100: the recipe's
+  evaluation; ``--restated-split train`` the training problems) whose own question, scored as a completion, is
+  rewarded, and their ids; and the share of their gold answers that score, written unboxed and boxed. The math
+  verifier's unboxed fallback credits only a final value, so mostly a question whose last number is its plain
+  answer still scores.
+
 ``--samples`` re-scores the completions logged in a training run's ``samples.jsonl`` with the same verifier and
-round-trips their text through the tokenizer: the logged reward must be the one the logged text gets.
+round-trips their text through the tokenizer: the logged reward must be the one the logged text gets (a run logged
+before the verifier stopped crediting restated questions differs on those: ``reward_differs``).
 """
 
 from __future__ import annotations
@@ -142,6 +149,39 @@ def report(cfg, args, seen_prompt, tokenizer, eos, rows, generate_s, score_s, gr
     }
 
 
+def restated_question(cfg, count: int, split: str = "val") -> dict:
+    """Each of the first ``count`` problems of ``split`` (val: held out) with its own question as the completion:
+    the share rewarded (a verifier that credits what the model did not compute), and, as the check that right
+    answers stay right, the share rewarded of the gold written unboxed ("The answer is $gold$.") and boxed."""
+    from hydra.utils import instantiate
+
+    from simko.rewards import score_batch
+
+    source = getattr(instantiate(cfg.data), f"{split}_source")
+    problems = [source[i] for i in range(min(len(source), count))]
+    golds, names = [p["answer"] for p in problems], [p["verifier"] for p in problems]
+    forms = {
+        "question": [p["question"] for p in problems],
+        "gold_unboxed": [f"The answer is ${gold}$." for gold in golds],
+        "gold_boxed": [f"The answer is \\boxed{{{gold}}}." for gold in golds],
+    }
+    verifiers = instantiate(cfg.eval.verifiers)
+    try:
+        scores = {form: score_batch(texts, golds, names, verifiers=verifiers) for form, texts in forms.items()}
+    finally:
+        for verifier in verifiers.values():
+            verifier.close()
+    rewarded = [p for p, score in zip(problems, scores["question"]) if score >= 1.0]
+    return {
+        "split": split,
+        "problems": len(problems),
+        "reward_frac": len(rewarded) / max(len(problems), 1),
+        "gold_unboxed_reward_frac": sum(scores["gold_unboxed"]) / max(len(problems), 1),
+        "gold_boxed_reward_frac": sum(scores["gold_boxed"]) / max(len(problems), 1),
+        "rewarded": [{"id": p["id"], "answer": p["answer"], "question_end": p["question"][-120:]} for p in rewarded],
+    }
+
+
 def check_samples(path: Path, cfg) -> dict:
     """Re-score a run's logged samples: the logged reward must be what the logged text scores."""
     from hydra.utils import instantiate
@@ -165,6 +205,8 @@ def check_samples(path: Path, cfg) -> dict:
         "samples_file": str(path),
         "rows": len(rows),
         "reward_differs": sum(abs(a - r["reward"]) > 1e-9 for a, r in zip(rescored, rows)),
+        "rewarded_logged": sum(r["reward"] >= 1.0 for r in rows),
+        "rewarded_rescored": sum(score >= 1.0 for score in rescored),
         "text_changes_in_round_trip": len(changes),
     }
 
@@ -176,7 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples-per-problem", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=Path, help="also re-score a run's samples.jsonl")
-    parser.add_argument("--no-sampling", action="store_true", help="only --samples")
+    parser.add_argument("--no-sampling", action="store_true", help="only --samples (and the restated question)")
+    parser.add_argument("--restated-problems", type=int, default=100, help="problems restated (0: skip)")
+    parser.add_argument("--restated-split", choices=("val", "train"), default="val", help="val: the held-out ones")
     parser.add_argument("--out", type=Path, help="JSON file (default: logs/smollm2_real_text/<checkpoint>.json)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the eval config")
     args = parser.parse_args(argv)
@@ -184,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = compose(["experiment=smollm2_math_level1_eval", *args.overrides])
     result = {} if args.no_sampling else sample_and_measure(cfg, args)
+    if args.restated_problems:
+        result["restated_question"] = restated_question(cfg, args.restated_problems, args.restated_split)
     if args.samples:
         result["samples_check"] = check_samples(args.samples, cfg)
     name = Path(args.ckpt).parent.parent.name if args.ckpt else "pretrained"

@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct learns MATH Level 1 on a CPU: the recipe ``experiment=smollm2_math_level1``, end to end.
 
     python scripts/smollm2_recipe.py              # GRPO and SimKO x seeds 0 1 x 40 RL steps, n = 64 on 100 problems
-    python scripts/smollm2_recipe.py --quick      # the same recipe, 1 seed, 8 RL steps, n = 16 on 32 problems
+    python scripts/smollm2_recipe.py --quick      # the same recipe, 1 seed, 3 RL steps, n = 8 on 16 problems
     python scripts/smollm2_recipe.py --dry-run    # print the plan (every command, in order) and run nothing
     python scripts/smollm2_recipe.py --report     # only the report, from the runs already done
 
@@ -63,8 +63,11 @@ RECIPE = Toy(
     n=64,
     problems=100,
     rl_steps=40,
-    quick={"seeds": (0,), "rl_steps": 8, "n": 16, "problems": 32},
+    quick={"seeds": (0,), "rl_steps": 3, "n": 8, "problems": 16},
 )
+# --quick shows the whole loop, not learning: in-loop validation on 8 problems and one refill round of dynamic
+# sampling instead of three keep its training runs to a few minutes each.
+QUICK_TRAIN_EXTRA = ("data.val_prompts=8", "module.dynamic_sampling.max_extra_generations=1")
 EVAL_SEED = 0  # the sampling seed of every evaluation (see evaluation())
 KS_SHOWN = (1, 4, 16, 64)
 TIME_COLUMNS = ("time/generate", "time/score", "time/update", "time/weight_sync")
@@ -167,16 +170,24 @@ def interval_text(mean: float, low: float, high: float, signed: bool = False) ->
 # --- problems the question itself solves -------------------------------------------------------------------------
 
 
+# The math verifier's rule for answers without a box that echo.json was computed under.
+ECHO_FALLBACK = "final value"
+
+
 def echo_solved_problems(recipe: Toy, out: Path) -> set[str]:
     """Ids of the evaluated problems whose own question text, scored as a completion, gets reward 1.
 
-    Without a box the math verifier reads math-verify's extraction of the text, the last expression in it, and
-    decides equivalence symbolically: "Evaluate $102^2 - 98^2$." as a completion extracts ``102^2 - 98^2``, which
-    equals the gold 800. On such problems a sample that restates the question is rewarded without computing
-    anything, so the report gives pass@k on the other problems too. Cached in ``<out>/<task>/echo.json``."""
+    Without a box the math verifier reads math-verify's extraction of the text, the last expression in it. It
+    credits only a final value (not ``102^2 - 98^2`` for the gold 800: 17 of the 100 problems scored before it
+    did), so what is left are questions whose last number is the plain answer. On such problems a sample that
+    restates the question is rewarded without computing anything, so the report gives pass@k on the other problems
+    too. Cached in ``<out>/<task>/echo.json``; a cache without ``"fallback": "final value"`` was written under the
+    verifier that credited expressions and is recomputed."""
     cache = out / recipe.name / "echo.json"
     if cache.is_file():
-        return set(json.loads(cache.read_text())["echo_solved"])
+        cached = json.loads(cache.read_text())
+        if cached.get("fallback") == ECHO_FALLBACK:
+            return set(cached["echo_solved"])
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
@@ -196,7 +207,8 @@ def echo_solved_problems(recipe: Toy, out: Path) -> set[str]:
             verifier.close()
     solved = [p["id"] for p, score in zip(problems, scores) if score >= 1.0]
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"problems": len(problems), "echo_solved": solved}, indent=1) + "\n")
+    payload = {"problems": len(problems), "fallback": ECHO_FALLBACK, "echo_solved": solved}
+    cache.write_text(json.dumps(payload, indent=1) + "\n")
     return set(solved)
 
 
@@ -375,12 +387,14 @@ def echo_section(recipe: Toy, counts: dict, ks: list[int], echo_ids: set[str], p
 def training_section(recipe: Toy, logs: dict, payload: dict) -> list[str]:
     if not logs:
         return []
-    rows = []
+    rows, windows = [], set()
     for (loss, seed), frame in logs.items():
         steps = frame[frame["train/reward"].notna()] if "train/reward" in frame else frame.iloc[:0]
         if steps.empty:
             continue
-        head, tail = steps.iloc[:10], steps.iloc[-10:]
+        window = min(10, max(1, len(steps) // 2))  # the first and the last `window` steps never overlap
+        windows.add(window)
+        head, tail = steps.iloc[:window], steps.iloc[-window:]
         val = frame["val/pass@1"].dropna() if "val/pass@1" in frame else None
         record = {
             "steps": int(steps.index.max()),
@@ -401,9 +415,10 @@ def training_section(recipe: Toy, logs: dict, payload: dict) -> list[str]:
                      f"{record['length_first10']:.1f} → {record['length_last10']:.1f}",
                      f"{record['truncated_first10']:.3f} → {record['truncated_last10']:.3f}",
                      f"{record['p_rank1_first10']:.3f} → {record['p_rank1_last10']:.3f}", val_text])  # fmt: skip
+    window = "/".join(str(w) for w in sorted(windows))
     return [
-        "Training (means of the first and the last 10 RL steps; val pass@1 on the first 32 held-out problems × 4 "
-        "samples at each validation):",
+        f"Training (means of the first and the last {window} RL steps; val pass@1 on the first held-out problems "
+        "at each validation, `data.val_prompts` of them × `module.val_samples` samples):",
         "",
         *md_table(
             ["loss", "seed", "RL steps", "train reward", "response tokens", "truncated", "p(rank 1)", "val pass@1"],
@@ -525,7 +540,7 @@ def configured(args) -> Toy:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 8 RL steps, n = 16 on 32 problems (≤ 20 min)")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 3 RL steps, n = 8 on 16 problems (≤ 20 min)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and run nothing")
     parser.add_argument("--report", action="store_true", help="only write the report from the finished runs")
     parser.add_argument("--seeds", nargs="+", type=int)
@@ -538,7 +553,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     recipe = configured(args)
     out = Path(args.out or REPO / "logs" / ("smollm2_quick" if args.quick else "smollm2")).resolve()
-    train_extra = [*args.extra]  # train_step adds seed= and callbacks.progress=null
+    train_extra = [*(QUICK_TRAIN_EXTRA if args.quick else ()), *args.extra]  # train_step adds seed=, callbacks
     steps = plan(recipe, out, train_extra)
     if args.dry_run:
         print(f"# {len(steps)} commands, one at a time, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}:")

@@ -198,6 +198,8 @@ def test_eval_writes_table_csv_and_plot(train_args, tmp_path, cache_dir):
     )
     summary = json.loads((out / "pass_at_k.json").read_text())
     assert list(summary["pass_at_k"]) == ["1", "2", "4", "8"]
+    # the settings the samples were drawn with, not configs/eval.yaml's "${rollout.max_new_tokens}"
+    assert summary["config"]["eval"]["max_new_tokens"] == 8 and summary["config"]["eval"]["temperature"] == 0.6
     values = list(summary["pass_at_k"].values())
     assert all(0 <= v <= 1 for v in values) and values == sorted(values)
     per_problem = pd.read_csv(out / "per_problem.csv")

@@ -78,7 +78,6 @@ def check_eval_config(cfg: DictConfig) -> None:
     n = _integer(ev, "eval", "n", minimum=1)
     _integer(ev, "eval", "max_new_tokens", minimum=1)
     _integer(ev, "eval", "limit", minimum=1, optional=True)
-    _integer(ev, "eval", "prompts_per_batch", minimum=1)
     _integer(ev, "eval", "micro_batch_size", minimum=1)
     _integer(ev, "eval", "diagnostics_top_k", minimum=0)
     tau = ev.get("diagnostics_tau")

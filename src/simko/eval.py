@@ -1,11 +1,17 @@
-"""Evaluate a checkpoint or a base model: pass@k from n samples per problem.
+"""Evaluate a checkpoint or a base model: pass@k from n samples per problem, to n = 1024 and beyond.
 
     python -m simko.eval ckpt_path=logs/train/runs/.../checkpoints/last.ckpt data=arithmetic eval.n=64
     python -m simko.eval model=smollm2-135m data=gsm8k eval.n=16 eval.limit=50 eval.max_new_tokens=512
+    python -m simko.eval ... eval.n=1024 eval.shard=0/4 hydra.run.dir=logs/eval/runs/e1024_0   # shard 0 of 4
+    python -m simko.eval_merge logs/eval/runs/e1024_{0,1,2,3} --out logs/eval/runs/e1024
 
-For every problem of the data config's held-out set (``val_source``) it samples ``eval.n`` completions (the paper's
-protocol by default: temperature 0.6, top-p 0.95), scores them with the examples' verifiers in the killable
-process pool, and writes into the run folder:
+For every problem of the data config's held-out set (``val_source``) it samples ``eval.n`` completions in one
+generate call (the paper's protocol by default: temperature 0.6, top-p 0.95), seeded by the problem's index in the
+held-out set, scores them with the examples' verifiers in the killable process pool, and appends the problem's
+record to ``problems.jsonl`` before the next problem (``simko.eval_store``): memory holds one problem's n samples,
+a rerun into the same ``hydra.run.dir`` resumes after the last recorded problem (the same config only), and
+``eval.shard=I/N`` evaluates the I-th of N ranges of problems, merged by ``python -m simko.eval_merge`` into what
+the unsharded run writes. A run of all the problems writes into its run folder:
 
 - ``pass_at_k.json``  mean unbiased pass@k for ``eval.ks`` (default 1, 2, 4, ..., n) with 95 % bootstrap intervals
                       over problems (``simko.metrics.uncertainty``), cover@tau with its intervals
@@ -20,12 +26,10 @@ It also records the probability-concentration diagnostics (mean p(rank k) of the
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
 import time
-from collections import defaultdict
 from functools import partial
 from pathlib import Path
 
@@ -40,6 +44,7 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from simko.atomic import atomic_write  # noqa: E402
 from simko.checkpointing import CheckpointError, policy_state_dict, read_checkpoint  # noqa: E402
 from simko.checks import (  # noqa: E402
     ConfigError,
@@ -51,11 +56,21 @@ from simko.checks import (  # noqa: E402
 from simko.config import check_config_dir, import_modules  # noqa: E402
 from simko.console import progress_bar  # noqa: E402
 from simko.engines import Sampling, build_engine, check_engine, step_seed  # noqa: E402
+from simko.eval_store import (  # noqa: E402
+    STATE_VERSION,
+    check_resume,
+    fingerprint,
+    open_state,
+    parse_shard,
+    recorded_indices,
+    shard_range,
+    summarize,
+    write_csv,
+    write_record,
+)
 from simko.evaluation import SampleMetrics, sample_and_score  # noqa: E402
 from simko.forward import rollout_token_stats  # noqa: E402
 from simko.metrics import default_ks, majority_at_n  # noqa: E402
-from simko.metrics.cover import DEFAULT_TAUS  # noqa: E402
-from simko.metrics.uncertainty import DEFAULT_RESAMPLES, summarize_counts  # noqa: E402
 from simko.models.lora import load_adapter_checkpoint, load_model  # noqa: E402
 from simko.rewards import final_answer, score_batch  # noqa: E402
 
@@ -78,12 +93,16 @@ def load_checkpoint_into(policy: torch.nn.Module, ckpt_path: str) -> None:
 
 
 @torch.no_grad()
-def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
+def evaluate(cfg: DictConfig, out_dir: Path) -> dict | None:
+    """Evaluate this call's problems into ``out_dir``, one record per problem, skipping the recorded ones; when
+    they are all the selected problems, write the summary and return it (a shard returns None)."""
     import_modules(cfg.get("imports"))  # user modules (e.g. verifiers) before anything is built
     engine_name = cfg.rollout.get("engine", "hf")  # the trainer's engine (rollout.engine) and its knobs
     check_engine(engine_name, cfg.rollout.get(engine_name))  # e.g. vLLM missing: fail before the model loads
     torch.manual_seed(cfg.seed)
     check_eval_config(cfg)
+    shard = parse_shard(cfg.eval.get("shard"))
+    check_resume(out_dir, fingerprint(cfg))  # a rerun into this folder with another config: refused before loading
     datamodule = build_data(cfg)  # before the model: a bad data path fails in seconds
     policy, tokenizer = load_model(cfg.model, apply=False)  # a LoRA adapter comes from the checkpoint
     if cfg.get("ckpt_path"):
@@ -98,85 +117,94 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         raise ValueError(f"data config {cfg.data._target_} has no held-out problems (val_source) to evaluate")
     n = int(cfg.eval.n)
     ks = sorted(int(k) for k in cfg.eval.ks) if cfg.eval.ks else default_ks(n)
-    verifiers = instantiate(cfg.eval.verifiers) if cfg.eval.get("verifiers") else None
-    score = partial(score_batch, verifiers=verifiers)
-    diag_k = min(int(cfg.eval.diagnostics_top_k), policy.get_output_embeddings().weight.shape[0])
-    temperature = float(cfg.eval.temperature)
-    metrics = SampleMetrics(ks, diag_k, float(cfg.eval.diagnostics_tau))
-    token_stats = partial(rollout_token_stats, policy, temperature=temperature)  # (rows, top_k) -> TokenStats
-    rows_out, answers_all, correct_all = [], [], []
-    response_tokens = 0  # generated tokens up to and including EOS, summed over all samples
-    truncated = missing = 0  # samples without EOS within max_new_tokens / without a final answer their verifier reads
-    seconds: dict[str, float] = defaultdict(float)  # wall time of sampling, verifying and the diagnostics forward
-    batch = max(1, int(cfg.eval.prompts_per_batch))
-    micro_batch_size = int(cfg.eval.micro_batch_size)  # rows per forward of the diagnostics
-    engine = build_engine(engine_name, policy, tokenizer, **(cfg.rollout.get(engine_name) or {}))
-
-    with progress_bar("eval", len(problems)) as advance:
-        for start in range(0, len(problems), batch):
-            chunk = problems[start : start + batch]
-            sampling = Sampling(
-                max_new_tokens=int(cfg.eval.max_new_tokens),
-                temperature=temperature,
-                top_p=float(cfg.eval.top_p),
-                seed=step_seed(cfg.seed, start, 0),
-            )
-            rollouts, scores, times = sample_and_score(engine, tokenizer, chunk, n, sampling, score)
-            seconds["generate"] += times["time/generate"]
-            seconds["score"] += times["time/score"]
-            diagnostic_rows = _diagnostics_rows(len(chunk), n, cfg.eval.get("diagnostics_samples"))
-            started = time.perf_counter()  # the update's share is the diagnostics forward (the rest is counting)
-            correct = metrics.update(chunk, rollouts, scores, token_stats, micro_batch_size, diagnostic_rows)
-            seconds["diagnostics"] += time.perf_counter() - started
-            response_tokens += int(rollouts.response_mask.sum())
-            truncated += int(rollouts.truncated.sum())
-            for i, ex in enumerate(chunk):
-                completions = rollouts.completions[i * n : (i + 1) * n]
-                extracted = [final_answer(c, ex["verifier"], verifiers) for c in completions]  # what its verifier reads
-                missing += sum(answer is None for answer in extracted)
-                answers_all.append(extracted)
-                correct_all.append(correct[i].tolist())
-                cut = rollouts.truncated[i * n : (i + 1) * n].tolist()
-                rows_out.append(
-                    problem_row(ex.get("id", start + i), ex, completions, extracted, correct[i].tolist(), cut)
-                )
-            advance(len(chunk))
-    engine.close()
-
-    result, diversity, diagnostics = metrics.compute()
-    num_samples = len(problems) * n
-    uncertainty = summarize_counts(  # 95 % bootstrap intervals over problems; cover@tau (simko.metrics.cover)
-        [[sum(c) for c in correct_all]], n, ks, cfg.eval.get("cover_taus") or DEFAULT_TAUS,
-        resamples=int(cfg.eval.get("bootstrap_resamples") or DEFAULT_RESAMPLES),
-        seed=int(cfg.eval.get("bootstrap_seed") or 0),
-    )  # fmt: skip
-    summary = {
-        "pass_at_k": {str(k): result[k] for k in ks},
-        **{key: uncertainty[key] for key in ("pass_at_k_ci95", "cover_at_tau", "cover_at_tau_ci95", "bootstrap")},
-        "mean@n": result["mean@n"],
-        "maj@n": majority_at_n(answers_all, correct_all),
-        "n": n,
+    lo, hi = shard_range(len(problems), shard)
+    eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)  # the values used (T, top-p, max tokens), as reports show
+    eval_cfg.pop("shard", None)  # merged shards summarize as the unsharded run does
+    state = {
+        "version": STATE_VERSION,
+        "fingerprint": fingerprint(cfg),
         "num_problems": len(problems),
-        "diagnostics": diagnostics,
-        "diversity": diversity,  # distinct correct solutions, their entropy and coverage (n samples)
-        "response_tokens": response_tokens / num_samples,  # mean response length in tokens (EOS included)
-        "truncated_frac": truncated / num_samples,  # no EOS within eval.max_new_tokens
-        # no final answer by the verifier's own rule (math: no complete \boxed{}; it then falls back to
-        # math-verify's extraction from the text, so such a sample can still score)
-        "no_final_answer_frac": missing / num_samples,
-        "seconds": dict(seconds),  # wall time: generate, score (the verifiers), diagnostics (their forward)
-        "config": {
+        "ks": ks,
+        "shard": list(shard) if shard else None,
+        "range": [lo, hi],
+        "config": {  # the summary's "config"
             "model": OmegaConf.to_container(cfg.model),
             "ckpt_path": cfg.get("ckpt_path"),
             "data": cfg.data._target_,
             "dataset": _choice("data"),  # the data config's name (for plot titles), None outside Hydra
             "split": getattr(datamodule.val_source, "split", None),
             "held_out": repr(datamodule.val_source),
-            "eval": OmegaConf.to_container(cfg.eval),
+            "eval": eval_cfg,
         },
     }
-    write_outputs(summary, rows_out, out_dir)
-    return summary
+    open_state(out_dir, state)  # a folder of another evaluation's config: refused here
+    done = recorded_indices(out_dir)
+    todo = [i for i in range(lo, hi) if i not in done]
+    if done:
+        log.info(
+            "resuming in %s: %d of %d problems recorded, %d to go", out_dir, hi - lo - len(todo), hi - lo, len(todo)
+        )
+    verifiers = instantiate(cfg.eval.verifiers) if cfg.eval.get("verifiers") else None
+    score = partial(score_batch, verifiers=verifiers)
+    diag_k = min(int(cfg.eval.diagnostics_top_k), policy.get_output_embeddings().weight.shape[0])
+    temperature = float(cfg.eval.temperature)
+    metrics = SampleMetrics(ks, diag_k, float(cfg.eval.diagnostics_tau))
+    token_stats = partial(rollout_token_stats, policy, temperature=temperature)  # (rows, top_k) -> TokenStats
+    micro_batch_size = int(cfg.eval.micro_batch_size)  # rows per forward of the diagnostics
+    diagnostic_rows = _diagnostics_rows(1, n, cfg.eval.get("diagnostics_samples"))
+    engine = build_engine(engine_name, policy, tokenizer, **(cfg.rollout.get(engine_name) or {})) if todo else None
+
+    with progress_bar("eval", len(todo)) as advance:
+        for index in todo:
+            record = _evaluate_problem(
+                cfg, index, problems[index], engine, tokenizer, n, score, verifiers, metrics, token_stats,
+                micro_batch_size, diagnostic_rows,
+            )  # fmt: skip
+            write_record(out_dir, record)  # durable before the next problem starts
+            advance(1)
+    if engine is not None:
+        engine.close()
+    if (lo, hi) != (0, len(problems)):
+        log.info(
+            "shard %s: problems %d..%d of %d recorded in %s; merge all shards with python -m simko.eval_merge "
+            "<shard folders> --out <new folder>", cfg.eval.shard, lo, hi - 1, len(problems), out_dir,
+        )  # fmt: skip
+        return None
+    return summarize([out_dir], out_dir, write_outputs)
+
+
+def _evaluate_problem(
+    cfg, index, ex, engine, tokenizer, n, score, verifiers, metrics, token_stats, micro_batch_size, diagnostic_rows
+) -> dict:
+    """Sample, score and diagnose one problem: its record for ``problems.jsonl`` (``simko.eval_store``).
+
+    One problem per generate call, seeded by its index in the held-out set: its samples are the same whether it is
+    evaluated in one run, in a shard, or after a resume."""
+    sampling = Sampling(
+        max_new_tokens=int(cfg.eval.max_new_tokens),
+        temperature=float(cfg.eval.temperature),
+        top_p=float(cfg.eval.top_p),
+        seed=step_seed(cfg.seed, index, 0),
+    )
+    rollouts, scores, times = sample_and_score(engine, tokenizer, [ex], n, sampling, score)
+    started = time.perf_counter()  # the update's share is the diagnostics forward (the rest is counting)
+    correct = metrics.update([ex], rollouts, scores, token_stats, micro_batch_size, diagnostic_rows)[0].tolist()
+    diagnostics_s = time.perf_counter() - started
+    state = metrics.take()  # this problem's diversity values and diagnostic token sums; the metric is empty again
+    extracted = [final_answer(c, ex["verifier"], verifiers) for c in rollouts.completions]  # what its verifier reads
+    row = problem_row(ex.get("id", index), ex, rollouts.completions, extracted, correct, rollouts.truncated.tolist())
+    return {
+        "index": index,
+        "c": row["c"],
+        "majority_correct": int(majority_at_n([extracted], [correct])),
+        "diversity": state["diversity"],
+        "diagnostic_sums": state["diagnostic_sums"],
+        "response_tokens": int(rollouts.response_mask.sum()),  # generated tokens up to and including EOS
+        "truncated": int(rollouts.truncated.sum()),  # samples without EOS within max_new_tokens
+        "no_final_answer": sum(answer is None for answer in extracted),
+        "seconds": {"generate": times["time/generate"], "score": times["time/score"], "diagnostics": diagnostics_s},
+        "row": row,
+    }
 
 
 PER_PROBLEM_COLUMNS = ["id", "c", "n", "answer", "extracted", "correct", "truncated", "prompt", "sample_completion",
@@ -221,13 +249,13 @@ def _choice(group: str) -> str | None:
     return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
 
 
-def write_outputs(summary: dict, rows: list[dict], out_dir: Path) -> None:
+def write_outputs(summary: dict, rows, out_dir: Path) -> None:
+    """``per_problem.csv`` (``rows``: any iterable, written as it is read), ``pass_at_k.json`` and the plot; each
+    file complete or absent (written beside, fsynced, renamed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "pass_at_k.json").write_text(json.dumps(summary, indent=2, default=str))
-    with open(out_dir / "per_problem.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=PER_PROBLEM_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = json.dumps(summary, indent=2, default=str).encode()
+    write_csv(rows, out_dir / "per_problem.csv", PER_PROBLEM_COLUMNS)
+    atomic_write(out_dir / "pass_at_k.json", lambda f: f.write(text))
     from simko.plot import plot_pass_at_k
 
     ckpt = summary.get("config", {}).get("ckpt_path")
@@ -244,6 +272,8 @@ def main(cfg: DictConfig) -> None:
         exit_with_config_error(err)
     except CheckpointError as err:  # unreadable, truncated or untrusted: one message naming the file
         exit_with_config_error(err)
+    if summary is None:  # a shard: its records are written; the summary comes from the merge
+        return
     table = "  ".join(f"pass@{k}={v:.3f}" for k, v in summary["pass_at_k"].items())
     log.info("%d problems x n=%d: %s  maj@n=%.3f", summary["num_problems"], summary["n"], table, summary["maj@n"])
     log.info("wrote %s", out_dir)

@@ -103,6 +103,22 @@ class SampleMetrics(torch.nn.Module):
                     self.diagnostic_sums[key] += value  # token sums: the means are over all diagnosed tokens
         return correct
 
+    def take(self) -> dict:
+        """This process's accumulated state, per problem, then reset: ``{"counts": [c per problem],
+        "diversity": {name: value per problem (one problem: a float)}, "diagnostic_sums": {key: token sum}}``.
+        What ``simko.eval`` records for each problem, so that any set of problems is summarized later."""
+        counts = torch.cat(self.pass_at_k.counts).tolist() if self.pass_at_k.counts else []
+        diversity = {}
+        for name in self.diversity.NAMES:
+            state = getattr(self.diversity, name)
+            values = torch.cat(state).tolist() if state else []
+            diversity[name] = values[0] if len(values) == 1 else values
+        sums = dict(self.diagnostic_sums)
+        self.pass_at_k.reset()
+        self.diversity.reset()
+        self.diagnostic_sums.clear()
+        return {"counts": counts, "diversity": diversity, "diagnostic_sums": sums}
+
     def compute(self, strategy=None, device=None) -> tuple[dict, dict[str, float], dict[str, float]]:
         """(pass@k ``{k: mean, "mean@n": mean}``, diversity, diagnostics) over every rank's samples (torchmetrics'
         sync; the diagnostics' sums through the Lightning ``strategy``), then reset for the next evaluation."""

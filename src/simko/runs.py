@@ -324,10 +324,14 @@ class RunDirGuard(Callback):
     Args:
         resume_key: the task config key naming a checkpoint to resume from (``ckpt_path`` for ``simko.train``);
             None for tasks that only read checkpoints (``simko.eval``).
+        resume_file: a file by which a task continues its own run in a given ``hydra.run.dir`` without a checkpoint
+            (``eval_state.json`` for ``simko.eval``): a folder holding it, or holding nothing but what a run writes
+            before the task starts (a killed start), is continued; the task checks that its config is the same.
     """
 
-    def __init__(self, resume_key: str | None = None) -> None:
+    def __init__(self, resume_key: str | None = None, resume_file: str | None = None) -> None:
         self.resume_key = resume_key
+        self.resume_file = resume_file
         self._claims: list[RunClaim] = []  # the run's, or the sweep's
         self._job_claim: RunClaim | None = None
 
@@ -349,6 +353,8 @@ class RunDirGuard(Callback):
         _CONTINUED["step"] = None
         with _claiming(run_dir):
             plan = plan_run(run_dir, ckpt, _given(config, "hydra.run.dir"))
+            if self.resume_file and _given(config, "hydra.run.dir") and self._resumable(run_dir, config):
+                plan = RunPlan(run_dir, continue_run=True, resume_step=-1)
             self._claims.append(RunClaim(plan.run_dir, continue_run=plan.continue_run))
             if plan.continue_run:
                 prepare_continued_run(plan.run_dir, plan.resume_step)
@@ -357,6 +363,14 @@ class RunDirGuard(Callback):
             if plan.continue_run and config.hydra.output_subdir is not None:
                 # This attempt's config goes beside the run's first one instead of overwriting it.
                 config.hydra.output_subdir = f"{config.hydra.output_subdir}/resume-{RUN_ID}"
+
+    def _resumable(self, run_dir: Path, config: DictConfig) -> bool:
+        if not (run_dir / MARKER).is_file() or (run_dir / self.resume_file).is_symlink():
+            return False
+        if (run_dir / self.resume_file).is_file():
+            return True
+        started = OWN_FILES | {str(config.hydra.output_subdir), f"{config.get('task_name')}.log"}
+        return all(p.name in started for p in run_dir.iterdir())
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         launched = launched_processes(config)

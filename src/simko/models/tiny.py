@@ -181,18 +181,19 @@ def load_tiny(
         start = time.perf_counter()
         losses = []
         if warm_start_steps > 0:
-            losses = supervised_warm_start(
-                model,
-                tokenizer,
-                arithmetic_source(task, seed, "train"),
-                steps=warm_start_steps,
-                batch_size=warm_start_batch_size,
-                lr=warm_start_lr,
-                weight_decay=warm_start_weight_decay,
-                warmup_steps=warm_start_warmup_steps,
-                prompt_template=prompt_template,
-                device=warm_start_device,
-            )
+            with torch.enable_grad():  # also when built inside an evaluation (simko.eval runs under no_grad)
+                losses = supervised_warm_start(
+                    model,
+                    tokenizer,
+                    arithmetic_source(task, seed, "train"),
+                    steps=warm_start_steps,
+                    batch_size=warm_start_batch_size,
+                    lr=warm_start_lr,
+                    weight_decay=warm_start_weight_decay,
+                    warmup_steps=warm_start_warmup_steps,
+                    prompt_template=prompt_template,
+                    device=warm_start_device,
+                )
         train_seconds = time.perf_counter() - start
         accuracy = None
         if eval_problems > 0:
