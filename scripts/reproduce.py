@@ -9,11 +9,16 @@
 * ``arithmetic``: the tiny model warm-started on 2-digit addition; arms ``experiment=toy_<arm>``; the last
   checkpoint is evaluated with ``experiment=toy_eval`` (n = 64 on 256 held-out problems).
 * ``testbed``: the tiny model warm-started on countdown_steps (several correct chains of steps per problem,
-  solutions drawn uniformly); arms ``experiment=testbed loss=<arm>``; evaluated with ``experiment=testbed_eval``
+  solutions drawn uniformly); arms ``experiment=testbed`` plus the arm's overrides in ``TESTBED_ARMS`` (mostly
+  ``loss=<arm>``; ``kl_cov_mb2`` is KL-Cov at 2 mini-batches per batch); evaluated with ``experiment=testbed_eval``
   (n = 256 on 200 TEST problems). ``simko_tuned`` is the SimKO setting chosen on the VAL split among ``--sweep``
   (alpha x lambda x tau, on seed 0; the criterion is the mean of pass@k over k = 1, 2, 4, ..., 64 from n = 64 on
   200 val problems, the area under the log-k curve); the chosen setting then runs every seed and is reported on
-  the test split.
+  the test split. A setting's run name (``--losses simko_a0.05_l1.1_t0.8``) runs it as an arm without the sweep.
+  Arms run seed by seed (every arm at the first seed, then the next), so a grid stopped early leaves whole seeds.
+  ``--large-n 1024`` then evaluates ``--large-n-arms`` (``base``, arms, ``simko_tuned``, ``best_new``: the new arm
+  with the best mean pass@k, on val if every new arm has a val evaluation, else on test) at that n, into
+  ``eval_n<n>/``, and adds their table to the report.
 
 Every run goes through the real entry points (``simko.sft`` builds each warm start once, then ``simko.train`` and
 ``simko.eval``), ``--jobs`` of them at a time, each with ``OMP_NUM_THREADS = cores / jobs`` unless set. Finished
@@ -81,9 +86,32 @@ class Toy:
         if setting is not None:
             alpha, lam, tau = setting
             loss = ["loss=simko", f"loss.alpha={alpha}", f"loss.lam={lam}", f"loss.tau={tau}"]
+        elif run in TESTBED_ARMS:
+            loss = list(TESTBED_ARMS[run])
         else:
-            loss = [f"loss={run}"]
+            raise ValueError(f"testbed: unknown arm {run!r}: one of {', '.join(TESTBED_ARMS)}, simko_tuned or a "
+                             "SimKO setting simko_a<alpha>_l<lambda>_t<tau>")  # fmt: skip
         return [f"experiment={self.experiment}", *loss, *self.train_overrides]
+
+
+# The testbed's arms: each a name for the overrides it adds to experiment=testbed. kl_cov's penalty
+# |log pi - log pi_old| is 0 at one optimizer step per batch (log pi = log pi_old), so `kl_cov` equals GRPO there;
+# `kl_cov_mb2` splits each batch into 2 mini-batches (2 optimizer steps, verl's ppo_mini_batch_size), so from the
+# second one on the policy is off the sampler's and the penalty acts.
+TESTBED_ARMS: dict[str, tuple[str, ...]] = {
+    "grpo": ("loss=grpo",),
+    "simko": ("loss=simko",),
+    "entropy_bonus": ("loss=entropy_bonus",),
+    "nsr": ("loss=nsr",),
+    "w_reinforce": ("loss=w_reinforce",),
+    "passk": ("loss=passk",),
+    "kl_cov": ("loss=kl_cov",),
+    "maxrl": ("loss=maxrl",),
+    "sapo": ("loss=sapo",),
+    "entropy_control": ("loss=entropy_control",),  # GRPO + EntroPIC's adaptive entropy controller
+    "kl_cov_mb2": ("loss=kl_cov", "module.num_mini_batches=2"),
+}
+NEW_ARMS = ("maxrl", "sapo", "entropy_control", "kl_cov_mb2")  # added to the grid after its first full run
 
 
 ARITHMETIC = Toy(
@@ -102,7 +130,7 @@ TESTBED = Toy(
     title="Multi-path testbed (countdown_steps: several correct chains of steps per problem)",
     experiment="testbed",
     eval_experiment="testbed_eval",
-    arms=("grpo", "simko", "simko_tuned", "entropy_bonus", "nsr", "w_reinforce", "passk", "kl_cov"),
+    arms=("grpo", "simko", "simko_tuned", "entropy_bonus", "nsr", "w_reinforce", "passk", "kl_cov", *NEW_ARMS),
     seeds=(0, 1, 2, 3, 4),
     n=256,
     problems=200,
@@ -166,6 +194,8 @@ class Runner:
         with self._lock:
             where = f"{run_dir.parent.parent.name}/{run_dir.parent.name}/{run_dir.name}"
             self.executed.append(f"{module} {where} {time.perf_counter() - start:.0f}s")
+            # As each run ends, so that a grid stopped early still leaves its runs' wall times in its log.
+            print(f"done {self.executed[-1]} (rc {proc.returncode})", flush=True)
         if proc.returncode != 0 or not finished(module, run_dir, done):
             raise RuntimeError(f"failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
 
@@ -240,6 +270,8 @@ def warm_start(toy: Toy, runner: Runner, out: Path) -> None:
     marker = out / toy.name / "sft" / "done"
     if marker.exists():
         return
+    if marker.parent.exists():  # an interrupted build: its folder is that run's own, so start afresh next to it
+        marker.parent.rename(marker.parent.with_name(f"sft.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"))
     cmd = [
         sys.executable,
         "-m",
@@ -306,17 +338,18 @@ def run_toy(toy: Toy, runner: Runner, out: Path, args, extra: list[str]) -> dict
         steps = [train_step(toy, out, run, toy.sweep_seed, extra)]
         steps.append(eval_step(toy, out, run, toy.sweep_seed, "val", min(toy.sweep_n, toy.n), toy.problems))
         sweep_futures.append(runner.submit(steps))
-    for arm in arms:
-        if arm == "simko_tuned":
-            continue
-        for seed in toy.seeds:
+    # Seed-major: the base and every arm at the first seed, then the next seed, so a grid stopped early leaves whole
+    # seeds; the base first, as every row of the report is read against it.
+    for seed in toy.seeds:
+        futures.append(runner.submit([eval_step(toy, out, None, seed, "test", toy.n, toy.problems)]))
+        for arm in arms:
+            if arm == "simko_tuned":
+                continue
             steps = [
                 train_step(toy, out, arm, seed, extra),
                 eval_step(toy, out, arm, seed, "test", toy.n, toy.problems),
             ]
             futures.append(runner.submit(steps))
-    for seed in toy.seeds:
-        futures.append(runner.submit([eval_step(toy, out, None, seed, "test", toy.n, toy.problems)]))
     return {"arms": arms, "sweep": sweep, "sweep_futures": sweep_futures, "futures": futures}
 
 
@@ -342,6 +375,86 @@ def finish_sweep(toy: Toy, state: dict, runner: Runner, out: Path, extra: list[s
             eval_step(toy, out, chosen, seed, "test", toy.n, toy.problems),
         ]
         state["futures"].append(runner.submit(steps))
+
+
+def best_new_arm(toy: Toy, state: dict, out: Path) -> dict:
+    """The new arm (NEW_ARMS) of the grid with the best mean pass@k over k = 1, 2, 4, ..., n (the sweep's
+    criterion): on the val split where every new arm has a val evaluation at the sweep seed, else on the test
+    split, mean over the grid's seeds (a choice made on the reported split: the report says so)."""
+    candidates = [arm for arm in state["arms"] if arm in NEW_ARMS]
+    if not candidates:
+        raise SystemExit(f"{toy.name}: --large-n-arms best_new needs one of {', '.join(NEW_ARMS)} among the arms")
+    val = [out / toy.name / "eval_val" / f"{arm}_seed{toy.sweep_seed}" / "pass_at_k.json" for arm in candidates]
+    if all(path.is_file() for path in val):
+        scores = {arm: selection_score(read(path)) for arm, path in zip(candidates, val, strict=True)}
+        split = f"val, seed {toy.sweep_seed}"
+    else:
+        test = {
+            arm: [out / toy.name / "eval" / f"{arm}_seed{s}" / "pass_at_k.json" for s in toy.seeds]
+            for arm in candidates
+        }
+        scores = {arm: float(np.mean([selection_score(read(path)) for path in paths])) for arm, paths in test.items()}
+        split = f"test, mean over seeds {' '.join(map(str, toy.seeds))}"
+    chosen = max(scores, key=scores.get)
+    return {"chosen": chosen, "scores": scores, "split": split}
+
+
+def large_n_runs(toy: Toy, state: dict, out: Path, arms: list[str], seeds: list[int]) -> dict[str, str | None]:
+    """``--large-n-arms`` as run names: ``base`` (the warm start), ``simko_tuned`` (the sweep's choice, or the one
+    SimKO setting among the arms), ``best_new`` (``best_new_arm``), or an arm of the grid."""
+    runs: dict[str, str | None] = {}
+    for arm in arms:
+        if arm == "base":
+            runs["base"] = None
+        elif arm == "simko_tuned":
+            settings = [a for a in state["arms"] if parse_setting(a)]
+            if state.get("selection"):
+                runs[arm] = state["selection"]["chosen"]
+            elif len(settings) == 1:
+                runs[arm] = settings[0]
+            else:
+                raise SystemExit("--large-n-arms simko_tuned: no sweep, and not one SimKO setting among the arms")
+        elif arm == "best_new":
+            state["best_new"] = best_new_arm(toy, state, out)
+            runs[arm] = state["best_new"]["chosen"]
+        elif arm in state["arms"]:
+            runs[arm] = arm
+        else:
+            raise SystemExit(f"--large-n-arms {arm}: not an arm of this grid ({', '.join(state['arms'])})")
+    return runs
+
+
+def large_n_step(toy: Toy, out: Path, run: str | None, seed: int, n: int) -> tuple:
+    """A test evaluation at ``n`` samples per problem, in ``eval_n<n>/`` (the grid's own n stays in ``eval/``)."""
+    module, overrides, _, _ = eval_step(toy, out, run, seed, "test", n, toy.problems)
+    eval_dir = out / toy.name / f"eval_n{n}" / f"{run or 'base'}_seed{seed}"
+    return (module, overrides, eval_dir, eval_dir / "pass_at_k.json")
+
+
+def large_n_table(toy: Toy, state: dict, out: Path) -> list[str]:
+    spec = state.get("large_n")
+    if not spec:
+        return []
+    n, rows, ks = spec["n"], [], None
+    for label, run in spec["runs"].items():
+        for seed in spec["seeds"]:
+            path = out / toy.name / f"eval_n{n}" / f"{run or 'base'}_seed{seed}" / "pass_at_k.json"
+            if not path.is_file():
+                continue
+            summary = read(path)
+            ks = ks or list(summary["pass_at_k"])
+            name = label if run in (None, label) else f"{label} ({run})"
+            rows.append([name, str(seed), *(f"{summary['pass_at_k'][k]:.3f}" for k in ks)])
+    if not rows:
+        return []
+    lines = ["", f"pass@k at n = {n} on the same {toy.problems} test problems (one seed each):", ""]
+    lines += md_table(["model", "seed", *(f"pass@{k}" for k in ks)], rows)
+    if state.get("best_new"):
+        best = state["best_new"]
+        scores = ", ".join(f"{arm} {score:.4f}" for arm, score in best["scores"].items())
+        lines += ["", f"best_new = **{best['chosen']}**: the best mean pass@k over k = 1, 2, 4, ..., n on "
+                  f"{best['split']} among the new arms ({scores})."]  # fmt: skip
+    return lines
 
 
 # --- report ----------------------------------------------------------------------------------------------------
@@ -512,6 +625,7 @@ def write_report(toy: Toy, state: dict, out: Path, seconds: float, runner: Runne
             "",
             *md_table(["setting", "val mean pass@k"], [[run, f"{score:.4f}"] for run, score in ranked]),
         ]
+    lines += large_n_table(toy, state, out)
     lines += [
         "",
         f"Figures: `{toy.name}/pass_at_k.png`, `{toy.name}/frontier.png` (pass@1 against pass@k, seeds as points "
@@ -725,6 +839,11 @@ def main() -> None:
     parser.add_argument("--out", help="default: logs/reproduce (logs/reproduce_quick, logs/reproduce_smoke)")
     parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every train/eval run")
     parser.add_argument("--runs-only", action="store_true", help="train + evaluate only, no report")
+    parser.add_argument("--large-n", type=int, help="testbed: also evaluate --large-n-arms at this n (eval_n<N>/)")
+    parser.add_argument("--large-n-arms", nargs="+", default=["base", "grpo", "simko_tuned", "best_new"],
+                        help="base, grid arms, simko_tuned, best_new (the new arm with the best mean pass@k: on val "
+                        "if every new arm has a val evaluation, else on test)")  # fmt: skip
+    parser.add_argument("--large-n-seeds", nargs="+", type=int, default=[0], help="seeds of the --large-n evals")
     args = parser.parse_args()
     default_out = "reproduce_smoke" if args.smoke else "reproduce_quick" if args.quick else "reproduce"
     out = Path(args.out or REPO / "logs" / default_out).resolve()
@@ -753,6 +872,13 @@ def main() -> None:
     for toy in configured:
         if "simko_tuned" in toy.arms and not toy.sweep:
             raise SystemExit(f"{toy.name}: arm simko_tuned needs SimKO settings to choose from (--sweep)")
+        if toy.name == "testbed":
+            for arm in toy.arms:
+                if arm != "simko_tuned":
+                    try:
+                        toy.train_args(arm)
+                    except ValueError as error:
+                        raise SystemExit(f"--losses: {error}") from None
     for toy in configured:
         check_grid_settings(toy, out, train_extra, list(args.extra))
     runner = Runner(args.jobs, list(args.extra))
@@ -764,6 +890,15 @@ def main() -> None:
         finish_sweep(toy, states[toy.name], runner, out, train_extra)
     for toy in configured:
         wait(states[toy.name]["futures"])
+    if args.large_n and not runner.failures:
+        for toy in configured:
+            if toy.name != "testbed":
+                continue
+            state = states[toy.name]
+            runs = large_n_runs(toy, state, out, args.large_n_arms, args.large_n_seeds)
+            state["large_n"] = {"n": args.large_n, "runs": runs, "seeds": args.large_n_seeds}
+            wait([runner.submit([large_n_step(toy, out, run, seed, args.large_n)])
+                  for run in runs.values() for seed in args.large_n_seeds])  # fmt: skip
     runner.pool.shutdown()
     if runner.failures:
         raise SystemExit(f"{len(runner.failures)} run(s) failed:\n\n" + "\n\n".join(runner.failures))

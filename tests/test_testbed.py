@@ -579,3 +579,60 @@ def test_reproduce_report_leaves_diversity_out_for_one_answer_per_problem(tmp_pa
         assert "| model | Δ pass@1 | Δ pass@2 |" in text  # the mid and the last k are one column here
         assert "| simko | +0.062 [+0.000, +0.188] (2/0) | +0.125 [+0.000, +0.375] (2/0) |" in text  # paired Δ pass@k
         assert (folder / "pass_at_k.png").stat().st_size > 0 and (folder / "training.png").stat().st_size > 0
+
+
+def test_reproduce_every_testbed_arm_composes_and_builds_its_loss(compose_config):
+    """Each arm of the testbed grid (and a SimKO sweep setting) as reproduce.py passes it to simko.train composes in
+    process and builds its loss; the table's extra overrides reach the config (kl_cov_mb2: 2 mini-batches)."""
+    from hydra.utils import instantiate
+
+    reproduce = _reproduce_module()
+    toy = reproduce.TESTBED
+    assert set(reproduce.NEW_ARMS) <= set(toy.arms) and set(toy.arms) - {"simko_tuned"} <= set(reproduce.TESTBED_ARMS)
+    configs = {}
+    for arm in [*reproduce.TESTBED_ARMS, reproduce.setting_name(0.05, 1.1, 0.8)]:
+        cfg = compose_config("train", [*toy.train_args(arm), "seed=0"])
+        assert cfg.task_name == "testbed" and cfg.rl_steps == 60, arm
+        loss = instantiate(cfg.loss)
+        assert loss is not None, arm
+        configs[arm] = cfg
+    assert configs["kl_cov_mb2"].loss.name == configs["kl_cov"].loss.name == "kl_cov"
+    assert configs["kl_cov_mb2"].module.num_mini_batches == 2 and configs["kl_cov"].module.num_mini_batches == 1
+    assert configs["maxrl"].loss.advantage == "maxrl" and configs["sapo"].loss.name == "sapo"
+    assert configs["entropy_control"].loss.entropy_control.method == "entropic"
+    assert configs["simko_a0.05_l1.1_t0.8"].loss.alpha == 0.05
+    with pytest.raises(ValueError, match="unknown arm 'kl_cov_mb3'"):
+        toy.train_args("kl_cov_mb3")
+
+
+def test_reproduce_grid_runs_seed_major_and_large_n_picks_its_runs(tmp_path):
+    """Every arm at a seed before the next seed (a stopped grid leaves whole seeds); --large-n-arms resolves base,
+    simko_tuned (the one SimKO setting among the arms) and best_new (on test when no val evaluation exists)."""
+    import json
+    from dataclasses import replace
+
+    reproduce = _reproduce_module()
+    setting = reproduce.setting_name(0.05, 1.1, 0.8)
+    toy = replace(reproduce.TESTBED, arms=("grpo", "maxrl", "sapo", setting), seeds=(0, 1), sweep=())
+
+    class Recorder:
+        def __init__(self):
+            self.steps = []
+
+        def submit(self, steps):
+            self.steps.append(steps)
+
+    runner = Recorder()
+    state = reproduce.run_toy(toy, runner, tmp_path, None, [])
+    order = [steps[0][2].name for steps in runner.steps]
+    assert order == [f"{run}_seed{s}" for s in (0, 1) for run in ("base", *toy.arms)]
+    for arm, score in (("maxrl", 0.3), ("sapo", 0.5)):
+        for seed in (0, 1):
+            path = tmp_path / "testbed" / "eval" / f"{arm}_seed{seed}" / "pass_at_k.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps({"pass_at_k": {"1": score, "2": score + seed * 0.1}}))
+    runs = reproduce.large_n_runs(toy, state, tmp_path, ["base", "grpo", "simko_tuned", "best_new"], [0])
+    assert runs == {"base": None, "grpo": "grpo", "simko_tuned": setting, "best_new": "sapo"}
+    assert state["best_new"]["split"].startswith("test")
+    step = reproduce.large_n_step(toy, tmp_path, "sapo", 0, 1024)
+    assert step[2] == tmp_path / "testbed" / "eval_n1024" / "sapo_seed0" and "eval.n=1024" in step[1]
