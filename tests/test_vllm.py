@@ -365,6 +365,22 @@ def _cli():
     return overrides, metrics, run
 
 
+def vllm_train_args(cache, log_dir, name: str, *extra: str) -> list[str]:
+    """Overrides of a short `simko.train rollout.engine=vllm` run of the small tiny model into ``log_dir/name``."""
+    tiny, _, _ = _cli()
+    return [
+        "debug=fast",
+        f"paths.cache_dir={cache}",
+        f"paths.log_dir={log_dir}",
+        f"hydra.run.dir={log_dir / name}",
+        "callbacks.progress=null",
+        *tiny,
+        "rollout.engine=vllm",
+        "rollout.vllm.kv_cache_gib=0.05",
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="module")
 def cli_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("vllm_cli_cache")
@@ -377,20 +393,10 @@ def test_train_and_resume_with_vllm(cli_cache, tmp_path):
     resumed at step 2 of 4 samples and trains what the uninterrupted run does (steps 3-4, final weights)."""
     if not HAS_VLLM:
         pytest.skip("vLLM not installed")
-    tiny, metrics, run = _cli()
+    _, metrics, run = _cli()
 
     def args(name, *extra):
-        return [
-            "debug=fast",
-            f"paths.cache_dir={cli_cache}",
-            f"paths.log_dir={tmp_path}",
-            f"hydra.run.dir={tmp_path / name}",
-            "callbacks.progress=null",
-            *tiny,
-            "rollout.engine=vllm",
-            "rollout.vllm.kv_cache_gib=0.05",
-            *extra,
-        ]
+        return vllm_train_args(cli_cache, tmp_path, name, *extra)
 
     run("simko.train", *args("full", "rl_steps=4"))
     frame = metrics(tmp_path / "full")
@@ -425,21 +431,10 @@ def test_update_knobs_with_vllm_train_what_the_padded_update_trains(cli_cache, t
     and the run trains what the padded update trains."""
     if not HAS_VLLM:
         pytest.skip("vLLM not installed")
-    tiny, metrics, run = _cli()
+    _, metrics, run = _cli()
 
     def args(name, *extra):
-        return [
-            "debug=fast",
-            "rl_steps=3",
-            f"paths.cache_dir={cli_cache}",
-            f"paths.log_dir={tmp_path}",
-            f"hydra.run.dir={tmp_path / name}",
-            "callbacks.progress=null",
-            *tiny,
-            "rollout.engine=vllm",
-            "rollout.vllm.kv_cache_gib=0.05",
-            *extra,
-        ]
+        return vllm_train_args(cli_cache, tmp_path, name, "rl_steps=3", *extra)
 
     run("simko.train", *args("padded", "module.padding_free=false"))
     knobs = ["module.gradient_checkpointing=true", "module.micro_batch_tokens=64", "module.padding_free=true"]
