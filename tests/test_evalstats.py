@@ -231,6 +231,15 @@ def test_frontier_has_seeds_as_points_with_intervals_and_means_over_seeds(tmp_pa
             assert cell["pass@16"][1] <= cell["pass@16"][0] <= cell["pass@16"][2]
         mean = np.mean([cell["pass@16"][0] for cell in group["seeds"]])
         assert group["mean"]["pass@16"][0] == pytest.approx(mean, abs=1e-15)
+    # the axes hold every interval and zoom in on them, within [-0.01, 1.01]
+    (xlo, xhi), (ylo, yhi) = plot.frontier_limits(points, 16)
+    cells = [c for g in points.values() for c in [*g["seeds"], g["mean"]]]
+    assert xlo <= min(c["pass@1"][1] for c in cells) and xhi >= max(c["pass@1"][2] for c in cells)
+    assert ylo <= min(c["pass@16"][1] for c in cells) and yhi >= max(c["pass@16"][2] for c in cells)
+    assert -0.01 <= xlo and xhi <= 1.01 and -0.01 <= ylo and yhi <= 1.01
+    clustered = {"a": {"seeds": [{"pass@1": [0.25, 0.24, 0.26], "pass@16": [0.8, 0.78, 0.82]}], "mean": None}}
+    (xlo, xhi), (ylo, yhi) = plot.frontier_limits(clustered, 16)
+    assert xhi - xlo < 0.1 and yhi - ylo < 0.1
     assert plot.frontier_ks(1024) == [16, 256] and plot.frontier_ks(64) == [16] and plot.frontier_ks(8) == [8]
     with pytest.raises(ValueError, match="every k must be in"):
         plot.frontier_ks(32, [64])

@@ -471,6 +471,20 @@ def _frontier_cells(stats: dict, ks: Sequence[int]) -> dict:
     return {f"pass@{k}": [stats["pass_at_k"][str(k)], *stats["pass_at_k_ci95"][str(k)]] for k in ks}
 
 
+def frontier_limits(points: dict[str, dict], k: int, margin: float = 0.1) -> tuple[tuple, tuple]:
+    """(x limits, y limits) of the pass@1-against-pass@k panel: every point's interval with a margin of ``margin``
+    of the span (at least 0.02), within [-0.01, 1.01]. Arms often differ by a few hundredths; on 0..1 axes they
+    would sit on top of each other."""
+    cells = [cell for group in points.values() for cell in [*group["seeds"], group["mean"]] if cell is not None]
+
+    def limits(key: str) -> tuple[float, float]:
+        lo, hi = min(cell[key][1] for cell in cells), max(cell[key][2] for cell in cells)
+        pad = max((hi - lo) * margin, 0.02)
+        return max(lo - pad, -0.01), min(hi + pad, 1.01)
+
+    return limits("pass@1"), limits(f"pass@{k}")
+
+
 def plot_frontier(points: dict[str, dict], ks: Sequence[int], out: Path, title: str = "") -> Path:
     """One panel per k: pass@1 (x) against pass@k (y), seeds as points, means over seeds as diamonds, both with
     their 95 % intervals as error bars (``frontier_points``)."""
@@ -486,8 +500,9 @@ def plot_frontier(points: dict[str, dict], ks: Sequence[int], out: Path, title: 
                 ax.errorbar(x, y, xerr=[[x - xlo], [xhi - x]], yerr=[[y - ylo], [yhi - y]], color=colors[label],
                             capsize=2, **style)  # fmt: skip
         ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":")  # pass@k >= pass@1: points lie above the diagonal
-        ax.set_xlim(-0.01, 1.01)  # a margin: points at 1 (pass@256 often is) stay whole
-        ax.set_ylim(-0.01, 1.01)
+        xlim, ylim = frontier_limits(points, k)
+        ax.set_xlim(*xlim)
+        ax.set_ylim(*ylim)
         ax.set_xlabel("pass@1")
         ax.set_ylabel(f"pass@{k}")
         ax.set_title(f"pass@1 against pass@{k}", fontsize=9)
