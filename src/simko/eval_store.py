@@ -203,10 +203,6 @@ def summarize(folders: list[Path], out_dir: Path, write_outputs) -> dict:
     n = int(ev["n"])
     ks = sorted(int(k) for k in first["ks"])
     counts = torch.tensor([r["c"] for r in small], dtype=torch.int64)
-    sums: dict[str, float] = {}
-    for r in small:  # in problem order: the same float sums for any sharding
-        for key, value in r["diagnostic_sums"].items():
-            sums[key] = sums.get(key, 0.0) + value
     diversity = {}
     for name in DIVERSITY:
         values = torch.tensor([r["diversity"][name] for r in small], dtype=torch.float64)
@@ -217,10 +213,6 @@ def summarize(folders: list[Path], out_dir: Path, write_outputs) -> dict:
         resamples=int(ev.get("bootstrap_resamples") or DEFAULT_RESAMPLES), seed=int(ev.get("bootstrap_seed") or 0),
     )  # fmt: skip
     num_samples = total * n
-    seconds: dict[str, float] = {}
-    for r in small:
-        for key, value in r["seconds"].items():
-            seconds[key] = seconds.get(key, 0.0) + value
     summary = {
         "pass_at_k": {str(k): float(pass_at_k_tensor(counts, n, k).mean()) for k in ks},
         **{key: uncertainty[key] for key in ("pass_at_k_ci95", "cover_at_tau", "cover_at_tau_ci95", "bootstrap")},
@@ -228,7 +220,7 @@ def summarize(folders: list[Path], out_dir: Path, write_outputs) -> dict:
         "maj@n": sum(r["majority_correct"] for r in small) / total,
         "n": n,
         "num_problems": total,
-        "diagnostics": concentration_over_ranks(sums),
+        "diagnostics": concentration_over_ranks(_summed(small, "diagnostic_sums")),
         "diversity": diversity,  # distinct correct solutions, their entropy and coverage (n samples)
         "response_tokens": sum(r["response_tokens"] for r in small) / num_samples,  # mean length, EOS included
         "truncated_frac": sum(r["truncated"] for r in small) / num_samples,  # no EOS within eval.max_new_tokens
@@ -236,13 +228,22 @@ def summarize(folders: list[Path], out_dir: Path, write_outputs) -> dict:
         # math-verify's extraction from the text, so such a sample can still score)
         "no_final_answer_frac": sum(r["no_final_answer"] for r in small) / num_samples,
         # wall time summed over problems (and shards): generate, score (the verifiers), diagnostics (their forward)
-        "seconds": seconds,
+        "seconds": _summed(small, "seconds"),
         "config": first["config"],
     }
     if len(folders) > 1:
         summary["shards"] = [str(Path(f).resolve()) for f in folders]
     write_outputs(summary, _rows(index, order), out_dir)
     return summary
+
+
+def _summed(records: list[dict], key: str) -> dict[str, float]:
+    """The records' ``key`` dicts summed by name, in problem order: the same float sums for any sharding."""
+    total: dict[str, float] = {}
+    for record in records:
+        for name, value in record[key].items():
+            total[name] = total.get(name, 0.0) + value
+    return total
 
 
 def _rows(index: dict[int, tuple[Path, int, dict]], order: list[int]) -> Iterator[dict]:
